@@ -1,0 +1,160 @@
+"""Attention processors for LCM-Lookahead, installed on a diffusers UNet with ``set_processor``.
+
+Each SDXL transformer block gets two processors:
+
+* ``attn1`` -> :class:`AppendedKVAttnProcessor`: self-attention whose keys/values are extended with
+  externally supplied tokens (the KV-encoder's output for this layer). The same processor, when it is
+  handed a ``kv_sink``, also *emits* this layer's K/V for the denoiser: the KV-encoder's per-layer
+  projections (``to_k_kv``/``to_v_kv``, the authors' ``extract_kv1``) applied to the block's norm1 output.
+* ``attn2`` -> :class:`IPAdapterAttnProcessor`: text cross-attention plus decoupled IP-Adapter
+  attention over image tokens (``to_k_ip``/``to_v_ip``), weighted by a runtime ``adapter_scale``.
+
+Everything that changes between calls (K/V tensors, image tokens, scale, the sink) arrives as call
+arguments through the UNet's ``cross_attention_kwargs``; processors hold only weights and their layer
+index, so one module traces to ONNX and replays in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import MutableMapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.attention_processor import Attention
+from torch import nn
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    batch, tokens, width = x.shape
+    return x.view(batch, tokens, heads, width // heads).transpose(1, 2)
+
+
+def _merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, tokens, head_dim = x.shape
+    return x.transpose(1, 2).reshape(batch, tokens, heads * head_dim)
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    out = F.scaled_dot_product_attention(_split_heads(q, heads), _split_heads(k, heads), _split_heads(v, heads))
+    return _merge_heads(out)
+
+
+def _check_plain_sdxl_attention(attn: Attention, attention_mask: torch.Tensor | None) -> None:
+    # The SDXL transformer blocks use none of these Attention options; refusing them keeps the processors short.
+    if attention_mask is not None or attn.spatial_norm is not None or attn.group_norm is not None:
+        raise ValueError("LCM-Lookahead processors support plain SDXL attention only (no masks or norms).")
+
+
+class AppendedKVAttnProcessor(nn.Module):
+    """Self-attention over own K/V followed by appended K/V tokens (own tokens first, no extra scale).
+
+    ``kv`` is the flat tuple ``(k_0, v_0, k_1, v_1, ...)`` over all K/V layers; this processor reads the pair at
+    ``layer_index``. ``kv=None`` (or a pair with zero tokens) is plain SDXL self-attention.
+    """
+
+    def __init__(self, layer_index: int, hidden_size: int) -> None:
+        super().__init__()
+        self.layer_index = layer_index
+        self.to_k_kv = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.to_v_kv = nn.Linear(hidden_size, hidden_size, bias=False)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        kv: Sequence[torch.Tensor] | None = None,
+        kv_sink: MutableMapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ip_tokens: torch.Tensor | None = None,
+        adapter_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_plain_sdxl_attention(attn, attention_mask)
+        if kv_sink is not None:
+            kv_sink[self.layer_index] = (self.to_k_kv(hidden_states), self.to_v_kv(hidden_states))
+        query = attn.to_q(hidden_states)
+        key = attn.to_k(hidden_states)
+        value = attn.to_v(hidden_states)
+        if kv is not None:
+            key = torch.cat([key, kv[2 * self.layer_index]], dim=1)
+            value = torch.cat([value, kv[2 * self.layer_index + 1]], dim=1)
+        out = _attend(query, key, value, attn.heads)
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+class IPAdapterAttnProcessor(nn.Module):
+    """Text cross-attention plus ``adapter_scale`` x attention of the same queries over image tokens.
+
+    ``adapter_scale`` has shape ``(batch,)``: a per-sample strength, so it is a runtime input, not a rebuild.
+    ``ip_tokens=None`` is plain SDXL cross-attention.
+    """
+
+    def __init__(self, hidden_size: int, cross_attention_dim: int) -> None:
+        super().__init__()
+        self.to_k_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+        self.to_v_ip = nn.Linear(cross_attention_dim, hidden_size, bias=False)
+
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        kv: Sequence[torch.Tensor] | None = None,
+        kv_sink: MutableMapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ip_tokens: torch.Tensor | None = None,
+        adapter_scale: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        _check_plain_sdxl_attention(attn, attention_mask)
+        query = attn.to_q(hidden_states)
+        out = _attend(query, attn.to_k(encoder_hidden_states), attn.to_v(encoder_hidden_states), attn.heads)
+        if ip_tokens is not None:
+            image_out = _attend(query, self.to_k_ip(ip_tokens), self.to_v_ip(ip_tokens), attn.heads)
+            out = out + adapter_scale.to(out.dtype).view(-1, 1, 1) * image_out
+        return attn.to_out[1](attn.to_out[0](out))
+
+
+def kv_block_names(unet: UNet2DConditionModel) -> list[str]:
+    """Names of the transformer blocks whose self-attention takes appended K/V, in forward order.
+
+    For SDXL this is the authors' 70-block list (down_blocks.1/2, mid_block, up_blocks.0/1).
+    """
+    # The UNet registers mid_block after up_blocks, so walk the stages explicitly in forward order.
+    stages = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+    stages += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    names = []
+    for stage in stages:
+        for name, module in unet.get_submodule(stage).named_modules(prefix=stage):
+            if isinstance(module, BasicTransformerBlock):
+                names.append(name)
+    return names
+
+
+def install_lookahead_processors(unet: UNet2DConditionModel) -> list[str]:
+    """Install the two processors on every SDXL transformer block; return the K/V block names in order.
+
+    Blocks that already carry them are left as they are, so calling this on a wired UNet changes nothing.
+
+    The K/V projections start as copies of the block's ``attn1.to_k``/``to_v`` (as the authors initialise
+    ``extract_kv1``); the IP projections start at zero until adapter weights are loaded.
+    """
+    names = kv_block_names(unet)
+    for index, name in enumerate(names):
+        block = unet.get_submodule(name)
+        self_attn, cross_attn = block.attn1, block.attn2
+        if isinstance(self_attn.processor, AppendedKVAttnProcessor):
+            continue
+        appended = AppendedKVAttnProcessor(index, self_attn.inner_dim)
+        appended.to_k_kv.weight.data.copy_(self_attn.to_k.weight.data)
+        appended.to_v_kv.weight.data.copy_(self_attn.to_v.weight.data)
+        ip = IPAdapterAttnProcessor(cross_attn.inner_dim, cross_attn.cross_attention_dim)
+        nn.init.zeros_(ip.to_k_ip.weight)
+        nn.init.zeros_(ip.to_v_ip.weight)
+        param = self_attn.to_k.weight
+        self_attn.set_processor(appended.to(device=param.device, dtype=param.dtype))
+        cross_attn.set_processor(ip.to(device=param.device, dtype=param.dtype))
+    return names

@@ -1,0 +1,73 @@
+"""The ``lcmla`` command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="LCM-Lookahead face personalization for SDXL.")
+console = Console(stderr=True)
+
+
+@app.callback()
+def main() -> None:
+    """LCM-Lookahead face personalization for SDXL."""
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt; repeat for several."),
+    model: str = typer.Option("tiny", help="Embedded preset name ('tiny', 'sdxl')."),
+    face: Optional[Path] = typer.Option(None, help="Face image; default: the sample face shipped with lcmla."),
+    out: Path = typer.Option(Path("outputs"), help="Folder for the PNG files."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (default: none, zeroed)."),
+    num_images: int = typer.Option(1, help="Images per prompt."),
+    seed: Optional[int] = typer.Option(None, help="Seed of the first image; the next ones use seed+1, ..."),
+    mode: str = typer.Option("quality", help="'quality' (DPM-Solver++, 50 steps) or 'fast' (LCM, 4 steps)."),
+    steps: Optional[int] = typer.Option(None, help="Number of steps (default: by mode)."),
+    guidance: tuple[float, float, float] = typer.Option((3.0, 2.0, 2.0), help="Weights no_kv full kv."),
+    height: Optional[int] = typer.Option(None),
+    width: Optional[int] = typer.Option(None),
+    no_kv: bool = typer.Option(False, "--no-kv", help="IP-Adapter only (plain CFG with scale no_kv + full)."),
+    adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+) -> None:
+    """Generate images of the person in FACE."""
+    from .images import sample_face
+    from .pipeline import MODES, Personalizer
+
+    try:
+        with console.status(f"Loading {model}..."):
+            personalizer = Personalizer.from_pretrained(model, device=device)
+        face_input = face if face is not None else sample_face()
+        with Progress(
+            TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
+        ) as progress:
+            task = progress.add_task("denoise", total=None)
+
+            def on_step(index: int, timestep: int, latents) -> None:
+                progress.update(task, completed=index + 1)
+
+            total = steps if steps is not None else MODES.get(mode)
+            progress.update(task, total=total)
+            images = personalizer.generate(
+                face_input, prompt, negative_prompt=negative_prompt, num_images=num_images, seed=seed, mode=mode,
+                steps=steps, guidance=guidance, height=height, width=width, use_kv=not no_kv,
+                adapter_scale=adapter_scale, callback=on_step,
+            )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    out.mkdir(parents=True, exist_ok=True)
+    for index, image in enumerate(images):
+        path = out / f"{index:03d}.png"
+        image.save(path)
+        typer.echo(str(path))
+
+
+if __name__ == "__main__":
+    app()

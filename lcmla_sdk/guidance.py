@@ -1,0 +1,38 @@
+"""LCM-Lookahead's three-branch classifier-free guidance."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+
+class Guidance(NamedTuple):
+    """Weights of the three guidance directions (the authors' defaults: 3.0 / 2.0 / 2.0).
+
+    ``no_kv``: text+image guidance without the encoder K/V; ``full``: conditional prediction with K/V;
+    ``kv``: the unconditional prediction with K/V (identity without text).
+    """
+
+    no_kv: float = 3.0
+    full: float = 2.0
+    kv: float = 2.0
+
+
+def three_branch(
+    nokv_uncond: torch.Tensor,
+    nokv_cond: torch.Tensor,
+    full_uncond: torch.Tensor,
+    full_cond: torch.Tensor,
+    weights: Guidance,
+) -> torch.Tensor:
+    """``e = u + w_nokv (c - u) + w_full (e_full(c) - u) + w_kv (e_full(u) - u)`` with ``u = e_nokv(uncond)``.
+
+    Without encoder K/V (``full_* = nokv_*``) this is plain CFG with scale ``w_nokv + w_full``.
+    """
+    return (
+        nokv_uncond
+        + weights.no_kv * (nokv_cond - nokv_uncond)
+        + weights.full * (full_cond - nokv_uncond)
+        + weights.kv * (full_uncond - nokv_uncond)
+    )

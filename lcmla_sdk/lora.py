@@ -1,0 +1,91 @@
+"""peft LoRA adapters on the one shared SDXL UNet.
+
+Two adapters can live on the same base layers: ``kv_encoder`` (rank-4 LoRA of the KV-encoder: attn1/attn2
+q/k/v/out in 69 blocks and the K/V projections in all 70) and ``lcm`` (an SDXL LCM-LoRA). Each network
+activates exactly the adapters it owns at the start of its own forward (:func:`activate_adapters`), so
+the denoiser never sees the KV-encoder's LoRA and the KV-encoder never sees the LCM-LoRA.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+
+from diffusers import UNet2DConditionModel
+from peft import LoraConfig
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+KV_ENCODER_ADAPTER = "kv_encoder"
+LCM_ADAPTER = "lcm"
+
+# Module suffixes an SDXL LCM-LoRA adapts (every linear and conv of the transformer and resnet layers).
+LCM_LORA_TARGETS = (
+    "to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+    "conv1", "conv2", "conv_shortcut", "time_emb_proj", "downsamplers.0.conv", "upsamplers.0.conv",
+)  # fmt: skip
+
+
+def kv_encoder_lora_targets(kv_blocks: list[str]) -> list[str]:
+    """Full module names the KV-encoder LoRA adapts, as the authors do.
+
+    The last K/V block's own attention never influences any emitted K/V (they are taken from its norm1
+    output), so its attn1/attn2 get no LoRA; its K/V projections do.
+    """
+    targets = []
+    for block in kv_blocks[:-1]:
+        for attn in ("attn1", "attn2"):
+            targets += [f"{block}.{attn}.{proj}" for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+    for block in kv_blocks:
+        targets += [f"{block}.attn1.processor.to_k_kv", f"{block}.attn1.processor.to_v_kv"]
+    return targets
+
+
+def add_kv_encoder_lora(unet: UNet2DConditionModel, kv_blocks: list[str], rank: int) -> None:
+    """Attach the KV-encoder LoRA: no alpha scaling (alpha = rank), A ~ N(0, 1/r), B = 0."""
+    config = LoraConfig(
+        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=kv_encoder_lora_targets(kv_blocks)
+    )
+    _add_adapter(unet, config, KV_ENCODER_ADAPTER)
+
+
+def add_random_lcm_lora(unet: UNet2DConditionModel, rank: int) -> None:
+    """Attach an ``lcm`` adapter with random (non-zero) weights: the tiny preset's stand-in for an LCM-LoRA."""
+    config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(LCM_LORA_TARGETS))
+    _add_adapter(unet, config, LCM_ADAPTER)
+
+
+def _add_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
+    with warnings.catch_warnings():
+        # Several adapters on one model is the design here, not the mistake peft warns about.
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        unet.add_adapter(config, adapter_name=name)
+
+
+def has_adapter(unet: nn.Module, name: str) -> bool:
+    return any(isinstance(m, BaseTunerLayer) and name in m.lora_A for m in unet.modules())
+
+
+def _lora_layers(unet: nn.Module) -> list[BaseTunerLayer]:
+    """The UNet's LoRA layers, cached until its set of adapters changes (a module walk is slow)."""
+    key = tuple(sorted(getattr(unet, "peft_config", {})))
+    cached = _LAYER_CACHE.get(unet)
+    if cached is None or cached[0] != key:
+        cached = (key, [m for m in unet.modules() if isinstance(m, BaseTunerLayer)])
+        _LAYER_CACHE[unet] = cached
+    return cached[1]
+
+
+_LAYER_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def activate_adapters(unet: nn.Module, names: tuple[str, ...]) -> None:
+    """Make exactly ``names`` active on every LoRA layer of ``unet`` (absent names are skipped per layer).
+
+    peft's ``set_adapter`` would also rewrite ``requires_grad``, which is the trainer's decision and costs
+    a parameter walk per call; this sets only the active list, as the last line of ``set_adapter`` does.
+    """
+    for layer in _lora_layers(unet):
+        wanted = [name for name in names if name in layer.lora_A]
+        if layer.active_adapters != wanted:
+            layer._active_adapter = wanted

@@ -1,0 +1,142 @@
+"""The three LCM-Lookahead networks as plain-tensor modules over one shared diffusers UNet.
+
+* :class:`Denoiser`  ``(latent, t, text, pooled_text, time_ids, image_tokens, adapter_scale, kv) -> eps``
+* :class:`KVEncoder` ``(latent, t, text, pooled_text, time_ids) -> (k_0, v_0, ..., k_69, v_69)``
+* :class:`ImageAdapter` ``(pixel_values) -> (cond_tokens, uncond_tokens)``
+
+Inputs and outputs are tensors only, so each module exports to ONNX and replays inside a CUDA graph.
+:class:`Denoiser` and :class:`KVEncoder` hold the *same* UNet object: one copy of the base weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from torch import nn
+from transformers import CLIPVisionModelWithProjection
+
+from .lora import KV_ENCODER_ADAPTER, activate_adapters
+
+
+def _batch_vector(value: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
+    """A per-sample ``(batch,)`` tensor from a scalar, 0-d or ``(batch,)`` input."""
+    value = torch.as_tensor(value, device=like.device, dtype=torch.float32)
+    return value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
+
+
+class Denoiser(nn.Module):
+    """SDXL UNet whose self-attention layers also attend to appended K/V and whose cross-attention adds
+    IP-Adapter attention over image tokens.
+
+    ``adapters`` names the peft adapters active during this network's forward: ``()`` for the authors'
+    frozen decoder, ``("lcm",)`` for the LCM-LoRA denoiser of fast mode. ``kv=None`` and
+    ``image_tokens=None`` give plain SDXL.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, adapters: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.unet = unet
+        self.adapters = adapters
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        pooled_text: torch.Tensor,
+        time_ids: torch.Tensor,
+        image_tokens: torch.Tensor | None = None,
+        adapter_scale: torch.Tensor | float = 1.0,
+        kv: Sequence[torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        kwargs = {"kv": kv, "ip_tokens": image_tokens}
+        if image_tokens is not None:
+            kwargs["adapter_scale"] = _batch_vector(adapter_scale, latent.shape[0], latent)
+        activate_adapters(self.unet, self.adapters)
+        return self.unet(
+            latent,
+            timestep,
+            encoder_hidden_states=text,
+            added_cond_kwargs={"text_embeds": pooled_text, "time_ids": time_ids},
+            cross_attention_kwargs=kwargs,
+            return_dict=False,
+        )[0]
+
+
+class KVEncoder(nn.Module):
+    """The shared UNet with the ``kv_encoder`` LoRA active, run only as far as the last K/V block.
+
+    Returns the flat tuple ``(k_0, v_0, k_1, v_1, ...)`` in the denoiser's consumption order; each
+    tensor is ``(batch, face_tokens_at_that_layer, layer_width)``. The encoder's cross-attention sees
+    only its text prompt (no image tokens), as in the authors' encoder.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, num_layers: int) -> None:
+        super().__init__()
+        self.unet = unet
+        self.num_layers = num_layers
+
+    def forward(
+        self,
+        latent: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        pooled_text: torch.Tensor,
+        time_ids: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        sink: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        activate_adapters(self.unet, (KV_ENCODER_ADAPTER,))
+        self._run_until_all_kv(latent, timestep, text, {"text_embeds": pooled_text, "time_ids": time_ids}, sink)
+        if len(sink) != self.num_layers:
+            raise RuntimeError(f"KV-encoder collected {len(sink)} of {self.num_layers} K/V layers.")
+        return tuple(tensor for index in range(self.num_layers) for tensor in sink[index])
+
+    def _run_until_all_kv(self, sample, timestep, text, added_cond, sink) -> None:
+        # UNet2DConditionModel.forward's own steps, stopped after the last block that emits K/V
+        # (for SDXL: after up_blocks[1]; up_blocks[2] and conv_out never run).
+        unet = self.unet
+        attn_kwargs = {"kv_sink": sink}
+        emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timestep), None)
+        emb = emb + unet.get_aug_embed(emb=emb, encoder_hidden_states=text, added_cond_kwargs=added_cond)
+        sample = unet.conv_in(sample)
+        residuals = (sample,)
+        for block in unet.down_blocks:
+            if getattr(block, "has_cross_attention", False):
+                sample, res = block(sample, emb, encoder_hidden_states=text, cross_attention_kwargs=attn_kwargs)
+            else:
+                sample, res = block(sample, emb)
+            residuals += res
+        sample = unet.mid_block(sample, emb, encoder_hidden_states=text, cross_attention_kwargs=attn_kwargs)
+        for block in unet.up_blocks:
+            if len(sink) == self.num_layers:
+                return
+            res, residuals = residuals[-len(block.resnets) :], residuals[: -len(block.resnets)]
+            sample = block(
+                sample,
+                res_hidden_states_tuple=res,
+                temb=emb,
+                encoder_hidden_states=text,
+                cross_attention_kwargs=attn_kwargs,
+                upsample_size=residuals[-1].shape[2:] if residuals else None,
+            )
+
+
+class ImageAdapter(nn.Module):
+    """CLIP vision tower (penultimate hidden states) -> IP-Adapter Plus resampler -> image tokens.
+
+    The unconditional tokens are the same path applied to an all-zero input, computed in the same batch.
+    """
+
+    def __init__(self, image_encoder: CLIPVisionModelWithProjection, resampler: IPAdapterPlusImageProjection) -> None:
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.resampler = resampler
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        both = torch.cat([pixel_values, torch.zeros_like(pixel_values)])
+        hidden = self.image_encoder(both, output_hidden_states=True).hidden_states[-2]
+        tokens = self.resampler(hidden)
+        return tokens[: pixel_values.shape[0]], tokens[pixel_values.shape[0] :]

@@ -1,0 +1,342 @@
+"""``Personalizer``: one face photo + a prompt -> new images of that person (LCM-Lookahead on SDXL)."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+
+from .attention import install_lookahead_processors
+from .guidance import Guidance, three_branch
+from .images import FaceInput, clip_pixels, load_rgb, to_pil, vae_pixels
+from .lora import LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter
+from .networks import Denoiser, ImageAdapter, KVEncoder
+from .presets import PRESETS, Components, build_random_components, preset_config
+from .text import encode_prompts, time_ids
+
+MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
+OUTPUTS = ("pil", "np", "pt", "latent")
+StepCallback = Callable[[int, int, torch.Tensor], Any]
+
+
+@dataclass
+class FaceEncoding:
+    """What a generation needs from the face: image tokens and the VAE latent distribution."""
+
+    cond_tokens: torch.Tensor  # (1, num_tokens, cross_attention_dim)
+    uncond_tokens: torch.Tensor  # the same path on an all-zero image
+    latent_mean: torch.Tensor  # (1, 4, face_size / 8, face_size / 8), unscaled
+    latent_std: torch.Tensor
+
+
+@dataclass
+class _Request:
+    """Validated, normalised arguments of one ``generate`` call."""
+
+    prompts: list[str]
+    negative_prompts: list[str] | None
+    seeds: list[int]
+    mode: str
+    steps: int
+    guidance: Guidance
+    height: int
+    width: int
+    use_kv: bool
+    adapter_scale: float
+
+
+def default_device_and_dtype(
+    device: str | torch.device | None, dtype: torch.dtype | None
+) -> tuple[torch.device, torch.dtype]:
+    """fp16 on a GPU, fp32 on the CPU, unless told otherwise."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+class Personalizer:
+    """Encoder-based face personalization with LCM-Lookahead's KV-encoder, denoiser and image adapter.
+
+    The sampling loop calls three networks through their tensor interfaces (:mod:`lcmla_sdk.networks`):
+    ``self.kv_encoder``, ``self.denoiser`` / ``self.lcm_denoiser`` and ``self.adapter``.
+    """
+
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype) -> None:
+        config = components.config
+        self.config = config
+        self.device, self.dtype = device, dtype
+        self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
+        self.face_size: int = config["pipeline"]["face_size"]
+
+        unet = components.unet
+        self.kv_blocks = install_lookahead_processors(unet)
+        if not has_adapter(unet, "kv_encoder"):
+            add_kv_encoder_lora(unet, self.kv_blocks, config["kv_encoder"]["lora_rank"])
+        self.unet = _place(unet, device, dtype)
+        self.kv_encoder = KVEncoder(self.unet, len(self.kv_blocks))
+        self.denoiser = Denoiser(self.unet)
+        self.lcm_denoiser = Denoiser(self.unet, adapters=(LCM_ADAPTER,)) if has_adapter(unet, LCM_ADAPTER) else None
+
+        self.adapter = ImageAdapter(components.image_encoder, components.resampler)
+        _place(self.adapter, device, dtype)
+        self.tokenizers = (components.tokenizer, components.tokenizer_2)
+        self.text_encoders = (_place(components.text_encoder, device, dtype), _place(components.text_encoder_2, device, dtype))
+        # The stock SDXL VAE overflows in fp16: keep it in fp32 when its config asks for upcasting.
+        vae_dtype = torch.float32 if components.vae.config.force_upcast else dtype
+        self.vae = _place(components.vae, device, vae_dtype)
+        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        # Latent sides must survive every UNet downsampling.
+        self.size_multiple = self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
+        self.default_size = unet.config.sample_size * self.vae_scale
+        self.clip_size: int = components.image_encoder.config.image_size
+        self.noise_scheduler = DDPMScheduler.from_config(config["scheduler"])
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name: str,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+    ) -> Personalizer:
+        """Load an embedded preset (``"tiny"``, ``"sdxl"``) with seeded random weights.
+
+        Presets have random weights: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for
+        export and benchmarks.
+        """
+        if name not in PRESETS:
+            raise ValueError(
+                f"name: {name!r} is not an embedded preset {PRESETS}; loading model directories is not "
+                "implemented in this version."
+            )
+        device, dtype = default_device_and_dtype(device, dtype)
+        return cls(_randomised_preset(preset_config(name), seed), device, dtype)
+
+    # ------------------------------------------------------------------ steps of a generation
+    def check_inputs(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None,
+        num_images: int,
+        seed: int | Sequence[int] | None,
+        mode: str,
+        steps: int | None,
+        guidance: Sequence[float],
+        height: int | None,
+        width: int | None,
+        use_kv: bool,
+        adapter_scale: float,
+        output: str,
+        callback: StepCallback | None,
+    ) -> _Request:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompt: expected a string or a non-empty list of strings")
+        negatives = None
+        if negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
+        if not isinstance(num_images, int) or num_images < 1:
+            raise ValueError(f"num_images: must be a positive integer, got {num_images!r}")
+        batch = len(prompts) * num_images
+        if seed is None:
+            seeds = [random.SystemRandom().randrange(2**32) for _ in range(batch)]
+        elif isinstance(seed, int):
+            seeds = [seed + i for i in range(batch)]
+        else:
+            seeds = list(seed)
+            if len(seeds) != batch:
+                raise ValueError(f"seed: {len(seeds)} seeds given for {batch} images (prompts x num_images)")
+        if mode not in MODES:
+            raise ValueError(f"mode: {mode!r} is not one of {tuple(MODES)}")
+        if mode == "fast" and self.lcm_denoiser is None:
+            raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
+        steps = MODES[mode] if steps is None else steps
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+        if len(guidance) != 3 or any(not np.isfinite(w) or w < 0 for w in guidance):
+            raise ValueError(f"guidance: expected three non-negative weights (no_kv, full, kv), got {guidance!r}")
+        height = self.default_size if height is None else height
+        width = self.default_size if width is None else width
+        for name, size in (("height", height), ("width", width)):
+            if not isinstance(size, int) or size < self.size_multiple or size % self.size_multiple:
+                raise ValueError(f"{name}: {size!r} is not allowed; use a positive multiple of {self.size_multiple}")
+        if not np.isfinite(adapter_scale) or adapter_scale < 0:
+            raise ValueError(f"adapter_scale: must be a non-negative number, got {adapter_scale!r}")
+        if output not in OUTPUTS:
+            raise ValueError(f"output: {output!r} is not one of {OUTPUTS}")
+        if callback is not None and not callable(callback):
+            raise ValueError("callback: must be callable")
+        return _Request(
+            prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv, adapter_scale
+        )
+
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
+        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
+        text, pooled = encode_prompts(prompts, self.tokenizers, self.text_encoders)
+        if negatives is None:
+            neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
+        else:
+            neg_text, neg_pooled = encode_prompts(negatives, self.tokenizers, self.text_encoders)
+        return (text, pooled), (neg_text, neg_pooled)
+
+    @torch.inference_mode()
+    def encode_face(self, face: FaceInput) -> FaceEncoding:
+        """Image tokens and the VAE latent distribution of one face image (encoded once per generation)."""
+        image = load_rgb(face)
+        cond, uncond = self.adapter(clip_pixels(image, self.clip_size).to(self.device, self.dtype))
+        pixels = vae_pixels(image, self.face_size).to(self.device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        return FaceEncoding(cond, uncond, dist.mean.float(), dist.std.float())
+
+    def prepare_latents(self, request: _Request, face: FaceEncoding):
+        """Per-image generators; initial noise; the face latent sampled per image; the noise that noises it."""
+        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+        shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
+        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        face_eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+        face_latents = (face.latent_mean.cpu() + face.latent_std.cpu() * face_eps) * self.vae.config.scaling_factor
+        # The authors noise the face with the generation's initial noise; a face latent of another shape
+        # gets its own draw from the same per-image generator.
+        if face_latents.shape == noise.shape:
+            face_noise = noise
+        else:
+            face_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+        to = {"device": self.device, "dtype": self.dtype}
+        return generators, noise.to(**to), face_latents.to(**to), face_noise.to(**to)
+
+    def make_scheduler(self, mode: str):
+        config = self.config["scheduler"]
+        return LCMScheduler.from_config(config) if mode == "fast" else DPMSolverMultistepScheduler.from_config(config)
+
+    # ------------------------------------------------------------------ the call
+    @torch.inference_mode()
+    def generate(
+        self,
+        face: FaceInput | FaceEncoding,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_images: int = 1,
+        seed: int | Sequence[int] | None = None,
+        mode: str = "quality",
+        steps: int | None = None,
+        guidance: Sequence[float] = (3.0, 2.0, 2.0),
+        height: int | None = None,
+        width: int | None = None,
+        use_kv: bool = True,
+        adapter_scale: float = 1.0,
+        output: str = "pil",
+        callback: StepCallback | None = None,
+    ):
+        """Generate ``num_images`` images per prompt of the person in ``face``.
+
+        ``mode="quality"``: DPM-Solver++ (50 steps) with three-branch guidance ``guidance`` =
+        (no_kv, full, kv). ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, 4 steps, conditional
+        branch only. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``.
+        ``callback(step_index, timestep, latents)`` runs after every step.
+        """
+        # 1. Check inputs
+        request = self.check_inputs(
+            prompt, negative_prompt, num_images, seed, mode, steps, guidance,
+            height, width, use_kv, adapter_scale, output, callback,
+        )  # fmt: skip
+        repeat = num_images
+
+        # 2. Encode prompts: the generation's and the KV-encoder's (conditional and negative halves)
+        (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompts, request.negative_prompts)
+        text, pooled, neg_text, neg_pooled = (x.repeat_interleave(repeat, 0) for x in (text, pooled, neg_text, neg_pooled))
+        (enc_text, enc_pooled), _ = self.encode_prompt([self.encoder_prompt], None)
+        batch = text.shape[0]
+        enc_text, enc_pooled = enc_text.expand(batch, -1, -1), enc_pooled.expand(batch, -1)
+
+        # 3. Encode the face once: image tokens and its VAE latent
+        face_enc = face if isinstance(face, FaceEncoding) else self.encode_face(face)
+        tokens, uncond_tokens = face_enc.cond_tokens.expand(batch, -1, -1), face_enc.uncond_tokens.expand(batch, -1, -1)
+
+        # 4. Prepare latents, noise and timesteps
+        generators, noise, face_latents, face_noise = self.prepare_latents(request, face_enc)
+        scheduler = self.make_scheduler(request.mode)
+        scheduler.set_timesteps(request.steps, device=self.device)
+        latents = noise * scheduler.init_noise_sigma
+        gen_ids = time_ids(request.height, request.width, batch, self.dtype, self.device)
+        face_ids = time_ids(self.face_size, self.face_size, batch, self.dtype, self.device)
+
+        # 5. Denoising loop
+        if request.mode == "fast":
+            step_fn = self._fast_step
+            cond = (text, pooled, gen_ids, tokens, enc_text, enc_pooled, face_ids)
+        else:
+            step_fn = self._guided_step
+            cond = (
+                torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled]), gen_ids.repeat(2, 1),
+                torch.cat([uncond_tokens, tokens]), torch.cat([neg_text, enc_text]),
+                torch.cat([neg_pooled, enc_pooled]), face_ids.repeat(2, 1),
+            )  # fmt: skip
+        for index, t in enumerate(scheduler.timesteps):
+            t_batch = t.reshape(1).expand(batch).to(self.device)
+            noisy_face = self.noise_scheduler.add_noise(face_latents, face_noise, t_batch.long())
+            latent_in = scheduler.scale_model_input(latents, t)
+            eps = step_fn(request, latent_in, noisy_face, t_batch, *cond)
+            latents = scheduler.step(eps, t, latents, generator=generators, return_dict=True).prev_sample
+            if callback is not None:
+                callback(index, int(t), latents)
+
+        # 6. Decode
+        return self.decode(latents, request_output=output)
+
+    def _fast_step(self, request, latent_in, noisy_face, t, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
+        """LCM: the conditional full branch only, through the LCM-LoRA denoiser."""
+        kv = self.kv_encoder(noisy_face, t, enc_text, enc_pooled, face_ids) if request.use_kv else None
+        return self.lcm_denoiser(latent_in, t, text, pooled, ids, tokens, request.adapter_scale, kv)
+
+    def _guided_step(self, request, latent_in, noisy_face, t, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
+        """Two denoiser passes on [uncond, cond] (without / with encoder K/V), combined in three branches."""
+        latent_in, t2 = torch.cat([latent_in, latent_in]), torch.cat([t, t])
+        eps_nokv = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, None)
+        if request.use_kv:
+            kv = self.kv_encoder(torch.cat([noisy_face, noisy_face]), t2, enc_text, enc_pooled, face_ids)
+            eps_full = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, kv)
+        else:
+            eps_full = eps_nokv
+        return three_branch(*eps_nokv.chunk(2), *eps_full.chunk(2), request.guidance)
+
+    def decode(self, latents: torch.Tensor, request_output: str):
+        if request_output == "latent":
+            return latents
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        if request_output == "pt":
+            return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+        pil = to_pil(images)
+        return [np.asarray(p) for p in pil] if request_output == "np" else pil
+
+
+def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    """Frozen, eval-mode, on ``device`` in ``dtype``. (``nn.Module.to`` skips a diffusers warning that fires for
+    models with no fp32-only modules.)"""
+    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _randomised_preset(config: dict[str, Any], seed: int) -> Components:
+    """Random components with LCM-Lookahead's extra weights randomised too, so every path affects the output."""
+    components = build_random_components(config, seed)
+    unet = components.unet
+    kv_blocks = install_lookahead_processors(unet)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)
+        for name in kv_blocks:
+            processor = unet.get_submodule(name).attn2.processor
+            torch.nn.init.normal_(processor.to_k_ip.weight, std=processor.to_k_ip.in_features**-0.5)
+            torch.nn.init.normal_(processor.to_v_ip.weight, std=processor.to_v_ip.in_features**-0.5)
+        add_kv_encoder_lora(unet, kv_blocks, config["kv_encoder"]["lora_rank"])
+        for param_name, param in unet.named_parameters():
+            if ".lora_B.kv_encoder" in param_name:
+                torch.nn.init.normal_(param, std=0.02)
+        if config.get("lcm_lora"):
+            add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
+    return components

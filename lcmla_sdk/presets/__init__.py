@@ -1,0 +1,71 @@
+"""Embedded architecture presets: constructor arguments of every component, as JSON.
+
+``tiny``  small widths, SDXL's block types and 70-layer K/V pattern; runs on a CPU in seconds.
+``sdxl``  the full SDXL-base architecture (random weights: for export and benchmarks, not for images).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+PRESETS = ("tiny", "sdxl")
+
+
+@dataclass
+class Components:
+    """Every module a :class:`~lcmla_sdk.Personalizer` is made of, before LCM-Lookahead wiring."""
+
+    config: dict[str, Any]
+    unet: UNet2DConditionModel
+    vae: AutoencoderKL
+    text_encoder: CLIPTextModel
+    text_encoder_2: CLIPTextModelWithProjection
+    tokenizer: CLIPTokenizer
+    tokenizer_2: CLIPTokenizer
+    image_encoder: CLIPVisionModelWithProjection
+    resampler: IPAdapterPlusImageProjection
+
+
+def preset_config(name: str) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise ValueError(f"Unknown preset {name!r}; expected one of {PRESETS}.")
+    return json.loads(resources.files(__package__).joinpath(f"{name}.json").read_text())
+
+
+def tiny_tokenizer() -> CLIPTokenizer:
+    """The character-level CLIP tokenizer shipped with the package (no hub access)."""
+    with resources.as_file(resources.files("lcmla_sdk").joinpath("assets/tiny_tokenizer")) as path:
+        return CLIPTokenizer.from_pretrained(str(path))
+
+
+def build_random_components(config: dict[str, Any], seed: int = 0) -> Components:
+    """Instantiate every component from its constructor arguments with seeded random weights (fp32, CPU)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tokenizer = tiny_tokenizer()
+        return Components(
+            config=config,
+            unet=UNet2DConditionModel(**config["unet"]),
+            vae=AutoencoderKL(**config["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**config["image_encoder"])),
+            resampler=IPAdapterPlusImageProjection(**config["resampler"]),
+        )
