@@ -1,0 +1,41 @@
+import pytest
+import torch
+
+from lcmla_sdk import Personalizer
+from lcmla_sdk.images import sample_face
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Personalizer:
+    """One shared tiny model; tests that change weights build their own with ``fresh_tiny``."""
+    return Personalizer.from_pretrained("tiny", device="cpu")
+
+
+@pytest.fixture
+def fresh_tiny() -> Personalizer:
+    return Personalizer.from_pretrained("tiny", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def face():
+    return sample_face()
+
+
+@pytest.fixture(scope="session")
+def astronaut():
+    skimage_data = pytest.importorskip("skimage.data")
+    return skimage_data.astronaut()
+
+
+def unet_inputs(model: Personalizer, batch: int = 2, side: int = 16, seed: int = 0):
+    """Random (latent, t, text, pooled, time_ids) shaped for ``model``'s UNet."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.unet.config
+    pooled_dim = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+    return (
+        torch.randn(batch, 4, side, side, generator=g),
+        torch.full((batch,), 500.0),
+        torch.randn(batch, 77, cfg.cross_attention_dim, generator=g),
+        torch.randn(batch, pooled_dim, generator=g),
+        torch.tensor([[side * 8, side * 8, 0, 0, side * 8, side * 8]], dtype=torch.float32).expand(batch, 6),
+    )

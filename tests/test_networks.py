@@ -1,0 +1,127 @@
+import pytest
+import torch
+
+from conftest import unet_inputs
+
+WIDTHS = {"down_blocks.1": 64, "down_blocks.2": 128, "mid_block": 128, "up_blocks.0": 128, "up_blocks.1": 64}
+TOKENS = {"down_blocks.1": 64, "down_blocks.2": 16, "mid_block": 16, "up_blocks.0": 16, "up_blocks.1": 64}
+
+
+def _zero_kv_encoder_lora(model):
+    for name, param in model.unet.named_parameters():
+        if ".lora_B.kv_encoder" in name:
+            param.data.zero_()
+
+
+def test_denoiser_and_kv_encoder_share_one_copy_of_the_base_weights(tiny):
+    assert tiny.kv_encoder.unet is tiny.denoiser.unet
+    encoder_ptrs = {p.data_ptr() for p in tiny.kv_encoder.unet.parameters()}
+    denoiser_ptrs = {p.data_ptr() for p in tiny.denoiser.unet.parameters()}
+    assert encoder_ptrs == denoiser_ptrs
+
+
+@torch.no_grad()
+def test_kv_encoder_returns_140_tensors_in_consumption_order_with_face_token_shapes(tiny):
+    kv = tiny.kv_encoder(*unet_inputs(tiny, batch=3))
+    assert len(kv) == 140
+    for index, name in enumerate(tiny.kv_blocks):
+        stage = name.split(".attentions")[0]
+        for tensor in kv[2 * index : 2 * index + 2]:
+            assert tensor.shape == (3, TOKENS[stage], WIDTHS[stage]), name
+
+
+@torch.no_grad()
+def test_kv_encoder_stops_after_the_last_kv_block(tiny):
+    calls = []
+    hooks = [tiny.unet.up_blocks[2].register_forward_hook(lambda *a: calls.append(1))]
+    hooks.append(tiny.unet.conv_out.register_forward_hook(lambda *a: calls.append(1)))
+    try:
+        tiny.kv_encoder(*unet_inputs(tiny))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert calls == []
+
+
+@torch.no_grad()
+def test_duplicate_kv_invariant_proves_layer_alignment_and_order(fresh_tiny):
+    """With zero LoRA and K/V projections equal to attn1's, the encoder's K/V for the denoiser's own input are
+    the denoiser's own K/V; attending over [K;K],[V;V] equals attending over K,V, so eps must not change."""
+    model = fresh_tiny
+    _zero_kv_encoder_lora(model)
+    for name in model.kv_blocks:
+        block = model.unet.get_submodule(name)
+        block.attn1.processor.to_k_kv.base_layer.weight.copy_(block.attn1.to_k.weight)
+        block.attn1.processor.to_v_kv.base_layer.weight.copy_(block.attn1.to_v.weight)
+    inputs = unet_inputs(model)
+    plain = model.denoiser(*inputs)
+    kv = model.kv_encoder(*inputs)
+    with_own_kv = model.denoiser(*inputs, kv=kv)
+    torch.testing.assert_close(with_own_kv, plain, rtol=1e-4, atol=1e-5)
+
+    # Swapping two same-shaped layers' K/V (down_blocks.2, layers 5 and 6) must break the invariant.
+    swapped = list(kv)
+    swapped[10:12], swapped[12:14] = kv[12:14], kv[10:12]
+    assert (model.denoiser(*inputs, kv=tuple(swapped)) - plain).abs().max() > 1e-3
+    # And so must another face latent (the appended tokens then carry different content).
+    other = model.kv_encoder(torch.randn_like(inputs[0]), *inputs[1:])
+    assert (model.denoiser(*inputs, kv=other) - plain).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_kv_encoder_lora_is_seen_by_the_encoder_only(fresh_tiny):
+    model = fresh_tiny
+    inputs = unet_inputs(model)
+    kv_before, eps_before = model.kv_encoder(*inputs), model.denoiser(*inputs)
+    for name, param in model.unet.named_parameters():
+        if ".lora_B.kv_encoder" in name:
+            param.add_(0.05)
+    kv_after, eps_after = model.kv_encoder(*inputs), model.denoiser(*inputs)
+    assert all(not torch.allclose(a, b) for a, b in zip(kv_before, kv_after))
+    torch.testing.assert_close(eps_after, eps_before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_lcm_lora_is_seen_by_the_fast_denoiser_only(fresh_tiny):
+    model = fresh_tiny
+    inputs = unet_inputs(model)
+    kv_before, eps_before, lcm_before = model.kv_encoder(*inputs), model.denoiser(*inputs), model.lcm_denoiser(*inputs)
+    assert not torch.allclose(lcm_before, eps_before)
+    for name, param in model.unet.named_parameters():
+        if ".lora_B.lcm" in name:
+            param.mul_(2.0)
+    kv_after, eps_after = model.kv_encoder(*inputs), model.denoiser(*inputs)
+    assert not torch.allclose(model.lcm_denoiser(*inputs), lcm_before)
+    torch.testing.assert_close(eps_after, eps_before, rtol=0, atol=0)
+    for before, after in zip(kv_before, kv_after):
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_adapter_scale_is_a_per_sample_runtime_input(tiny):
+    inputs = unet_inputs(tiny)
+    tokens = torch.randn(2, 16, tiny.unet.config.cross_attention_dim)
+    plain = tiny.denoiser(*inputs)
+    mixed = tiny.denoiser(*inputs, image_tokens=tokens, adapter_scale=torch.tensor([0.0, 1.0]))
+    full = tiny.denoiser(*inputs, image_tokens=tokens, adapter_scale=1.0)
+    torch.testing.assert_close(mixed[0], plain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(mixed[1], full[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(full[1], plain[1])
+
+
+@torch.no_grad()
+def test_image_adapter_unconditional_tokens_come_from_an_all_zero_image(tiny):
+    pixels = torch.randn(2, 3, 224, 224)
+    cond, uncond = tiny.adapter(pixels)
+    assert cond.shape == uncond.shape == (2, 16, tiny.unet.config.cross_attention_dim)
+    hidden = tiny.adapter.image_encoder(torch.zeros(1, 3, 224, 224), output_hidden_states=True).hidden_states[-2]
+    torch.testing.assert_close(uncond[:1], tiny.adapter.resampler(hidden), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(uncond[0], uncond[1])
+    assert not torch.allclose(cond[0], cond[1])
+
+
+def test_processors_refuse_attention_masks(tiny):
+    block = tiny.unet.get_submodule(tiny.kv_blocks[0])
+    hidden = torch.randn(1, 4, block.attn1.inner_dim)
+    with pytest.raises(ValueError, match="plain SDXL attention"):
+        block.attn1(hidden, attention_mask=torch.ones(1, 4, 4))
