@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LCM-Lookahead face personalization for SDXL.")
@@ -60,13 +61,68 @@ def generate(
                 adapter_scale=adapter_scale, callback=on_step,
             )  # fmt: skip
     except (ValueError, TypeError) as error:
-        console.print(f"[red]error:[/red] {error}")
+        console.print(f"[red]error:[/red] {escape(str(error))}")
         raise typer.Exit(code=2) from None
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         path = out / f"{index:03d}.png"
         image.save(path)
         typer.echo(str(path))
+
+
+# --------------------------------------------------------------------------- export
+@app.command()
+def export(
+    model: str = typer.Option("tiny", help="Embedded preset name ('tiny', 'sdxl')."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: engines/MODEL)."),
+    fp16: bool = typer.Option(False, "--fp16", help="Export fp16 graphs and build fp16 engines."),
+    onnx_only: bool = typer.Option(False, "--onnx-only", help="Stop after the ONNX graphs and manifest."),
+    batch: str = typer.Option("1:1:4", help="Images per call, MIN:OPT:MAX (UNet graphs get twice that for CFG)."),
+    height: Optional[str] = typer.Option(None, help="Image height range in pixels, MIN:OPT:MAX."),
+    width: Optional[str] = typer.Option(None, help="Image width range in pixels, MIN:OPT:MAX."),
+    static: Optional[tuple[int, int]] = typer.Option(None, help="Static image size H W (instead of ranges)."),
+    check: bool = typer.Option(False, "--check", help="Check every graph against PyTorch with onnxruntime."),
+    networks: Optional[str] = typer.Option(None, help="Comma-separated subset of networks to export."),
+    opt_level: int = typer.Option(3, help="TensorRT builder optimisation level 0..5."),
+    device: Optional[str] = typer.Option(None, help="Device to trace on (default: cuda if available)."),
+) -> None:
+    """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network."""
+    import torch
+
+    from .engines import BuildOptions, TensorRTUnavailable, build_engines
+    from .export import ShapeRanges, export_model, parse_range
+    from .pipeline import Personalizer
+
+    try:
+        if static is not None and (height or width):
+            raise ValueError("static: give either --static H W or --height/--width ranges, not both")
+        loaded = Personalizer.from_pretrained(model, device=device, dtype=torch.float16 if fp16 else torch.float32)
+        size = loaded.default_size
+        heights = (static[0],) * 3 if static else parse_range(height or str(size), "height")
+        widths = (static[1],) * 3 if static else parse_range(width or str(size), "width")
+        for name, values in (("height", heights), ("width", widths)):
+            if any(v % loaded.size_multiple for v in values):
+                raise ValueError(f"{name}: {values} must be multiples of {loaded.size_multiple}")
+        ranges = ShapeRanges(parse_range(batch, "batch"), heights, widths)
+        options = BuildOptions("fp16" if fp16 else "fp32", opt_level)
+        folder = out if out is not None else Path("engines") / model
+        report = export_model(
+            loaded, folder, ranges, networks.split(",") if networks else None, check, log=console.print
+        )
+    except (ValueError, TypeError) as error:
+        console.print(f"[red]error:[/red] {escape(str(error))}")
+        raise typer.Exit(code=2) from None
+    typer.echo(str(folder / "manifest.json"))
+    if report.failed_parity:
+        console.print(f"[red]parity check failed:[/red] {', '.join(report.failed_parity)}")
+        raise typer.Exit(code=1)
+    if onnx_only:
+        return
+    try:
+        build_engines(folder, options, log=console.print)
+    except TensorRTUnavailable as error:
+        console.print(f"[red]error:[/red] ONNX graphs written to {folder}, but no engines: {escape(str(error))}")
+        raise typer.Exit(code=3) from None
 
 
 if __name__ == "__main__":

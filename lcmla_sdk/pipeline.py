@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 from .attention import install_lookahead_processors
 from .guidance import Guidance, three_branch
 from .images import FaceInput, clip_pixels, load_rgb, to_pil, vae_pixels
+from .manifest import sha256_json
 from .lora import LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .presets import PRESETS, Components, build_random_components, preset_config
@@ -68,6 +70,8 @@ class Personalizer:
     def __init__(self, components: Components, device: torch.device, dtype: torch.dtype) -> None:
         config = components.config
         self.config = config
+        # Identifies the weights; recorded by exports and checked when they are loaded back.
+        self.fingerprint: str = sha256_json({"config": config})
         self.device, self.dtype = device, dtype
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
         self.face_size: int = config["pipeline"]["face_size"]
@@ -115,7 +119,21 @@ class Personalizer:
                 "implemented in this version."
             )
         device, dtype = default_device_and_dtype(device, dtype)
-        return cls(_randomised_preset(preset_config(name), seed), device, dtype)
+        config = preset_config(name)
+        model = cls(_randomised_preset(config, seed), device, dtype)
+        model.fingerprint = sha256_json({"preset": name, "seed": seed, "config": config})
+        return model
+
+    def use_exported(self, folder: str | Path, backend: str = "tensorrt") -> None:
+        """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
+
+        ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
+        must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
+        """
+        from .engines.runtime import load_networks
+
+        for attribute, network in load_networks(folder, self.fingerprint, backend, self.device, self.dtype).items():
+            setattr(self, attribute, network)
 
     # ------------------------------------------------------------------ steps of a generation
     def check_inputs(

@@ -1,0 +1,125 @@
+"""Exported graphs as drop-in networks: the same call signatures as :mod:`lcmla_sdk.networks`.
+
+The sampling loop calls ``kv_encoder``, ``denoiser``, ``lcm_denoiser`` and ``adapter`` without knowing what
+runs them. Here they run exported graphs through a runner: :class:`EngineRunner` (TensorRT) or
+:class:`OnnxRuntimeRunner` (onnxruntime on the CPU, which is how the export contract is verified without a GPU).
+Everything (names, order, dtypes) comes from the folder's ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from lcmla_sdk.manifest import Manifest, NetworkEntry
+
+from .engine import Engine, EngineMismatchError, gpu_identity, import_tensorrt
+
+BACKENDS = ("tensorrt", "onnxruntime")
+
+
+class GraphRunner(Protocol):
+    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class EngineRunner:
+    def __init__(self, folder: Path, entry: NetworkEntry, device: torch.device) -> None:
+        self.engine = Engine(folder / entry.engine, entry)
+        self.engine.load()
+        self.engine.activate()
+        self.engine.allocate(device)
+        self.stream = torch.cuda.current_stream(device)
+
+    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.engine.infer(inputs, self.stream)
+
+
+class OnnxRuntimeRunner:
+    def __init__(self, folder: Path, entry: NetworkEntry, device: torch.device) -> None:
+        import onnxruntime
+
+        self.entry, self.device = entry, device
+        self.session = onnxruntime.InferenceSession(str(folder / entry.onnx), providers=["CPUExecutionProvider"])
+
+    def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        feed = {t.name: inputs[t.name].detach().cpu().numpy() for t in self.entry.inputs}
+        values = self.session.run([t.name for t in self.entry.outputs], feed)
+        return {t.name: torch.from_numpy(np.asarray(v)).to(self.device) for t, v in zip(self.entry.outputs, values)}
+
+
+def check_compatible(folder: Path, manifest: Manifest, model_fingerprint: str, backend: str) -> None:
+    """Refuse a folder made for another model, TensorRT version or GPU, naming every mismatch."""
+    problems = []
+    if manifest.model_fingerprint != model_fingerprint:
+        problems.append(f"model fingerprint {manifest.model_fingerprint[:16]} != loaded model {model_fingerprint[:16]}")
+    if backend == "tensorrt":
+        tensorrt = import_tensorrt()
+        if manifest.tensorrt is None:
+            problems.append("no TensorRT engines (exported with --onnx-only)")
+        else:
+            current = {"version": tensorrt.__version__, **gpu_identity()}
+            for key, value in current.items():
+                if manifest.tensorrt.get(key) != value:
+                    problems.append(f"{key}: built for {manifest.tensorrt.get(key)}, running {value}")
+    if problems:
+        raise EngineMismatchError(f"{folder}: " + "; ".join(problems))
+
+
+class _GraphNetwork:
+    def __init__(self, runner: GraphRunner, entry: NetworkEntry, dtype: torch.dtype) -> None:
+        self.runner, self.entry, self.dtype = runner, entry, dtype
+
+    def _run(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = {t.name: v.to(getattr(torch, t.dtype)) for t, v in zip(self.entry.inputs, values)}
+        outputs = self.runner.infer(inputs)
+        return [outputs[t.name].to(self.dtype) for t in self.entry.outputs]
+
+
+class GraphKVEncoder(_GraphNetwork):
+    def __call__(self, latent, timestep, text, pooled_text, time_ids) -> tuple[torch.Tensor, ...]:
+        return tuple(self._run([latent, timestep, text, pooled_text, time_ids]))
+
+
+class GraphDenoiser(_GraphNetwork):
+    def __call__(self, latent, timestep, text, pooled_text, time_ids, image_tokens=None, adapter_scale=1.0, kv=None):
+        batch = latent.shape[0]
+        tokens_info, kv_info = self.entry.inputs[5], self.entry.inputs[7:]
+        if image_tokens is None:  # zero scale over any tokens is exactly "no IP-Adapter"
+            image_tokens = torch.zeros(batch, *tokens_info.dims[1:], device=latent.device)
+            adapter_scale = 0.0
+        scale = torch.as_tensor(adapter_scale, dtype=torch.float32, device=latent.device).reshape(-1).expand(batch)
+        if kv is None:  # zero appended tokens is plain self-attention
+            kv = [torch.zeros(batch, 0, t.dims[2], device=latent.device) for t in kv_info]
+        return self._run([latent, timestep, text, pooled_text, time_ids, image_tokens, scale, *kv])[0]
+
+
+class GraphAdapter(_GraphNetwork):
+    def __call__(self, pixel_values) -> tuple[torch.Tensor, torch.Tensor]:
+        cond, uncond = self._run([pixel_values])
+        return cond, uncond
+
+
+_NETWORK_CLASSES = {"kv_encoder": GraphKVEncoder, "denoiser": GraphDenoiser, "denoiser_lcm": GraphDenoiser,
+                    "adapter": GraphAdapter}  # fmt: skip
+# Personalizer attribute each exported network replaces.
+ATTRIBUTES = {"kv_encoder": "kv_encoder", "denoiser": "denoiser", "denoiser_lcm": "lcm_denoiser", "adapter": "adapter"}
+
+
+def load_networks(folder: str | Path, model_fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype):
+    """``{personalizer attribute: network}`` for every exported network the sampling loop calls."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: {backend!r} is not one of {BACKENDS}")
+    folder = Path(folder)
+    manifest = Manifest.load(folder)
+    check_compatible(folder, manifest, model_fingerprint, backend)
+    runner_class = EngineRunner if backend == "tensorrt" else OnnxRuntimeRunner
+    networks = {}
+    for name, network_class in _NETWORK_CLASSES.items():
+        if name in manifest.networks:
+            entry = manifest.networks[name]
+            networks[ATTRIBUTES[name]] = network_class(runner_class(folder, entry, device), entry, dtype)
+    return networks

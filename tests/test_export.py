@@ -1,0 +1,206 @@
+"""ONNX export of the tiny preset: graphs, parity through onnxruntime, manifest, runtime contract, CLI."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from lcmla_sdk import Personalizer
+from lcmla_sdk.cli import app
+from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRTUnavailable
+from lcmla_sdk.engines.engine import engine_cache_key
+from lcmla_sdk.export import ShapeRanges, build_specs, export_model
+from lcmla_sdk.manifest import Manifest, sha256_file
+
+RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
+# denoiser_lcm comes from the same spec code as denoiser; leaving it out saves CI a minute.
+NETWORKS = ["adapter", "kv_encoder", "denoiser", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2"]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("engines") / "tiny"
+    return export_model(tiny, folder, RANGES, NETWORKS, check=True, log=lambda _: None)
+
+
+def test_every_graph_matches_pytorch_within_its_stated_tolerance(exported):
+    assert exported.failed_parity == []
+    for name in NETWORKS:
+        parity = exported.manifest.networks[name].parity
+        assert parity["passed"] and parity["max_error"] <= parity["tolerance"] == 1e-4, name
+        assert all(case["sizes"].get("batch", 2) == 2 for case in parity["cases"]), name
+    denoiser_cases = {c["case"]: c["sizes"] for c in exported.manifest.networks["denoiser"].parity["cases"]}
+    assert denoiser_cases["batch>1, non-square"]["width"] != denoiser_cases["batch>1, non-square"]["height"]
+    assert denoiser_cases["K/V absent"]["face_tokens_1"] == 0 == denoiser_cases["K/V absent"]["face_tokens_2"]
+
+
+def test_manifest_is_the_contract_names_dtypes_profiles_hashes(exported):
+    manifest = Manifest.load(exported.folder)
+    assert manifest.model_fingerprint == exported.manifest.model_fingerprint and manifest.precision == "fp32"
+    assert manifest.versions["onnx_opset"] == "17" and manifest.tensorrt is None
+    denoiser = manifest.networks["denoiser"]
+    names = [t.name for t in denoiser.inputs]
+    assert names[:7] == ["latent", "timestep", "text", "pooled_text", "time_ids", "image_tokens", "adapter_scale"]
+    assert names[7:] == [f"{kind}_{i:02d}" for i in range(70) for kind in "kv"]
+    assert [t.name for t in manifest.networks["kv_encoder"].outputs] == names[7:]
+    assert denoiser.input_shapes("min")["k_00"] == (1, 0, 64)  # K/V may be absent
+    assert denoiser.input_shapes("max")["latent"] == (4, 4, 16, 20)  # 2 x 2 images for CFG, 128 x 160 px
+    for name, entry in manifest.networks.items():
+        assert entry.onnx_sha256 == sha256_file(exported.folder / entry.onnx), name
+
+
+def test_graphs_are_portable_onnx_with_symbolic_dims(exported):
+    from polygraphy.backend.onnx.util import get_input_metadata
+
+    for name in ("denoiser", "kv_encoder"):
+        path = exported.folder / name / "model.onnx"
+        onnx.checker.check_model(str(path))
+        model = onnx.load(str(path))
+        assert model.opset_import[0].version == 17
+        ops = {node.op_type for node in model.graph.node}
+        assert {"LayerNormalization", "MatMul", "Softmax"} <= ops
+        assert not {"Attention", "MultiHeadAttention", "ScaledDotProductAttention"} & ops
+        assert all(node.domain in ("", "ai.onnx") for node in model.graph.node)
+        metadata = get_input_metadata(model.graph)  # polygraphy's view of the inputs, no TensorRT needed
+        entry = exported.manifest.networks[name]
+        assert list(metadata.keys()) == [t.name for t in entry.inputs]
+        assert tuple(metadata["latent"].shape)[0] == "batch"
+
+
+def test_exported_graphs_run_the_sampling_loop_like_pytorch(exported, fresh_tiny, face):
+    reference = fresh_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
+    fresh_tiny.use_exported(exported.folder, backend="onnxruntime")
+    assert type(fresh_tiny.denoiser).__name__ == "GraphDenoiser"
+    from_graphs = fresh_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
+    torch.testing.assert_close(from_graphs, reference, rtol=1e-3, atol=1e-3)
+    no_kv = fresh_tiny.generate(face, "a face", seed=5, steps=1, output="latent", use_kv=False)
+    assert torch.isfinite(no_kv).all()
+
+
+def test_runtime_refuses_a_folder_made_for_another_model(exported):
+    other = Personalizer.from_pretrained("tiny", device="cpu", seed=1)
+    with pytest.raises(EngineMismatchError, match="model fingerprint"):
+        other.use_exported(exported.folder, backend="onnxruntime")
+
+
+def test_tensorrt_backend_without_tensorrt_says_how_to_install(exported, tiny):
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(TensorRTUnavailable, match="pip install 'lcmla\\[tensorrt\\]'"):
+            tiny.use_exported(exported.folder, backend="tensorrt")
+    else:
+        with pytest.raises(EngineMismatchError, match="no TensorRT engines"):
+            tiny.use_exported(exported.folder, backend="tensorrt")
+
+
+def test_engine_cache_key_covers_graph_shapes_options_version_and_gpu(exported):
+    entry = exported.manifest.networks["adapter"]
+    gpu = {"gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    key = engine_cache_key(entry, BuildOptions("fp16"), "10.13", gpu)
+    assert key == engine_cache_key(entry, BuildOptions("fp16"), "10.13", dict(gpu))
+    wider = json.loads(json.dumps(entry.profile.max))
+    wider["batch"] += 1
+    other_shapes = type(entry)(**{**entry.__dict__, "profile": type(entry.profile)(entry.profile.min, entry.profile.opt, wider)})
+    other_graph = type(entry)(**{**entry.__dict__, "onnx_sha256": "0" * 64})
+    variants = [
+        engine_cache_key(other_shapes, BuildOptions("fp16"), "10.13", gpu),
+        engine_cache_key(other_graph, BuildOptions("fp16"), "10.13", gpu),
+        engine_cache_key(entry, BuildOptions("fp32"), "10.13", gpu),
+        engine_cache_key(entry, BuildOptions("fp16", optimization_level=5), "10.13", gpu),
+        engine_cache_key(entry, BuildOptions("fp16"), "10.14", gpu),
+        engine_cache_key(entry, BuildOptions("fp16"), "10.13", {**gpu, "compute_capability": "8.0"}),
+    ]
+    assert len({key, *variants}) == 7
+
+
+def test_fp16_graphs_export_and_match_within_fp16_tolerance(tmp_path):
+    half = Personalizer.from_pretrained("tiny", device="cpu", dtype=torch.float16)
+    report = export_model(half, tmp_path, RANGES, ["adapter", "text_encoder_2"], check=True, log=lambda _: None)
+    adapter, text = report.manifest.networks["adapter"], report.manifest.networks["text_encoder_2"]
+    assert adapter.parity["precision"] == "float16" and adapter.parity["passed"]
+    assert all(t.dtype == "float16" for t in adapter.inputs + adapter.outputs)
+    # Text encoders stay fp32 graphs (see specs.py); their parity is checked at fp32 tolerance.
+    assert text.parity["precision"] == "float32" and text.parity["passed"]
+    assert report.manifest.precision == "fp16"
+
+
+def test_specs_reject_bad_ranges_and_unknown_networks(tiny, tmp_path):
+    with pytest.raises(ValueError, match="^batch:"):
+        ShapeRanges(batch=(2, 1, 4))
+    with pytest.raises(ValueError, match="^networks:"):
+        export_model(tiny, tmp_path, RANGES, ["unet"], log=lambda _: None)
+    assert set(build_specs(tiny, RANGES)) == set(NETWORKS) | {"denoiser_lcm"}
+
+
+def test_cli_onnx_only_succeeds_and_full_export_needs_tensorrt(tmp_path):
+    runner = CliRunner()
+    args = ["export", "--model", "tiny", "--networks", "vae_encoder", "--height", "64:128:128", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "a"), "--onnx-only", "--check"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "a" / "manifest.json").is_file() and (tmp_path / "a" / "vae_encoder" / "model.onnx").is_file()
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        result = runner.invoke(app, [*args, "--out", str(tmp_path / "b")])
+        assert result.exit_code == 3 and "TensorRT is not installed" in result.output
+        assert (tmp_path / "b" / "vae_encoder" / "model.onnx").is_file()  # the ONNX is kept
+    bad = runner.invoke(app, [*args, "--out", str(tmp_path / "c"), "--height", "100", "--onnx-only"])
+    assert bad.exit_code == 2 and "height" in bad.output and not (tmp_path / "c").exists()
+
+
+def test_ranges_parse_and_static_conflict(tmp_path):
+    result = CliRunner().invoke(
+        app, ["export", "--model", "tiny", "--static", "128", "128", "--height", "64", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 2 and "static" in result.output
+
+
+# ---------------------------------------------------------------------------------------------- TensorRT
+def _tensorrt_and_gpu():
+    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'lcmla[tensorrt]')")
+    if not torch.cuda.is_available():
+        pytest.skip("TensorRT engines need a CUDA GPU")
+    return trt
+
+
+def test_tensorrt_engine_matches_pytorch(tmp_path):
+    _tensorrt_and_gpu()
+    from lcmla_sdk.engines import build_engines
+
+    model = Personalizer.from_pretrained("tiny", device="cuda", dtype=torch.float16)
+    export_model(model, tmp_path, RANGES, ["denoiser", "kv_encoder"], log=lambda _: None)
+    manifest = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None)
+    assert manifest.tensorrt["compute_capability"] and all(e.engine for e in manifest.networks.values())
+    reference = model.generate(np.zeros((64, 64, 3), np.uint8), "a face", seed=0, steps=2, output="latent")
+    model.use_exported(tmp_path, backend="tensorrt")
+    engines = model.generate(np.zeros((64, 64, 3), np.uint8), "a face", seed=0, steps=2, output="latent")
+    torch.testing.assert_close(engines.float(), reference.float(), rtol=5e-2, atol=5e-2)
+    rebuilt = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None)  # cache hit: nothing rebuilt
+    assert {n: e.engine_sha256 for n, e in rebuilt.networks.items()} == {
+        n: e.engine_sha256 for n, e in manifest.networks.items()
+    }
+
+
+def test_engine_folder_from_another_gpu_or_tensorrt_is_refused(tmp_path, exported):
+    _tensorrt_and_gpu()
+    manifest = Manifest.load(exported.folder)
+    manifest.tensorrt = {"version": "0.0", "gpu": "Other GPU", "compute_capability": "1.0"}
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    manifest.save(folder)
+    model = Personalizer.from_pretrained("tiny", device="cuda")
+    with pytest.raises(EngineMismatchError, match="version: built for 0.0"):
+        model.use_exported(folder, backend="tensorrt")
+
+
+def test_manifest_loading_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="lcmla export"):
+        Manifest.load(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99}))
+    with pytest.raises(ValueError, match="schema 99"):
+        Manifest.load(Path(tmp_path))
