@@ -118,10 +118,25 @@ class Personalizer:
                 f"name: {name!r} is not an embedded preset {PRESETS}; loading model directories is not "
                 "implemented in this version."
             )
+        return cls.from_config(preset_config(name), device, dtype, seed, label=name)
+
+    @classmethod
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        seed: int = 0,
+        label: str = "custom",
+    ) -> Personalizer:
+        """Random weights for an architecture given as constructor arguments (the presets' JSON format).
+
+        Weights are drawn on the CPU directly in ``dtype`` (no fp32 copy of a full-size UNet in host memory), so
+        the same config, seed and dtype give the same weights on every machine.
+        """
         device, dtype = default_device_and_dtype(device, dtype)
-        config = preset_config(name)
-        model = cls(_randomised_preset(config, seed), device, dtype)
-        model.fingerprint = sha256_json({"preset": name, "seed": seed, "config": config})
+        model = cls(_randomised_preset(config, seed, dtype), device, dtype)
+        model.fingerprint = sha256_json({"preset": label, "seed": seed, "dtype": str(dtype), "config": config})
         return model
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt") -> None:
@@ -340,9 +355,9 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
     return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _randomised_preset(config: dict[str, Any], seed: int) -> Components:
+def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype) -> Components:
     """Random components with LCM-Lookahead's extra weights randomised too, so every path affects the output."""
-    components = build_random_components(config, seed)
+    components = build_random_components(config, seed, dtype)
     unet = components.unet
     kv_blocks = install_lookahead_processors(unet)
     with torch.random.fork_rng(devices=[]):

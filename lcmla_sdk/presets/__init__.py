@@ -53,19 +53,29 @@ def tiny_tokenizer() -> CLIPTokenizer:
         return CLIPTokenizer.from_pretrained(str(path))
 
 
-def build_random_components(config: dict[str, Any], seed: int = 0) -> Components:
-    """Instantiate every component from its constructor arguments with seeded random weights (fp32, CPU)."""
+def build_random_components(config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32) -> Components:
+    """Instantiate every component from its constructor arguments with seeded random weights, on the CPU, in
+    ``dtype``."""
+    previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        tokenizer = tiny_tokenizer()
-        return Components(
-            config=config,
-            unet=UNet2DConditionModel(**config["unet"]),
-            vae=AutoencoderKL(**config["vae"]),
-            text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
-            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
-            tokenizer=tokenizer,
-            tokenizer_2=tokenizer,
-            image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**config["image_encoder"])),
-            resampler=IPAdapterPlusImageProjection(**config["resampler"]),
-        )
+        torch.set_default_dtype(dtype)
+        try:
+            return _build(config)
+        finally:
+            torch.set_default_dtype(previous)
+
+
+def _build(config: dict[str, Any]) -> Components:
+    tokenizer = tiny_tokenizer()
+    return Components(
+        config=config,
+        unet=UNet2DConditionModel(**config["unet"]),
+        vae=AutoencoderKL(**config["vae"]),
+        text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+        text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer,
+        image_encoder=CLIPVisionModelWithProjection(CLIPVisionConfig(**config["image_encoder"])),
+        resampler=IPAdapterPlusImageProjection(**config["resampler"]),
+    )
