@@ -61,8 +61,8 @@ class IBasicBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class IResNet(nn.Module):
-    """arcface_torch's IResNet; state-dict keys match its checkpoints (``conv1``, ``layer1.0.bn1``, ``fc``...)."""
+class ArcFaceBackbone(nn.Module):
+    """Constructor arguments shared by both families; the loaders read them back from the weights."""
 
     def __init__(
         self,
@@ -74,6 +74,16 @@ class IResNet(nn.Module):
         super().__init__()
         self.config = {"layers": list(layers), "widths": list(widths), "num_features": num_features,
                        "input_size": input_size}  # fmt: skip
+        # Every stage halves the side; the last feature map is flattened into the embedding layer.
+        self.flat_features = widths[-1] * (input_size // 2 ** len(layers)) ** 2
+
+
+class IResNet(ArcFaceBackbone):
+    """arcface_torch's IResNet; state-dict keys match its checkpoints (``conv1``, ``layer1.0.bn1``, ``fc``...)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        layers, widths = self.config["layers"], self.config["widths"]
         self.conv1 = _conv3x3(3, widths[0])
         self.bn1 = nn.BatchNorm2d(widths[0], eps=1e-5)
         self.prelu = nn.PReLU(widths[0])
@@ -84,9 +94,8 @@ class IResNet(nn.Module):
             inputs = width
         self.bn2 = nn.BatchNorm2d(inputs, eps=1e-5)
         self.dropout = nn.Dropout(0.0)
-        side = input_size // 2 ** len(layers)
-        self.fc = nn.Linear(inputs * side * side, num_features)
-        self.features = nn.BatchNorm1d(num_features, eps=1e-5)
+        self.fc = nn.Linear(self.flat_features, self.config["num_features"])
+        self.features = nn.BatchNorm1d(self.config["num_features"], eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.prelu(self.bn1(self.conv1(x)))
@@ -125,28 +134,21 @@ class BottleneckIRSE(nn.Module):
         return self.res_layer(x) + self.shortcut_layer(x)
 
 
-class IRSE(nn.Module):
+class IRSE(ArcFaceBackbone):
     """pSp's IR-SE ``Backbone`` (without its final l2 normalisation); keys ``input_layer``, ``body``, ``output_layer``."""
 
-    def __init__(
-        self,
-        layers: tuple[int, ...] = (3, 4, 14, 3),
-        widths: tuple[int, ...] = FULL_WIDTHS,
-        num_features: int = 512,
-        input_size: int = 112,
-    ) -> None:
-        super().__init__()
-        self.config = {"layers": list(layers), "widths": list(widths), "num_features": num_features,
-                       "input_size": input_size}  # fmt: skip
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        layers, widths = self.config["layers"], self.config["widths"]
         self.input_layer = nn.Sequential(_conv3x3(3, widths[0]), nn.BatchNorm2d(widths[0]), nn.PReLU(widths[0]))
         units, inputs = [], widths[0]
         for depth, width in zip(layers, widths):
             units += [BottleneckIRSE(inputs if u == 0 else width, width, 2 if u == 0 else 1) for u in range(depth)]
             inputs = width
         self.body = nn.Sequential(*units)
-        side = input_size // 2 ** len(layers)
+        num_features = self.config["num_features"]
         self.output_layer = nn.Sequential(
-            nn.BatchNorm2d(inputs), nn.Dropout(0.0), nn.Flatten(), nn.Linear(inputs * side * side, num_features),
+            nn.BatchNorm2d(inputs), nn.Dropout(0.0), nn.Flatten(), nn.Linear(self.flat_features, num_features),
             nn.BatchNorm1d(num_features),
         )  # fmt: skip
 

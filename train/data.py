@@ -180,9 +180,6 @@ class PairDataset(Dataset):
         self.index, self.resolution, self.clip_size = index, resolution, clip_size
         self.landmarks, self.seed, self.rank, self.max_redraws = landmarks, seed, rank, max_redraws
 
-    def __len__(self) -> int:  # samples are addressed by (step, slot), not by a position in a list
-        raise TypeError("PairDataset is indexed by (step, slot) through StepBatches")
-
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         step, slot = key
         skipped: list[tuple[str, str]] = []
