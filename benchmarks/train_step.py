@@ -22,7 +22,8 @@ from pathlib import Path
 
 import torch
 
-from lcmla_sdk.train import Trainer, config_from_dict, write_synthetic_dataset
+from lcmla_sdk.train import Trainer, config_from_dict
+from lcmla_sdk.train.synthetic import write_synthetic_dataset
 
 
 def _sync(device: torch.device) -> None:

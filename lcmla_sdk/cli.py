@@ -93,7 +93,8 @@ def train(
     except ValueError as error:  # every training error (config, data, checkpoint, weights) is a ValueError
         console.print(f"[red]error:[/red] {error}")
         raise typer.Exit(code=2) from None
-    typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")
+    if trainer.accelerator.is_main_process:
+        typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from diffusers import AutoencoderTiny
 from typer.testing import CliRunner
 
 from lcmla_sdk.cli import app
-from lcmla_sdk.train import Trainer, config_from_dict, write_synthetic_dataset
+from lcmla_sdk.train import Trainer, config_from_dict
+from lcmla_sdk.train.synthetic import write_synthetic_dataset
 from lcmla_sdk.train.arcface import IResNet
 from lcmla_sdk.train.trainer import responsive_decoder_init, training_presets
 

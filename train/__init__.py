@@ -7,10 +7,9 @@ from .arcface import ArcFaceWeightsError, load_arcface
 from .checkpoints import CheckpointError, latest_checkpoint
 from .config import ConfigError, TrainConfig, config_from_dict, load_config
 from .data import DataError
-from .synthetic import write_synthetic_dataset
 from .trainer import Trainer
 
 __all__ = [
     "ArcFaceWeightsError", "CheckpointError", "ConfigError", "DataError", "TrainConfig", "Trainer", "config_from_dict",
-    "latest_checkpoint", "load_arcface", "load_config", "write_synthetic_dataset",
+    "latest_checkpoint", "load_arcface", "load_config",
 ]  # fmt: skip
