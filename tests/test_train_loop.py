@@ -213,3 +213,27 @@ def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(fac
     assert all(p.dtype == torch.float32 for p in trainer.params)
     assert torch.isfinite(torch.tensor([logs["loss/diffusion"], logs["loss/identity"]])).all()
     assert logs["grad_norm/diffusion"] > 0 and logs["grad_norm/lookahead"] > 0
+
+
+def test_two_processes_step_in_sync(face_set, tmp_path):
+    """Two gloo processes (what `accelerate launch --num_processes 2` starts on GPUs) average their gradients and
+    compare their trainables after every step."""
+    import os
+    import subprocess
+    import sys
+
+    path = tmp_path / "train.yaml"
+    config = config_dict(face_set, tmp_path / "run", max_steps=2, gradient_checkpointing=False, checkpoint__every=2,
+                         logging__check_sync_every=1)  # fmt: skip
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               "-m", "lcmla_sdk.cli", "train", "--config", str(path)]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "step 1: trainables identical on 2 rank(s)" in run.stdout
+    assert "step 2: trainables identical on 2 rank(s)" in run.stdout
+    assert run.stdout.count("trained to step 2") == 1  # rank 0 reports
+    state = tmp_path / "run/checkpoints/step-0000002/trainer_state"
+    assert (state / "rng-rank0.safetensors").is_file() and (state / "rng-rank1.safetensors").is_file()
+    assert json.loads((state / "state.json").read_text())["samples_seen"] == 4
