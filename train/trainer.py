@@ -370,7 +370,7 @@ class Trainer:
 
     def _log(self, logs: dict[str, Any], step: int) -> None:
         config, accelerator = self.config, self.accelerator
-        if not config.logging.tracker:
+        if not config.logging.tracker or not accelerator.is_main_process:  # trackers live on rank 0
             return
         if step % config.logging.every == 0:
             scalars = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
