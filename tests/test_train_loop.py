@@ -192,29 +192,6 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     assert "Traceback" not in bad.output
 
 
-@pytest.fixture
-def fresh_accelerate_state():
-    """accelerate keeps one process-wide state; a test with another precision starts and leaves a clean one (so it
-    runs last in this file: the module's shared trainer holds the state it replaces)."""
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(face_set, tmp_path, fresh_accelerate_state):
-    trainer = Trainer(config_from_dict(config_dict(face_set, tmp_path, mixed_precision="bf16", gradient_checkpointing=False)))
-    trainable = {id(p) for p in trainer.params}
-    frozen = {p.dtype for p in trainer.model.unet.parameters() if id(p) not in trainable}
-    assert frozen == {torch.bfloat16} and trainer.tiny_vae.dtype == torch.bfloat16
-    assert trainer.model.vae.dtype == torch.float32  # the SDXL VAE config asks for fp32 (force_upcast)
-    logs = trainer.train_step(trainer.batch_for_step(0))
-    assert all(p.dtype == torch.float32 for p in trainer.params)
-    assert torch.isfinite(torch.tensor([logs["loss/diffusion"], logs["loss/identity"]])).all()
-    assert logs["grad_norm/diffusion"] > 0 and logs["grad_norm/lookahead"] > 0
-
-
 def test_two_processes_step_in_sync(face_set, tmp_path):
     """Two gloo processes (what `accelerate launch --num_processes 2` starts on GPUs) average their gradients and
     compare their trainables after every step."""
@@ -237,3 +214,49 @@ def test_two_processes_step_in_sync(face_set, tmp_path):
     state = tmp_path / "run/checkpoints/step-0000002/trainer_state"
     assert (state / "rng-rank0.safetensors").is_file() and (state / "rng-rank1.safetensors").is_file()
     assert json.loads((state / "state.json").read_text())["samples_seen"] == 4
+
+
+def test_previews_without_a_detected_face_are_left_out_of_the_identity_loss(trainer, tmp_path):
+    pytest.importorskip("insightface")
+    from facepack import FakeFace, write_face_pack
+
+    from lcmla_sdk.train.faces import DetectorLandmarks
+
+    landmarks = ((250.0, 260.0), (390.0, 262.0), (320.0, 350.0), (262.0, 430.0), (380.0, 428.0))
+    inputs = trainer.prepare_inputs(trainer.batch_for_step(5), 5)
+    template = trainer.landmarks
+    try:
+        trainer.landmarks = DetectorLandmarks(write_face_pack(tmp_path / "face", [FakeFace((150, 120, 490, 560), landmarks)]))
+        found = trainer.lookahead_loss(inputs, 5)
+        assert found["faces_missing"] == 0 and found["loss"].requires_grad
+        trainer.landmarks = DetectorLandmarks(write_face_pack(tmp_path / "none", []))
+        missing = trainer.lookahead_loss(inputs, 5)
+        assert missing["faces_missing"] == 1 and "identity" not in missing and not missing["loss"].requires_grad
+        before = trainer.trainable_state()
+        assert trainer.optimise(missing["loss"]) is None  # no gradient anywhere: no optimiser step
+        assert all(torch.equal(before[k], v) for k, v in trainer.trainable_state().items())
+    finally:
+        trainer.landmarks = template
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """accelerate keeps one process-wide state; a test with another precision starts and leaves a clean one (so it
+    runs last in this file: the module's shared trainer holds the state it replaces)."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(face_set, tmp_path, fresh_accelerate_state):
+    trainer = Trainer(config_from_dict(config_dict(face_set, tmp_path, mixed_precision="bf16", gradient_checkpointing=False)))
+    trainable = {id(p) for p in trainer.params}
+    frozen = {p.dtype for p in trainer.model.unet.parameters() if id(p) not in trainable}
+    assert frozen == {torch.bfloat16} and trainer.tiny_vae.dtype == torch.bfloat16
+    assert trainer.model.vae.dtype == torch.float32  # the SDXL VAE config asks for fp32 (force_upcast)
+    logs = trainer.train_step(trainer.batch_for_step(0))
+    assert all(p.dtype == torch.float32 for p in trainer.params)
+    assert torch.isfinite(torch.tensor([logs["loss/diffusion"], logs["loss/identity"]])).all()
+    assert logs["grad_norm/diffusion"] > 0 and logs["grad_norm/lookahead"] > 0

@@ -10,7 +10,8 @@ from diffusers import LCMScheduler
 from scipy import stats
 
 from lcmla_sdk.presets import preset_config
-from lcmla_sdk.train import ArcFaceWeightsError, ConfigError, DataError, load_arcface, load_config
+from lcmla_sdk.errors import ModelFilesError
+from lcmla_sdk.train import ConfigError, DataError, load_arcface, load_config
 from lcmla_sdk.train import checkpoints
 from lcmla_sdk.train.arcface import IRSE, IResNet
 from lcmla_sdk.train.config import DataSetConfig
@@ -245,19 +246,19 @@ def test_state_dicts_of_iresnet_and_ir_se_load_with_their_shapes(tmp_path):
 
 
 def test_bad_arcface_files_are_clear_errors(tmp_path):
-    with pytest.raises(ArcFaceWeightsError, match="no such file"):
+    with pytest.raises(ModelFilesError, match="no such file"):
         load_arcface(tmp_path / "missing.pth")
     pickled = tmp_path / "object.pth"
     torch.save({"model": TemplateLandmarks()}, pickled)  # an arbitrary object: refused, never unpickled
-    with pytest.raises(ArcFaceWeightsError, match="not a weights-only torch file"):
+    with pytest.raises(ModelFilesError, match="not a weights-only torch file"):
         load_arcface(pickled)
     other = tmp_path / "other.pth"
     torch.save({"encoder.weight": torch.zeros(2, 2)}, other)
-    with pytest.raises(ArcFaceWeightsError, match="neither an arcface_torch IResNet nor a pSp IR-SE"):
+    with pytest.raises(ModelFilesError, match="neither an arcface_torch IResNet nor a pSp IR-SE"):
         load_arcface(other)
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"\x00not a protobuf" * 10)
-    with pytest.raises(ArcFaceWeightsError):
+    with pytest.raises(ModelFilesError):
         load_arcface(garbage)
 
 
@@ -277,3 +278,27 @@ def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
     checkpoints.commit(staging, tmp_path, 8, keep=2)
     remaining = sorted(p.name for p in (tmp_path / checkpoints.CHECKPOINTS).glob("step-*"))
     assert remaining == ["step-0000004", "step-0000008"]
+
+
+# ---------------------------------------------------------------------------- landmarks from a face pack
+def test_reference_landmarks_come_from_the_face_packs_detector(messy_set, tmp_path):
+    pytest.importorskip("insightface")
+    from facepack import FakeFace, write_face_pack
+
+    from lcmla_sdk.train.data import NO_FACE
+    from lcmla_sdk.train.faces import DetectorLandmarks
+
+    # A 64 px reference is letterboxed x10 into the detector's 640 px input.
+    landmarks = ((250.0, 260.0), (390.0, 262.0), (320.0, 350.0), (262.0, 430.0), (380.0, 428.0))
+    pack = write_face_pack(tmp_path / "pack", [FakeFace((150.0, 120.0, 490.0, 560.0), landmarks)])
+    index = PairIndex([DataSetConfig(root=str(messy_set))])
+    dataset = PairDataset(index, 64, 224, DetectorLandmarks(pack), seed=0, rank=0, max_redraws=4)
+    sample = dataset[(0, 0)]
+    np.testing.assert_allclose(sample["reference_landmarks"].numpy(), np.array(landmarks) / 10, atol=0.05)
+
+    faceless = write_face_pack(tmp_path / "empty", [])
+    dataset = PairDataset(index, 64, 224, DetectorLandmarks(faceless), seed=0, rank=0, max_redraws=4)
+    with pytest.raises(DataError, match=f"4 draws in a row .* unusable .*{NO_FACE}"):
+        dataset[(0, 0)]
+    with pytest.raises(ModelFilesError, match="no such folder"):
+        DetectorLandmarks(tmp_path / "missing")

@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from lcmla_sdk.errors import ModelFilesError
+
 ARCHS = {  # name -> (family, blocks per stage); widths (64, 128, 256, 512), 512 features
     "iresnet18": ("iresnet", (2, 2, 2, 2)),
     "iresnet34": ("iresnet", (3, 4, 6, 3)),
@@ -29,10 +31,6 @@ ARCHS = {  # name -> (family, blocks per stage); widths (64, 128, 256, 512), 512
     "ir_se100": ("ir_se", (3, 13, 30, 3)),
 }
 FULL_WIDTHS = (64, 128, 256, 512)
-
-
-class ArcFaceWeightsError(ValueError):
-    """ArcFace weights that cannot be loaded; the message names the file."""
 
 
 def _conv3x3(inputs: int, outputs: int, stride: int = 1) -> nn.Conv2d:
@@ -173,7 +171,7 @@ def load_arcface(path: str | Path) -> nn.Module:
     (``torch.load(weights_only=True)``). The network is returned in eval mode, frozen, in fp32."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise ArcFaceWeightsError(f"arcface.weights: no such file: {path}")
+        raise ModelFilesError(f"arcface.weights: no such file: {path}")
     if path.suffix == ".onnx":
         model = _from_onnx(path)
     else:
@@ -191,11 +189,11 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unpickling refusal or corrupt file gets the same clear message
-            raise ArcFaceWeightsError(f"arcface.weights: {path} is not a weights-only torch file ({error})") from None
+            raise ModelFilesError(f"arcface.weights: {path} is not a weights-only torch file ({error})") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise ArcFaceWeightsError(f"arcface.weights: {path} does not hold a state dict")
+        raise ModelFilesError(f"arcface.weights: {path} does not hold a state dict")
     return {re.sub(r"^module\.", "", key): value for key, value in state.items()}
 
 
@@ -216,7 +214,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
             layers[-1] += 1
         cls, fc_key = IRSE, "output_layer.3.weight"
     else:
-        raise ArcFaceWeightsError(
+        raise ModelFilesError(
             f"arcface.weights: {path} is neither an arcface_torch IResNet nor a pSp IR-SE state dict "
             f"(first keys: {sorted(state)[:5]})"
         )
@@ -226,7 +224,7 @@ def _from_state_dict(state: dict[str, torch.Tensor], path: Path) -> nn.Module:
     try:
         model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as error:
-        raise ArcFaceWeightsError(f"arcface.weights: {path} does not match {cls.__name__}: {error}") from None
+        raise ModelFilesError(f"arcface.weights: {path} does not match {cls.__name__}: {error}") from None
     return model
 
 
@@ -242,7 +240,7 @@ def _onnx_ops(path: Path) -> list[tuple[str, list[np.ndarray], dict]]:
     try:
         graph = onnx.load(str(path)).graph
     except Exception as error:  # noqa: BLE001 - protobuf raises several types for a damaged file
-        raise ArcFaceWeightsError(f"arcface.weights: {path} is not a readable ONNX model ({error})") from None
+        raise ModelFilesError(f"arcface.weights: {path} is not a readable ONNX model ({error})") from None
     arrays = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
     ops: list[tuple[str, list[np.ndarray], dict]] = []
     for node in graph.node:
@@ -267,7 +265,7 @@ class _OpReader:
 
     def take(self, *op_types: str) -> tuple[str, list[np.ndarray], dict]:
         if self.peek() not in op_types:
-            raise ArcFaceWeightsError(
+            raise ModelFilesError(
                 f"arcface.weights: {self.path} is not an IResNet recognition model (such as buffalo_l's "
                 f"w600k_r50.onnx or antelopev2's glintr100.onnx): expected {'/'.join(op_types)} at parametrised op "
                 f"{self.position}, found {self.peek()}"
@@ -311,7 +309,7 @@ def _from_onnx(path: Path) -> IResNet:
                 module.bias.copy_(torch.tensor(params[1]))
             index += 1
     if reader.peek() is not None:
-        raise ArcFaceWeightsError(f"arcface.weights: {path}: {len(ops) - reader.position} parametrised ops left over")
+        raise ModelFilesError(f"arcface.weights: {path}: {len(ops) - reader.position} parametrised ops left over")
     return model
 
 
@@ -347,7 +345,7 @@ def _iresnet_shape(reader: _OpReader) -> tuple[list[int], list[int]]:
             layers.append(0)
             widths.append(width)
         if not layers:
-            raise ArcFaceWeightsError(f"arcface.weights: {reader.path}: the first block has no downsampling shortcut")
+            raise ModelFilesError(f"arcface.weights: {reader.path}: the first block has no downsampling shortcut")
         layers[-1] += 1
     reader.take("BatchNormalization")
     reader.take("Gemm", "MatMul")

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from lcmla_sdk.errors import LcmlaError
 from lcmla_sdk.pipeline import Personalizer
 
 CHECKPOINTS = "checkpoints"
@@ -30,7 +31,7 @@ LATEST = "latest"
 STATE_VERSION = 1
 
 
-class CheckpointError(ValueError):
+class CheckpointError(LcmlaError, ValueError):
     """A checkpoint that cannot be resumed from; the message names the directory."""
 
 

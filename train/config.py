@@ -15,12 +15,14 @@ from typing import Any, Optional, Union
 
 import yaml
 
+from lcmla_sdk.errors import LcmlaError
+
 MIXED_PRECISION = ("no", "fp16", "bf16")
 LANDMARK_SOURCES = ("detector", "template")
 LR_SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
-class ConfigError(ValueError):
+class ConfigError(LcmlaError, ValueError):
     """A training configuration that cannot be used; the message starts with the offending key."""
 
 

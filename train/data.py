@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from lcmla_sdk.errors import InvalidImageError, LcmlaError
 from lcmla_sdk.images import clip_pixels, load_rgb, vae_pixels
 
 from .config import DataSetConfig
@@ -39,7 +40,7 @@ UNREADABLE = "unreadable images"
 NO_FACE = "references without a detected face"
 
 
-class DataError(ValueError):
+class DataError(LcmlaError, ValueError):
     """Training data that cannot be used at all (e.g. an unreadable metadata file or no usable pair)."""
 
 
@@ -189,7 +190,7 @@ class PairDataset(Dataset):
             for role, entry in (("reference", reference), ("target", target)):
                 try:
                     images[role] = vae_pixels(load_rgb(entry.path), self.resolution)[0]
-                except Exception:  # noqa: BLE001 - PIL raises many types for damaged files; any of them means unreadable
+                except InvalidImageError:
                     skipped.append((UNREADABLE, str(entry.path)))
                     break
             if len(images) < 2:

@@ -11,16 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
-from .config import ConfigError
+from lcmla_sdk.faces import ARCFACE_TEMPLATE, FaceAnalyzer, check_face_pack
 
-# insightface's reference positions of (left eye, right eye, nose tip, left mouth corner, right mouth corner) in the
-# 112x112 ArcFace crop (insightface.utils.face_align.arcface_dst); pixel centres at integer coordinates.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
-ARCFACE_SIZE = 112
+ARCFACE_SIZE = 112  # ARCFACE_TEMPLATE's crop side
 
 
 class TemplateLandmarks:
@@ -35,33 +30,24 @@ class TemplateLandmarks:
 
 
 class DetectorLandmarks:
-    """Landmarks of the largest face found by the detection model of a local insightface pack (never downloads).
+    """Landmarks of the largest face found by the SDK's :class:`~lcmla_sdk.faces.FaceAnalyzer` on a local
+    insightface pack (never downloads); ``None`` when there is no face.
 
-    The insightface app is built on first use, so the object can be sent to data-loader workers before that.
+    The analyzer is built on first use, so the object can be sent to data-loader workers before that; the pack is
+    checked at once, so a wrong path fails before training starts.
     """
 
     def __init__(self, pack: str | Path, det_size: int = 640, det_thresh: float = 0.5) -> None:
         self.pack = Path(pack).expanduser().resolve()
-        if not self.pack.is_dir() or not any(self.pack.glob("*.onnx")):
-            raise ConfigError(
-                f"faces.pack: {self.pack} is not an insightface model pack (expected a directory holding the "
-                "detection model, e.g. det_10g.onnx)"
-            )
+        check_face_pack(self.pack)
         self.det_size, self.det_thresh = det_size, det_thresh
-        self._app = None
+        self._analyzer = None
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
-        if self._app is None:
-            from insightface.app import FaceAnalysis
-
-            app = FaceAnalysis(name=str(self.pack), allowed_modules=["detection"], providers=["CPUExecutionProvider"])
-            app.prepare(ctx_id=-1, det_size=(self.det_size, self.det_size), det_thresh=self.det_thresh)
-            self._app = app
-        faces = self._app.get(np.ascontiguousarray(image[:, :, ::-1]))  # insightface takes BGR
-        if not faces:
-            return None
-        largest = max(faces, key=lambda f: (f.bbox[2] - f.bbox[0]) * (f.bbox[3] - f.bbox[1]))
-        return np.asarray(largest.kps, dtype=np.float32)
+        if self._analyzer is None:
+            self._analyzer = FaceAnalyzer(self.pack, self.det_thresh, (self.det_size, self.det_size))
+        faces = self._analyzer.detect(Image.fromarray(image))
+        return faces[0].landmarks if faces else None  # largest first
 
 
 def similarity_to_template(landmarks: torch.Tensor, size: int = ARCFACE_SIZE) -> torch.Tensor:
