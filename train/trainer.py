@@ -69,6 +69,15 @@ class Trainer:
         self.rank = self.accelerator.process_index
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
 
+        # What can be checked cheaply comes before the model load: the data sets and the face pack.
+        self.index = PairIndex(config.data.sets)
+        self.summary: DataSummary = self.index.summary
+        self.landmarks = (
+            TemplateLandmarks()
+            if config.faces.landmarks == "template"
+            else DetectorLandmarks(config.faces.pack, config.faces.det_size, config.faces.det_thresh)
+        )
+
         # Networks: the SDK model (frozen, weight dtype), the tiny VAE and ArcFace for the lookahead loss.
         self.model = self._load_model()
         self.ddpm = self.model.noise_scheduler
@@ -77,11 +86,6 @@ class Trainer:
         )
         self.tiny_vae = self._load_tiny_vae()
         self.identity_loss = IdentityLoss(self._load_arcface().to(self.device))
-        self.landmarks = (
-            TemplateLandmarks()
-            if config.faces.landmarks == "template"
-            else DetectorLandmarks(config.faces.pack, config.faces.det_size, config.faces.det_thresh)
-        )
         perceptual = config.lookahead.perceptual
         self.perceptual = load_perceptual(perceptual, config.lookahead.perceptual_kwargs, self.device) if perceptual else None
 
@@ -109,8 +113,6 @@ class Trainer:
                 param.data.copy_(broadcast(param.data, from_process=0))
 
         # Data: pairs by step, so the data position is the step.
-        self.index = PairIndex(config.data.sets)
-        self.summary: DataSummary = self.index.summary
         self.dataset = PairDataset(
             self.index, config.data.resolution, self.model.clip_size, self.landmarks, config.seed, self.rank,
             config.data.max_redraws,
