@@ -107,7 +107,7 @@ def main() -> None:
         "trainable_parameters": sum(p.numel() for p in trainer.params),
         "diffusion_step_s": statistics.median(r["diffusion_s"] for r in timed_rows),
         "lookahead_step_s": statistics.median(r["lookahead_s"] for r in timed_rows),
-        "peak_memory_gib": max((r["diffusion_peak_gib"] or 0, r["lookahead_peak_gib"] or 0) for r in rows)
+        "peak_memory_gib": max(max(r["diffusion_peak_gib"], r["lookahead_peak_gib"]) for r in rows)
         if device.type == "cuda" else None,
         "steps": rows,
     }  # fmt: skip
