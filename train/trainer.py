@@ -129,6 +129,11 @@ class Trainer:
             raise ConfigError(f"model: {error}") from None
         if config.lookahead.every and model.lcm_denoiser is None:
             raise ConfigError("lookahead.every: the model has no LCM-LoRA; add one, or set lookahead.every to 0")
+        if config.lookahead.max_timestep > model.noise_scheduler.config.num_train_timesteps:
+            raise ConfigError(
+                f"lookahead.max_timestep: at most {model.noise_scheduler.config.num_train_timesteps} (the scheduler's "
+                f"training timesteps), got {config.lookahead.max_timestep}"
+            )
         if config.data.resolution % model.size_multiple:
             raise ConfigError(f"data.resolution: must be a multiple of {model.size_multiple}, got {config.data.resolution}")
         return model
