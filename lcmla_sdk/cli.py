@@ -125,5 +125,33 @@ def export(
         raise typer.Exit(code=3) from None
 
 
+# ---------------------------------------------------------------------------- training
+# The trainer lives in lcmla_sdk.train (accelerate, tensorboard, pyyaml: the [train] extra); it is imported inside
+# the command so that generating never needs it.
+
+
+@app.command()
+def train(
+    config: Path = typer.Option(..., "--config", help="Training YAML (docs/TRAINING.md lists every key)."),
+    overrides: Optional[list[str]] = typer.Argument(None, help="Overrides as key.path=value, e.g. max_steps=100."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in output_dir."),
+    resume_from: Optional[Path] = typer.Option(None, help="Continue from this checkpoint directory."),
+) -> None:
+    """Train the KV-encoder and image adapter with the LCM-Lookahead losses (through accelerate)."""
+    try:
+        from .train import Trainer, load_config
+    except ImportError as error:
+        console.print(f"[red]error:[/red] {escape(f'training needs the [train] extra (pip install lcmla[train]): {error}')}")
+        raise typer.Exit(code=2) from None
+    try:
+        trainer = Trainer(load_config(config, overrides or []))
+        result = trainer.train(resume=resume_from if resume_from is not None else resume)
+    except ValueError as error:  # every training error (config, data, checkpoint, weights) is a ValueError
+        console.print(f"[red]error:[/red] {error}")
+        raise typer.Exit(code=2) from None
+    if trainer.accelerator.is_main_process:
+        typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")
+
+
 if __name__ == "__main__":
     app()

@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 from importlib import resources
 from pathlib import Path
-from typing import Union
+from typing import BinaryIO, Union
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
+
+from .errors import InvalidImageError
 
 # CLIP's normalisation (the constants of CLIPImageProcessor for every OpenAI/OpenCLIP ViT).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-FaceInput = Union[str, os.PathLike, Image.Image, np.ndarray]
+FaceInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
+
+# Below this side there is no face to see; above MAX_PIXELS Pillow's decompression-bomb guard applies.
+MIN_SIDE = 16
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
 def sample_face() -> Image.Image:
@@ -25,25 +33,88 @@ def sample_face() -> Image.Image:
 
 
 def load_rgb(face: FaceInput) -> Image.Image:
-    """Accept a path, a PIL image or an ``HxW``/``HxWxC`` array (uint8, or float in [0, 1]) as RGB."""
+    """Any supported face input as an upright 8-bit RGB image.
+
+    Accepts a path, encoded bytes, a binary file object, a PIL image in any common mode (RGB, RGBA, L, LA, P, CMYK,
+    I;16, I, F, ...) or an ``HxW``/``HxWxC`` array (C in 1, 3, 4; uint8, uint16, or float in [0, 1]). EXIF
+    orientation is applied; transparency is composited over white. Raises :class:`InvalidImageError`.
+    """
     if isinstance(face, (str, os.PathLike)):
         path = Path(face)
         if not path.is_file():
-            raise ValueError(f"face: no such image file: {path}")
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    if isinstance(face, Image.Image):
-        return face.convert("RGB")
-    if isinstance(face, np.ndarray):
-        array = face
-        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
-            raise ValueError(f"face: array must be HxW or HxWxC with C in (1, 3, 4), got shape {array.shape}")
-        if array.dtype != np.uint8:
-            array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        if array.ndim == 3 and array.shape[2] == 1:
-            array = array[:, :, 0]
-        return Image.fromarray(array).convert("RGB")
-    raise TypeError(f"face: expected a path, PIL image or numpy array, got {type(face).__name__}")
+            raise InvalidImageError(f"face: no such image file: {path}")
+        image = _decode(lambda: Image.open(path), f"file {path}")
+    elif isinstance(face, (bytes, bytearray, memoryview)):
+        data = bytes(face)
+        image = _decode(lambda: Image.open(io.BytesIO(data)), f"{len(data)} bytes")
+    elif hasattr(face, "read"):
+        image = _decode(lambda: Image.open(face), "file object")
+    elif isinstance(face, Image.Image):
+        image = _decode(lambda: face, "PIL image")
+    elif isinstance(face, np.ndarray):
+        image = _array_to_image(face)
+    else:
+        raise InvalidImageError(
+            f"face: expected a path, bytes, file object, PIL image or numpy array, got {type(face).__name__}"
+        )
+    if min(image.size) < MIN_SIDE:
+        raise InvalidImageError(f"face: the image is {image.width}x{image.height}; both sides must be >= {MIN_SIDE}")
+    return image
+
+
+def _decode(open_image, what: str) -> Image.Image:
+    try:
+        image = open_image()
+        image.load()
+        return _to_rgb(ImageOps.exif_transpose(image))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise InvalidImageError(f"face: cannot read an image from {what}: {error}") from None
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: high-bit-depth modes are rescaled (Pillow would clip them), alpha goes over white."""
+    if image.mode in SIXTEEN_BIT_MODES + ("I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        eight_bit = np.clip(array / _full_scale(image.mode, array) * 255.0, 0, 255).round().astype(np.uint8)
+        return Image.fromarray(eight_bit).convert("RGB")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _full_scale(mode: str, array: np.ndarray) -> float:
+    """White level of a high-bit-depth image: 16-bit modes are 65535; ``I`` and ``F`` are judged by their peak."""
+    peak = float(array.max(initial=0.0))
+    if mode in SIXTEEN_BIT_MODES:
+        return 65535.0
+    if mode == "F" and peak <= 1.0:
+        return 1.0
+    return 255.0 if peak <= 255.0 else 65535.0
+
+
+def _array_to_image(array: np.ndarray) -> Image.Image:
+    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (1, 3, 4)):
+        raise InvalidImageError(f"face: array must be HxW or HxWxC with C in (1, 3, 4), got shape {array.shape}")
+    if array.dtype == np.uint16:
+        array = (array.astype(np.float32) / 257.0).round().astype(np.uint8)
+    elif np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all():
+            raise InvalidImageError("face: float array contains NaN or infinity")
+        array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise InvalidImageError(f"face: array dtype must be uint8, uint16 or float in [0, 1], got {array.dtype}")
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    return _to_rgb(Image.fromarray(np.ascontiguousarray(array)))
+
+
+def pixel_sha256(image: Image.Image) -> str:
+    """Hash of the decoded RGB pixels: the same picture gives the same hash whatever form it came in."""
+    digest = hashlib.sha256(f"{image.width}x{image.height}:".encode())
+    digest.update(np.asarray(image, dtype=np.uint8).tobytes())
+    return digest.hexdigest()
 
 
 def _square_crop(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:

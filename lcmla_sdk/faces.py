@@ -1,0 +1,128 @@
+"""Face detection, 5-point alignment and ArcFace embeddings through insightface, from a local pack only.
+
+A *face pack* is a folder of insightface ONNX models, e.g. the contents of the ``buffalo_l`` pack: a detector
+(``det_10g.onnx``) and an ArcFace recognition model (``w600k_r50.onnx``); other models in it are ignored.
+insightface's :class:`FaceAnalysis` is handed the folder itself, so it never looks for, nor downloads, a named pack.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .errors import ModelFilesError, MultipleFacesError, NoFaceError
+
+PACK_CONTENTS = "a detector such as det_10g.onnx and an ArcFace recognition model such as w600k_r50.onnx"
+ON_MULTIPLE = ("largest", "error")
+
+# insightface's ArcFace landmark template (eyes, nose, mouth corners) in a 112 x 112 crop.
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
+    dtype=np.float32,
+)
+
+
+@dataclass
+class DetectedFace:
+    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks``, ``score`` and the L2-normalised
+    512-d ArcFace ``embedding``."""
+
+    box: np.ndarray
+    landmarks: np.ndarray
+    score: float
+    embedding: np.ndarray
+
+    @property
+    def area(self) -> float:
+        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
+
+
+class FaceAnalyzer:
+    """insightface ``FaceAnalysis`` (detection + recognition) over the ONNX files of ``pack_dir``."""
+
+    def __init__(
+        self,
+        pack_dir: str | Path,
+        det_thresh: float = 0.5,
+        det_size: tuple[int, int] = (640, 640),
+        providers: list[str] | None = None,
+    ) -> None:
+        self.pack_dir = Path(pack_dir).expanduser().resolve()
+        self.det_thresh = det_thresh
+        check_face_pack(self.pack_dir)
+        try:
+            from insightface.app import FaceAnalysis
+        except ImportError as error:
+            raise ModelFilesError(f"face analysis needs insightface: pip install 'lcmla[faces]' ({error})") from None
+
+        providers = providers or ["CPUExecutionProvider"]
+        try:
+            app = FaceAnalysis(
+                name=str(self.pack_dir), allowed_modules=["detection", "recognition"], providers=providers
+            )
+        except AssertionError:  # insightface asserts that a detector was found
+            app = None
+        except Exception as error:  # onnxruntime raises its own types for unreadable model files
+            raise ModelFilesError(f"face pack {self.pack_dir}: cannot load its ONNX models: {error}") from None
+        missing = [task for task in ("detection", "recognition") if app is None or task not in app.models]
+        if missing:
+            raise ModelFilesError(
+                f"face pack {self.pack_dir}: no {' or '.join(missing)} model among "
+                f"{sorted(p.name for p in self.pack_dir.glob('*.onnx'))}; expected {PACK_CONTENTS}"
+            )
+        ctx_id = 0 if any(p.startswith("CUDA") for p in providers) else -1
+        app.prepare(ctx_id=ctx_id, det_thresh=det_thresh, det_size=det_size)
+        self.app = app
+
+    def detect(self, image: Image.Image) -> list[DetectedFace]:
+        """Every face above the threshold, largest first."""
+        bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
+        faces = [
+            DetectedFace(
+                box=np.asarray(f.bbox, dtype=np.float32),
+                landmarks=np.asarray(f.kps, dtype=np.float32),
+                score=float(f.det_score),
+                embedding=np.asarray(f.normed_embedding, dtype=np.float32),
+            )
+            for f in self.app.get(bgr)
+        ]
+        return sorted(faces, key=lambda face: face.area, reverse=True)
+
+    def find_face(self, image: Image.Image, on_multiple: str = "largest") -> DetectedFace:
+        """The one face to use: the largest, or :class:`MultipleFacesError` when ``on_multiple="error"``."""
+        if on_multiple not in ON_MULTIPLE:
+            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
+        faces = self.detect(image)
+        where = f"the {image.width}x{image.height} image (detector threshold {self.det_thresh}, pack {self.pack_dir})"
+        if not faces:
+            raise NoFaceError(f"face: no face found in {where}")
+        if len(faces) > 1 and on_multiple == "error":
+            boxes = ", ".join(str([round(float(v)) for v in face.box]) for face in faces)
+            raise MultipleFacesError(f"face: {len(faces)} faces found in {where} at {boxes}; on_multiple='error'")
+        return faces[0]
+
+
+def check_face_pack(pack_dir: Path) -> None:
+    """Fail before any ONNX session starts if the folder is missing or holds no ONNX models."""
+    if not pack_dir.is_dir():
+        raise ModelFilesError(f"face pack {pack_dir}: no such folder; expected one holding {PACK_CONTENTS}")
+    if not any(pack_dir.glob("*.onnx")):
+        raise ModelFilesError(f"face pack {pack_dir}: no .onnx files; expected {PACK_CONTENTS}")
+
+
+def align_face(image: Image.Image, landmarks: np.ndarray, size: int, face_fraction: float = 0.5) -> Image.Image:
+    """A ``size`` square crop rotated and scaled so the 5 landmarks sit on ArcFace's template.
+
+    The template's 112-px face box fills the middle ``face_fraction`` of the crop, which leaves hair and chin in.
+    """
+    import cv2
+
+    target = (ARCFACE_TEMPLATE / 112.0 - 0.5) * (size * face_fraction) + size / 2.0
+    matrix, _ = cv2.estimateAffinePartial2D(np.asarray(landmarks, np.float32), target, method=cv2.LMEDS)
+    warped = cv2.warpAffine(
+        np.asarray(image.convert("RGB")), matrix, (size, size), flags=cv2.INTER_CUBIC, borderMode=cv2.BORDER_REPLICATE
+    )
+    return Image.fromarray(warped)

@@ -1,0 +1,492 @@
+"""The LCM-Lookahead training loop on accelerate: a diffusion step and a lookahead step per iteration.
+
+Per step (``official_method_facts.md`` sections 7-11):
+
+1. Load the batch for this step (data position = step) and encode it without gradients: VAE latents of target and
+   reference, prompts of both.
+2. Diffusion step: t ~ p(t) (alpha 0.5); target and reference noised with the same noise and t; the KV-encoder reads
+   the noisy reference (K/V tokens dropped per layer), the denoiser predicts the target's noise with the image tokens
+   (dropped to unconditional per sample); MSE; backward, clip, optimiser step.
+3. Lookahead step (every ``lookahead.every`` steps, first ``lookahead.batch_size`` samples): t ~ p(t) (alpha 0.2);
+   the LCM-LoRA denoiser (scale lambda) with the same kind of encoder K/V gives a one-step preview, decoded by the
+   tiny VAE; identity loss against the reference (weight 1e-3, times lambda); backward, clip, optimiser step.
+   ``combined_step`` sums both losses into one backward/optimiser step instead.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast, gather_object
+from diffusers import AutoencoderTiny, LCMScheduler
+from diffusers.optimization import get_scheduler
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lcmla_sdk.lora import LCM_ADAPTER
+from lcmla_sdk.pipeline import Personalizer
+from lcmla_sdk.presets import PRESETS
+from lcmla_sdk.text import time_ids
+
+from . import checkpoints
+from .arcface import build_arcface, load_arcface
+from .config import ConfigError, TrainConfig
+from .data import DataSummary, PairDataset, PairIndex, StepBatches, collate
+from .faces import DetectorLandmarks, TemplateLandmarks
+from .losses import IdentityLoss, lcm_preview, load_perceptual
+from .sampling import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
+from .trainables import SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+StepCallback = Callable[[int, dict[str, float]], Any]
+
+
+def training_presets() -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath("presets.json").read_text())
+
+
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it (resuming if asked)."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.output_dir = Path(config.output_dir)
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            log_with=config.logging.tracker,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        self.device = self.accelerator.device
+        self.rank = self.accelerator.process_index
+        self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+
+        # What can be checked cheaply comes before the model load: the data sets and the face pack.
+        self.index = PairIndex(config.data.sets)
+        self.summary: DataSummary = self.index.summary
+        self.landmarks = (
+            TemplateLandmarks()
+            if config.faces.landmarks == "template"
+            else DetectorLandmarks(config.faces.pack, config.faces.det_size, config.faces.det_thresh)
+        )
+
+        # Networks: the SDK model (frozen, weight dtype), the tiny VAE and ArcFace for the lookahead loss.
+        self.model = self._load_model()
+        self.ddpm = self.model.noise_scheduler
+        self.lcm_scheduler = LCMScheduler.from_config(
+            self.model.config["scheduler"], timestep_scaling=config.lookahead.timestep_scaling
+        )
+        self.tiny_vae = self._load_tiny_vae()
+        self.identity_loss = IdentityLoss(self._load_arcface().to(self.device))
+        perceptual = config.lookahead.perceptual
+        self.perceptual = load_perceptual(perceptual, config.lookahead.perceptual_kwargs, self.device) if perceptual else None
+
+        # Trainables, optimiser, LR schedule; checkpointing that keeps each network's LoRA state on recomputation.
+        self.lora = SharedUNetLora(self.model.unet)
+        self.groups = trainable_parameters(self.model)
+        self.params = make_trainable(self.groups)
+        if config.gradient_checkpointing:
+            self.model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self.lora.checkpoint)
+            self.tiny_vae.enable_gradient_checkpointing()
+        optim = config.optim
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for _, p in self.groups["encoder"]], "lr": optim.lr_encoder, "name": "encoder"},
+                {"params": [p for _, p in self.groups["adapter"]], "lr": optim.lr_adapter, "name": "adapter"},
+            ],
+            betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+        )  # fmt: skip
+        self.optimizer = self.accelerator.prepare(optimizer)
+        self.lr_scheduler = get_scheduler(
+            optim.lr_schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=config.max_steps
+        )
+        if self.accelerator.num_processes > 1:  # every rank starts from rank 0's trainables
+            for param in self.params:
+                param.data.copy_(broadcast(param.data, from_process=0))
+
+        # Data: pairs by step, so the data position is the step.
+        self.dataset = PairDataset(
+            self.index, config.data.resolution, self.model.clip_size, self.landmarks, config.seed, self.rank,
+            config.data.max_redraws,
+        )  # fmt: skip
+        self.step = 0
+        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ building
+    def _load_model(self) -> Personalizer:
+        config = self.config
+        try:
+            model = Personalizer.from_pretrained(config.model, device=self.device, dtype=self.weight_dtype)
+        except ValueError as error:
+            raise ConfigError(f"model: {error}") from None
+        if config.lookahead.every and model.lcm_denoiser is None:
+            raise ConfigError("lookahead.every: the model has no LCM-LoRA; add one, or set lookahead.every to 0")
+        if config.lookahead.max_timestep > model.noise_scheduler.config.num_train_timesteps:
+            raise ConfigError(
+                f"lookahead.max_timestep: at most {model.noise_scheduler.config.num_train_timesteps} (the scheduler's "
+                f"training timesteps), got {config.lookahead.max_timestep}"
+            )
+        if config.data.resolution % model.size_multiple:
+            raise ConfigError(f"data.resolution: must be a multiple of {model.size_multiple}, got {config.data.resolution}")
+        return model
+
+    def _preset_part(self, part: str, key: str) -> Any:
+        if self.config.model not in PRESETS:
+            raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
+        return training_presets()[self.config.model][part]
+
+    def _load_tiny_vae(self) -> AutoencoderTiny:
+        if self.config.tiny_vae is not None:
+            path = Path(self.config.tiny_vae).expanduser()
+            if not (path / "config.json").is_file():
+                raise ConfigError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny directory (no config.json)")
+            vae = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.config.seed)
+                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae"))
+                responsive_decoder_init(vae)
+        return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
+
+    def _load_arcface(self) -> torch.nn.Module:
+        arcface = self.config.arcface
+        if arcface.weights is not None:
+            return load_arcface(arcface.weights)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.config.seed)
+            return build_arcface(arcface.arch or self._preset_part("arcface", "arcface.weights")).eval().requires_grad_(False)
+
+    # ------------------------------------------------------------------ one step
+    def batch_for_step(self, step: int) -> dict[str, Any]:
+        """The batch the data loader yields at ``step`` (loaded in this process)."""
+        return collate([self.dataset[(step, slot)] for slot in range(self.config.batch_size)])
+
+    @torch.no_grad()
+    def prepare_inputs(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
+        """Latents and prompt embeddings of a batch; nothing here is trained."""
+        generator = generator_for(self.config.seed, step, self.rank, "latents")
+        size = self.config.data.resolution
+        batch_size = batch["target_pixels"].shape[0]
+        text, pooled = self._encode_text(batch["target_prompt"])
+        ref_text, ref_pooled = self._encode_text(batch["reference_prompt"])
+        return {
+            "target": self._encode_latents(batch["target_pixels"], generator),
+            "reference": self._encode_latents(batch["reference_pixels"], generator),
+            "text": text, "pooled": pooled, "ref_text": ref_text, "ref_pooled": ref_pooled,
+            "time_ids": time_ids(size, size, batch_size, self.weight_dtype, self.device),
+            "clip": batch["reference_clip"].to(self.device),
+            "reference_pixels": batch["reference_pixels"].to(self.device),
+            "reference_landmarks": batch["reference_landmarks"].to(self.device),
+        }  # fmt: skip
+
+    def _encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        vae = self.model.vae
+        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
+        return dist.sample(generator=generator).float() * vae.config.scaling_factor
+
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        missing = sorted({p for p in prompts if p not in self._text_cache})
+        if missing:
+            if len(self._text_cache) > 4096:  # prompts repeat across a data set; bound the cache anyway
+                self._text_cache.clear()
+            (text, pooled), _ = self.model.encode_prompt(missing, None)
+            self._text_cache.update({p: (text[i], pooled[i]) for i, p in enumerate(missing)})
+        return tuple(torch.stack([self._text_cache[p][part] for p in prompts]) for part in (0, 1))
+
+    def _noised(self, inputs: dict, count: int, num_timesteps: int, alpha: float, generator: torch.Generator):
+        """Timesteps, noise, and target and reference noised with the same noise at the same t (the authors'
+        ``noisy_encoder_input``)."""
+        timesteps = sample_timesteps(count, num_timesteps, alpha, generator).to(self.device)
+        noise = torch.randn(inputs["target"][:count].shape, generator=generator).to(self.device)
+        target = self.ddpm.add_noise(inputs["target"][:count], noise, timesteps)
+        reference = self.ddpm.add_noise(inputs["reference"][:count], noise, timesteps)
+        return timesteps, noise, target, reference
+
+    def _encoder_kv(self, inputs: dict, count: int, reference: torch.Tensor, timesteps, generator) -> tuple:
+        kv = self.model.kv_encoder(
+            reference, timesteps, inputs["ref_text"][:count], inputs["ref_pooled"][:count], inputs["time_ids"][:count]
+        )
+        return drop_kv_tokens(kv, self.config.dropout.kv_tokens, generator)
+
+    def diffusion_loss(self, inputs: dict, step: int) -> dict[str, Any]:
+        config = self.config
+        generator = generator_for(config.seed, step, self.rank, "diffusion")
+        count = inputs["target"].shape[0]
+        timesteps, noise, target, reference = self._noised(
+            inputs, count, self.ddpm.config.num_train_timesteps, config.diffusion.importance_alpha, generator
+        )
+        with self.accelerator.autocast():
+            kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
+            cond, uncond = self.model.adapter(inputs["clip"])
+            tokens = drop_image_tokens(cond, uncond, config.dropout.adapter, generator)
+            eps = self.model.denoiser(
+                target, timesteps, inputs["text"], inputs["pooled"], inputs["time_ids"], tokens, 1.0, kv
+            )
+        loss = F.mse_loss(eps.float(), noise.float()) * config.diffusion.weight
+        return {"loss": loss, "diffusion": loss.detach()}
+
+    def lookahead_loss(self, inputs: dict, step: int) -> dict[str, Any]:
+        config, lookahead = self.config, self.config.lookahead
+        generator = generator_for(config.seed, step, self.rank, "lookahead")
+        count = min(lookahead.batch_size, inputs["target"].shape[0])
+        timesteps, _, target, reference = self._noised(
+            inputs, count, lookahead.max_timestep, lookahead.importance_alpha, generator
+        )
+        scale = lcm_lora_scale(config.seed, step, lookahead.lcm_scale.every, lookahead.lcm_scale.full_prob,
+                               lookahead.lcm_scale.min)  # fmt: skip
+        self.lora.set_scale(LCM_ADAPTER, scale)
+        with self.accelerator.autocast():
+            kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
+            cond, _ = self.model.adapter(inputs["clip"][:count])
+            eps = self.model.lcm_denoiser(
+                target, timesteps, inputs["text"][:count], inputs["pooled"][:count], inputs["time_ids"][:count],
+                cond, 1.0, kv,
+            )  # fmt: skip
+            latents = lcm_preview(self.lcm_scheduler, eps, target, timesteps)
+            preview = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample.float()
+
+        references = inputs["reference_pixels"][:count]
+        found = [self.landmarks(image) for image in _to_uint8(preview)]
+        valid = [i for i, landmarks in enumerate(found) if landmarks is not None]
+        total = preview.new_zeros(())
+        result: dict[str, Any] = {"lcm_scale": scale, "faces_missing": count - len(valid), "preview": preview.detach()}
+        if valid:
+            landmarks = torch.as_tensor(np.stack([found[i] for i in valid]), device=self.device)
+            identity = self.identity_loss(
+                preview[valid], landmarks, references[valid], inputs["reference_landmarks"][:count][valid]
+            ).mean()
+            total = total + lookahead.identity_weight * identity
+            result["identity"] = identity.detach()
+        if self.perceptual is not None:
+            perceptual = self.perceptual(preview, references).mean()
+            total = total + lookahead.perceptual_weight * perceptual
+            result["perceptual"] = perceptual.detach()
+        result["loss"] = scale * total
+        return result
+
+    def optimise(self, loss: torch.Tensor) -> float | None:
+        """Backward, average over processes, clip, step. Skipped on every rank when no rank has a gradient (e.g. no
+        face in any preview), so the processes stay in lockstep."""
+        accelerator = self.accelerator
+        has_grad = loss.requires_grad
+        if accelerator.num_processes > 1:
+            flag = torch.tensor([float(has_grad)], device=self.device)
+            any_grad = accelerator.reduce(flag, reduction="sum").item() > 0
+        else:
+            any_grad = has_grad
+        if not any_grad:
+            self.optimizer.zero_grad(set_to_none=True)
+            return None
+        if has_grad:
+            accelerator.backward(loss)
+        if accelerator.num_processes > 1:
+            average_gradients(self.params, accelerator.reduce)
+        norm = accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """One training step at ``self.step``; returns its logs (losses as floats, the preview tensor)."""
+        config, step = self.config, self.step
+        if set(batch["step"]) != {step}:
+            raise RuntimeError(f"data position {sorted(set(batch['step']))} does not match training step {step}")
+        inputs = self.prepare_inputs(batch, step)
+        lookahead_due = bool(config.lookahead.every) and step % config.lookahead.every == 0
+        logs: dict[str, Any] = {}
+        diffusion = self.diffusion_loss(inputs, step) if config.diffusion.weight else None  # weight 0: no such step
+        if config.combined_step:
+            lookahead = self.lookahead_loss(inputs, step) if lookahead_due else None
+            total = (diffusion["loss"] if diffusion else 0.0) + (lookahead["loss"] if lookahead else 0.0)
+            logs["grad_norm"] = self.optimise(total) if torch.is_tensor(total) else None
+        else:
+            if diffusion is not None:
+                logs["grad_norm/diffusion"] = self.optimise(diffusion["loss"])
+            lookahead = self.lookahead_loss(inputs, step) if lookahead_due else None
+            if lookahead is not None:
+                logs["grad_norm/lookahead"] = self.optimise(lookahead["loss"])
+        self.lr_scheduler.step()
+        if diffusion is not None:
+            logs["loss/diffusion"] = float(diffusion["diffusion"])
+        if lookahead is not None:
+            logs["lcm_scale"] = lookahead["lcm_scale"]
+            logs["lookahead/faces_missing"] = lookahead["faces_missing"]
+            logs["preview"] = lookahead["preview"]
+            for key in ("identity", "perceptual"):
+                if key in lookahead:
+                    logs[f"loss/{key}"] = float(lookahead[key])
+        for group in self.optimizer.param_groups:
+            logs[f"lr/{group['name']}"] = group["lr"]
+        self.step += 1
+        return logs
+
+    # ------------------------------------------------------------------ the run
+    def train(self, resume: str | Path | bool = False, on_step: StepCallback | None = None) -> dict[str, Any]:
+        """Run to ``max_steps``. ``resume``: ``True`` for the newest checkpoint in the output directory, or a path.
+
+        Returns the data summary and the last step's losses. ``on_step(step, logs)`` runs after every step.
+        """
+        config, accelerator = self.config, self.accelerator
+        if resume:
+            self.load_checkpoint(resume)
+        if accelerator.is_main_process:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            print(self.summary.text(), flush=True)
+        if config.logging.tracker:
+            accelerator.init_trackers("lcmla-train", config=_flat(config.to_dict()))
+        loader = DataLoader(
+            self.dataset, batch_sampler=StepBatches(self.step, config.max_steps, config.batch_size), collate_fn=collate,
+            num_workers=config.data.num_workers, pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+        progress = tqdm(total=config.max_steps, initial=self.step, disable=not accelerator.is_main_process, desc="train")
+        logs: dict[str, Any] = {}
+        for batch in loader:
+            self._count_skipped(batch["skipped"])
+            logs = self.train_step(batch)
+            step = self.step  # steps completed
+            progress.update(1)
+            progress.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.startswith("loss/")})
+            if on_step is not None:
+                on_step(step - 1, logs)
+            self._log(logs, step)
+            if config.logging.check_sync_every and step % config.logging.check_sync_every == 0:
+                self.check_sync(step)
+            if step % config.checkpoint.every == 0 or step == config.max_steps:
+                self.save_checkpoint()
+        progress.close()
+        if accelerator.is_main_process:
+            print(self.summary.text(), flush=True)
+            (self.output_dir / "data_summary.json").write_text(json.dumps(self.summary.to_dict(), indent=1))
+        accelerator.end_training()
+        return {"step": self.step, "summary": self.summary.to_dict(),
+                "losses": {k: v for k, v in logs.items() if k.startswith("loss/")}}  # fmt: skip
+
+    def _count_skipped(self, skipped: list[tuple[str, str]]) -> None:
+        if self.accelerator.num_processes > 1:
+            skipped = [item for items in gather_object([skipped]) for item in items]
+        self.summary.add_skipped(skipped)
+
+    def _log(self, logs: dict[str, Any], step: int) -> None:
+        config, accelerator = self.config, self.accelerator
+        if not config.logging.tracker or not accelerator.is_main_process:  # trackers live on rank 0
+            return
+        if step % config.logging.every == 0:
+            scalars = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            scalars["data/skipped"] = sum(len(paths) for paths in self.summary.skipped.values())
+            accelerator.log(scalars, step=step)
+        preview = logs.get("preview")
+        if preview is not None and config.logging.preview_every and step % config.logging.preview_every == 0:
+            tracker = accelerator.get_tracker(config.logging.tracker, unwrap=False)
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"preview": _to_uint8(preview)}, step=step, dataformats="NHWC")
+
+    def check_sync(self, step: int) -> None:
+        """Compare the trainables across processes; raise if any rank differs."""
+        sums = self.accelerator.gather(checksum(self.params).to(self.device).view(1)).tolist()
+        if len(set(sums)) > 1:
+            raise RuntimeError(f"step {step}: trainables differ between ranks: checksums {sums}")
+        if self.accelerator.is_main_process:
+            print(f"step {step}: trainables identical on {len(sums)} rank(s) (checksum {sums[0]:.10g})", flush=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        return {name: param.detach().cpu() for named in self.groups.values() for name, param in named}
+
+    def save_checkpoint(self) -> Path:
+        """Write the checkpoint of the current step atomically (all ranks take part; rank 0 writes the model)."""
+        accelerator, step = self.accelerator, self.step
+        if accelerator.is_main_process:
+            checkpoints.begin(self.output_dir, step)
+        accelerator.wait_for_everyone()
+        staging = checkpoints.staging_path(self.output_dir, step)
+        checkpoints.write_rng_state(staging / checkpoints.STATE_DIR, self.rank)
+        if accelerator.is_main_process:
+            trainables = self.trainable_state()
+            checkpoints.save_model_directory(self.model, trainables, staging, self.config.model)
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+            state = {
+                "step": step, "world_size": accelerator.num_processes,
+                "samples_seen": step * self.config.batch_size * accelerator.num_processes,
+                "skipped_paths": {reason: sorted(paths) for reason, paths in self.summary.skipped.items()},
+                "config": self.config.to_dict(),
+            }  # fmt: skip
+            checkpoints.write_trainer_state(
+                staging / checkpoints.STATE_DIR, trainables, self.optimizer.state_dict(), self.lr_scheduler.state_dict(),
+                scaler, state,
+            )  # fmt: skip
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            checkpoints.commit(staging, self.output_dir, step, self.config.checkpoint.keep)
+        accelerator.wait_for_everyone()
+        return checkpoints.checkpoint_path(self.output_dir, step)
+
+    def load_checkpoint(self, resume: str | Path | bool) -> Path:
+        """Restore trainables, optimiser, LR schedule, gradient scaler, RNG states and the data position."""
+        path = checkpoints.latest_checkpoint(self.output_dir) if resume is True else Path(resume)
+        if path is None:
+            raise checkpoints.CheckpointError(f"resume: no complete checkpoint in {self.output_dir / checkpoints.CHECKPOINTS}")
+        trainables, optimisation, state = checkpoints.read_trainer_state(path)
+        if state["world_size"] != self.accelerator.num_processes:
+            raise checkpoints.CheckpointError(
+                f"resume: {path} was saved by {state['world_size']} process(es); resume with the same number"
+            )
+        expected = {name for named in self.groups.values() for name, _ in named}
+        if set(trainables) != expected:
+            difference = sorted(set(trainables) ^ expected)[:3]
+            raise checkpoints.CheckpointError(f"resume: {path} holds other trainables than this model ({difference})")
+        with torch.no_grad():
+            for named in self.groups.values():
+                for name, param in named:
+                    param.copy_(trainables[name].to(self.device))
+        try:
+            self.optimizer.load_state_dict(optimisation["optimizer"])
+            self.lr_scheduler.load_state_dict(optimisation["scheduler"])
+        except (ValueError, KeyError) as error:
+            raise checkpoints.CheckpointError(f"resume: {path}: optimiser state does not fit: {error}") from None
+        if self.accelerator.scaler is not None and optimisation["scaler"] is not None:
+            self.accelerator.scaler.load_state_dict(optimisation["scaler"])
+        checkpoints.read_rng_state(path / checkpoints.STATE_DIR, self.rank)
+        self.step = state["step"]
+        self.summary.restore(state)
+        return path
+
+
+def responsive_decoder_init(vae: AutoencoderTiny) -> None:
+    """He-initialise a random tiny VAE's decoder (output layer scaled to images of about unit range).
+
+    With PyTorch's default init the signal shrinks through the decoder's plain convolutions and a random preview
+    barely depends on its latent; presets randomise weights so that every path matters, as the core's presets do.
+    """
+    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
+    for conv in convs:
+        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        if conv.bias is not None:
+            torch.nn.init.zeros_(conv.bias)
+    convs[-1].weight.data.mul_(0.05)
+
+
+def _to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8 (what detectors and image logs take)."""
+    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return array.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config -> ``{"a.b": value}`` with lists as strings (TensorBoard's hparams take scalars only)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{name}."))
+        else:
+            flat[name] = value if isinstance(value, (int, float, str, bool)) else str(value)
+    return flat
