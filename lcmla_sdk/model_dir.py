@@ -55,6 +55,7 @@ from .weights import (
     kv_encoder_lora_state,
     load_extra_state,
     load_ip_adapter,
+    read_ip_adapter,
     load_kv_encoder_lora,
     load_lcm_lora,
     load_module_state,
@@ -72,7 +73,7 @@ FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "
 # SDXL parts in diffusers layout and the stem of their weight files.
 DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 TRANSFORMERS_PARTS = {"text_encoder": "model", "text_encoder_2": "model"}
-TOKENIZER_FILES = ("vocab.json", "merges.txt")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 
@@ -164,7 +165,7 @@ def _components(root: Path, manifest: dict[str, Any]) -> dict[str, Component]:
     return components
 
 
-def _read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ModelFilesError(f"{path}: missing")
     try:
@@ -173,7 +174,7 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
 
 
-def _weight_file(folder: Path, stem: str, variant: str | None) -> Path:
+def weight_file(folder: Path, stem: str, variant: str | None) -> Path:
     """``stem[.variant].safetensors``, its sharded index, or a ``.bin`` of the same name."""
     name = f"{stem}.{variant}" if variant else stem
     for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.bin"):
@@ -186,7 +187,7 @@ def file_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``key -> (shape, dtype)`` read from safetensors headers (or a memory-mapped weights-only pickle)."""
     try:
         if path.name.endswith(".index.json"):
-            shards = sorted(set(_read_json(path).get("weight_map", {}).values()))
+            shards = sorted(set(read_json(path).get("weight_map", {}).values()))
             return {k: v for shard in shards for k, v in file_header(path.parent / shard).items()}
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
@@ -249,25 +250,25 @@ def validate(root: str | Path) -> ModelLayout:
     if "vae" in components:
         parts["vae"] = components["vae"].path
     for part, folder in parts.items():
-        configs[part] = _read_json(folder / "config.json")
+        configs[part] = read_json(folder / "config.json")
         stem = DIFFUSERS_PARTS.get(part) or TRANSFORMERS_PARTS[part]
-        layout.weight_files[part] = _weight_file(folder, stem, variant)
+        layout.weight_files[part] = weight_file(folder, stem, variant)
         layout.files += [folder / "config.json", layout.weight_files[part]]
-    configs["scheduler"] = _read_json(sdxl.path / "scheduler" / "scheduler_config.json")
+    configs["scheduler"] = read_json(sdxl.path / "scheduler" / "scheduler_config.json")
     layout.files.append(sdxl.path / "scheduler" / "scheduler_config.json")
     for part in ("tokenizer", "tokenizer_2"):
-        for name in TOKENIZER_FILES:
-            if not (sdxl.path / part / name).is_file():
-                raise ModelFilesError(f"{sdxl.path / part / name}: missing (CLIP tokenizer files: {TOKENIZER_FILES})")
-            layout.files.append(sdxl.path / part / name)
+        found = [sdxl.path / part / name for name in TOKENIZER_FILES if (sdxl.path / part / name).is_file()]
+        if not any(p.name == "tokenizer.json" for p in found) and len(found) < 2:
+            raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+        layout.files += found
 
     image_encoder = components["image_encoder"].path
-    configs["image_encoder"] = _read_json(image_encoder / "config.json")
-    layout.weight_files["image_encoder"] = _weight_file(image_encoder, "model", components["image_encoder"].options.get("variant"))
+    configs["image_encoder"] = read_json(image_encoder / "config.json")
+    layout.weight_files["image_encoder"] = weight_file(image_encoder, "model", components["image_encoder"].options.get("variant"))
     layout.files += [image_encoder / "config.json", layout.weight_files["image_encoder"]]
 
     kv_dir = components["kv_encoder"].path
-    configs["kv_encoder"] = _read_json(kv_dir / "config.json")
+    configs["kv_encoder"] = read_json(kv_dir / "config.json")
     for part, name in (("kv_projections", "kv_projections.safetensors"), ("kv_lora", "lora.safetensors")):
         layout.weight_files[part] = kv_dir / name
     layout.files += [kv_dir / "config.json", *(layout.weight_files[p] for p in ("kv_projections", "kv_lora"))]
@@ -279,7 +280,7 @@ def validate(root: str | Path) -> ModelLayout:
         if "resampler" in adapter.options:
             configs["resampler"] = adapter.options["resampler"]
     else:
-        configs["resampler"] = _read_json(adapter.path / "config.json")
+        configs["resampler"] = read_json(adapter.path / "config.json")
         layout.weight_files["resampler"] = adapter.path / "resampler.safetensors"
         layout.weight_files["ip_kv"] = adapter.path / "ip_kv.safetensors"
         layout.files += [adapter.path / "config.json", layout.weight_files["resampler"], layout.weight_files["ip_kv"]]
@@ -315,30 +316,43 @@ def _check_weights(layout: ModelLayout) -> None:
 
 
 # ------------------------------------------------------------------ loading
+def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_dir: Path | None = None) -> dict[str, Any]:
+    """The SDXL base parts of a diffusers-layout folder (local files only), by their ``Components`` names."""
+    local = {"local_files_only": True}
+    vae_config = AutoencoderKL.load_config(vae_dir or folder / "vae")
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", variant=variant, torch_dtype=dtype, **local),
+        "vae": AutoencoderKL.from_pretrained(
+            vae_dir or folder / "vae", variant=None if vae_dir else variant, torch_dtype=vae_dtype, **local
+        ),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant, dtype=dtype, **local),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", variant=variant, dtype=dtype, **local
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", **local),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local),
+    }
+
+
 def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
     """Build every module from the validated files, with LCM-Lookahead's weights on the shared UNet."""
     configs, files, components = layout.configs, layout.weight_files, layout.components
     sdxl = components["sdxl"]
-    variant = sdxl.options.get("variant")
-    local = {"local_files_only": True}
-    unet = UNet2DConditionModel.from_pretrained(sdxl.path / "unet", variant=variant, torch_dtype=dtype, **local)
-    vae_dir = components["vae"].path if "vae" in components else sdxl.path / "vae"
-    vae_dtype = torch.float32 if configs["vae"].get("force_upcast", True) else dtype
-    vae = AutoencoderKL.from_pretrained(vae_dir, variant=variant if "vae" not in components else None, torch_dtype=vae_dtype, **local)
-    text_encoder = CLIPTextModel.from_pretrained(sdxl.path / "text_encoder", variant=variant, dtype=dtype, **local)
-    text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(sdxl.path / "text_encoder_2", variant=variant, dtype=dtype, **local)
+    vae_dir = components["vae"].path if "vae" in components else None
+    parts = load_sdxl(sdxl.path, dtype, sdxl.options.get("variant"), vae_dir)
+    unet = parts["unet"]
     image_encoder = CLIPVisionModelWithProjection.from_pretrained(
-        components["image_encoder"].path, variant=components["image_encoder"].options.get("variant"), dtype=dtype, **local
-    )
-    tokenizer = CLIPTokenizer.from_pretrained(sdxl.path / "tokenizer", **local)
-    tokenizer_2 = CLIPTokenizer.from_pretrained(sdxl.path / "tokenizer_2", **local)
+        components["image_encoder"].path, variant=components["image_encoder"].options.get("variant"), dtype=dtype,
+        local_files_only=True,
+    )  # fmt: skip
 
     blocks = install_lookahead_processors(unet)
     if "ip_adapter" in files:
-        image_proj = read_state_dict(files["ip_adapter"]).get("image_proj")
-        configs.setdefault("resampler", resampler_config_from_ip_adapter(image_proj, files["ip_adapter"]))
+        ip_adapter = read_ip_adapter(files["ip_adapter"])
+        configs.setdefault("resampler", resampler_config_from_ip_adapter(ip_adapter["image_proj"], files["ip_adapter"]))
         resampler = IPAdapterPlusImageProjection(**configs["resampler"])
-        load_ip_adapter(files["ip_adapter"], unet, blocks, resampler)
+        load_ip_adapter(ip_adapter, unet, blocks, resampler, files["ip_adapter"])
     else:
         resampler = IPAdapterPlusImageProjection(**configs["resampler"])
         load_module_state(resampler, read_state_dict(files["resampler"]), str(files["resampler"]))
@@ -349,11 +363,16 @@ def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
     load_kv_encoder_lora(unet, read_state_dict(files["kv_lora"]), str(files["kv_lora"]))
     if "lcm_lora" in files:
         load_lcm_lora(unet, files["lcm_lora"])
-    config = {
-        "unet": dict(unet.config), "scheduler": configs["scheduler"], "resampler": configs["resampler"],
-        "kv_encoder": kv_config, "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024, **configs["pipeline"]},
+    config = components_config(unet, configs["scheduler"], configs["resampler"], kv_config, configs["pipeline"])
+    return Components(config=config, image_encoder=image_encoder, resampler=resampler, **parts)
+
+
+def components_config(unet, scheduler: dict, resampler: dict, kv_encoder: dict, pipeline: dict) -> dict[str, Any]:
+    """The ``Personalizer.config`` of loaded weights (pipeline defaults are the authors')."""
+    return {
+        "unet": dict(unet.config), "scheduler": scheduler, "resampler": resampler, "kv_encoder": kv_encoder,
+        "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024, **pipeline},
     }  # fmt: skip
-    return Components(config, unet, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, image_encoder, resampler)
 
 
 def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> dict[str, Any]:

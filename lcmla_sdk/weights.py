@@ -111,28 +111,31 @@ def load_extra_state(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str
 
 
 # ------------------------------------------------------------------ IP-Adapter files (h94 format)
-def load_ip_adapter(
-    path: str | Path, unet: UNet2DConditionModel, kv_blocks: list[str], resampler: IPAdapterPlusImageProjection
-) -> None:
-    """Load an original ``ip-adapter-plus-face_sdxl_vit-h`` file (``.bin`` or ``.safetensors``) into the resampler
-    and the IP K/V of every attn2.
-
-    ``image_proj`` keys are renamed by diffusers' own converter; ``ip_adapter`` key ``{2i+1}.to_k_ip.weight``
-    belongs to the i-th transformer block in module order (attention processors are numbered attn1, attn2, ...).
-    """
+def read_ip_adapter(path: str | Path) -> dict[str, dict]:
+    """An original ``ip-adapter-plus-face_sdxl_vit-h`` file (``.bin`` nested, or ``.safetensors`` flat with
+    ``image_proj.``/``ip_adapter.`` prefixes) as ``{"image_proj": ..., "ip_adapter": ...}``."""
     state = read_state_dict(path)
-    if "image_proj" not in state:  # the safetensors form is flat, with prefixes
+    if "image_proj" not in state:
         state = {
             part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
             for part in ("image_proj", "ip_adapter")
         }
     if not state.get("image_proj") or not state.get("ip_adapter"):
         raise ModelFilesError(f"{path}: not an IP-Adapter file (needs 'image_proj' and 'ip_adapter' weights)")
-    try:
-        converted = unet._convert_ip_adapter_image_proj_to_diffusers(state["image_proj"], low_cpu_mem_usage=False)
-    except (KeyError, RuntimeError) as error:
-        raise ModelFilesError(f"{path}: 'image_proj' is not an IP-Adapter Plus resampler: {error}") from None
-    load_module_state(resampler, converted.state_dict(), f"{path} (image_proj)")
+    return state
+
+
+def load_ip_adapter(
+    state: dict[str, dict], unet: UNet2DConditionModel, kv_blocks: list[str],
+    resampler: IPAdapterPlusImageProjection, path: str | Path,
+) -> None:  # fmt: skip
+    """Load an IP-Adapter Plus state (:func:`read_ip_adapter`) into the resampler and the IP K/V of every attn2.
+
+    ``image_proj`` keys are renamed by diffusers' own converter; ``ip_adapter`` key ``{2i+1}.to_k_ip.weight``
+    belongs to the i-th transformer block in module order (attention processors are numbered attn1, attn2, ...).
+    """
+    state = {part: dict(values) for part, values in state.items()}
+    load_image_proj(state["image_proj"], unet, resampler, f"{path} (image_proj)")
     order = blocks_in_module_order(unet)
     ip_state = {}
     for index, block in enumerate(order):
@@ -143,6 +146,17 @@ def load_ip_adapter(
     if state["ip_adapter"]:
         raise ModelFilesError(f"{path}: 'ip_adapter' keys with no attention layer: {first_keys(state['ip_adapter'])}")
     load_extra_state(unet, kv_blocks, "ip", ip_state, f"{path} (ip_adapter)")
+
+
+def load_image_proj(
+    image_proj: dict, unet: UNet2DConditionModel, resampler: IPAdapterPlusImageProjection, source: str
+) -> None:
+    """IP-Adapter Plus resampler weights in the original naming, renamed by diffusers' own converter."""
+    try:
+        converted = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=False)
+    except (KeyError, RuntimeError) as error:
+        raise ModelFilesError(f"{source}: not an IP-Adapter Plus resampler: {error}") from None
+    load_module_state(resampler, converted.state_dict(), source)
 
 
 def load_module_state(module: nn.Module, state: dict, source: str) -> None:
