@@ -14,16 +14,30 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="LCM-Lookahea
 console = Console(stderr=True)
 
 
+# Set by --debug: errors then raise with their traceback instead of printing one line.
+SETTINGS = {"debug": False}
+
+
 @app.callback()
-def main() -> None:
+def main(debug: bool = typer.Option(False, "--debug", help="Show tracebacks of errors.")) -> None:
     """LCM-Lookahead face personalization for SDXL."""
+    SETTINGS["debug"] = debug
+
+
+def fail(error: Exception) -> typer.Exit:
+    """One clear line on stderr and exit code 2 (re-raised with its traceback under --debug)."""
+    if SETTINGS["debug"]:
+        raise error
+    console.print(f"error: {error}", soft_wrap=True, highlight=False, markup=False)
+    return typer.Exit(code=2)
 
 
 @app.command()
 def generate(
     prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt; repeat for several."),
-    model: str = typer.Option("tiny", help="Embedded preset name ('tiny', 'sdxl')."),
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
     face: Optional[Path] = typer.Option(None, help="Face image; default: the sample face shipped with lcmla."),
+    identity: Optional[Path] = typer.Option(None, help="Identity file from `lcmla identity create` (skips face work)."),
     out: Path = typer.Option(Path("outputs"), help="Folder for the PNG files."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (default: none, zeroed)."),
     num_images: int = typer.Option(1, help="Images per prompt."),
@@ -44,7 +58,7 @@ def generate(
     try:
         with console.status(f"Loading {model}..."):
             personalizer = Personalizer.from_pretrained(model, device=device)
-        face_input = face if face is not None else sample_face()
+        face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
         with Progress(
             TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
@@ -61,8 +75,7 @@ def generate(
                 adapter_scale=adapter_scale, callback=on_step,
             )  # fmt: skip
     except (ValueError, TypeError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(code=2) from None
+        raise fail(error) from None
     out.mkdir(parents=True, exist_ok=True)
     for index, image in enumerate(images):
         path = out / f"{index:03d}.png"
@@ -73,8 +86,8 @@ def generate(
 # --------------------------------------------------------------------------- export
 @app.command()
 def export(
-    model: str = typer.Option("tiny", help="Embedded preset name ('tiny', 'sdxl')."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: engines/MODEL)."),
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: engines/<model name>)."),
     fp16: bool = typer.Option(False, "--fp16", help="Export fp16 graphs and build fp16 engines."),
     onnx_only: bool = typer.Option(False, "--onnx-only", help="Stop after the ONNX graphs and manifest."),
     batch: str = typer.Option("1:1:4", help="Images per call, MIN:OPT:MAX (UNet graphs get twice that for CFG)."),
@@ -105,13 +118,12 @@ def export(
                 raise ValueError(f"{name}: {values} must be multiples of {loaded.size_multiple}")
         ranges = ShapeRanges(parse_range(batch, "batch"), heights, widths)
         options = BuildOptions("fp16" if fp16 else "fp32", opt_level)
-        folder = out if out is not None else Path("engines") / model
+        folder = out if out is not None else Path("engines") / Path(model).name
         report = export_model(
             loaded, folder, ranges, networks.split(",") if networks else None, check, log=console.print
         )
-    except (ValueError, TypeError) as error:
-        console.print(f"[red]error:[/red] {escape(str(error))}")
-        raise typer.Exit(code=2) from None
+    except (ValueError, TypeError, FileNotFoundError) as error:  # LcmlaErrors derive from these
+        raise fail(error) from None
     typer.echo(str(folder / "manifest.json"))
     if report.failed_parity:
         console.print(f"[red]parity check failed:[/red] {', '.join(report.failed_parity)}")
@@ -151,6 +163,80 @@ def train(
         raise typer.Exit(code=2) from None
     if trainer.accelerator.is_main_process:
         typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")
+
+
+# ------------------------------------------------------------------ model files, identities, conversion (issue 3)
+identity_app = typer.Typer(no_args_is_help=True, help="Encode faces once into reusable identity files.")
+app.add_typer(identity_app, name="identity")
+
+
+@identity_app.command("create")
+def identity_create(
+    face: list[Path] = typer.Option(..., "--face", help="Photo of the person; repeat for several (combined)."),
+    out: Path = typer.Option(..., help="Identity file to write (.safetensors)."),
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
+    faces: Optional[Path] = typer.Option(None, help="insightface pack folder (default: the model's faces/)."),
+    crop: str = typer.Option("none", help="'none' (whole photo, as the authors) or 'face' (aligned face crop)."),
+    on_multiple: str = typer.Option("largest", help="'largest' face, or 'error' when a photo shows several."),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+) -> None:
+    """Encode FACE photo(s) with MODEL into an identity file for `lcmla generate --identity`."""
+    from .pipeline import Personalizer
+
+    try:
+        personalizer = Personalizer.from_pretrained(model, device=device, faces=faces)
+        identity = personalizer.encode_face(face, crop=crop, on_multiple=on_multiple)
+        typer.echo(str(identity.save(out)))
+    except (ValueError, TypeError) as error:
+        raise fail(error) from None
+
+
+@app.command()
+def convert(
+    out: Path = typer.Option(..., help="lcmla model directory to write."),
+    sdxl: Path = typer.Option(..., help="SDXL base in diffusers layout (unet, vae, text encoders, tokenizers)."),
+    image_encoder: Path = typer.Option(..., help="CLIP ViT-H image encoder folder (config.json; + weights without --checkpoint)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="The authors' encoder_plus_adapter_ckpt.bin (or _no_kv), or a folder of their files."),
+    ip_adapter: Optional[Path] = typer.Option(None, help="Without --checkpoint: ip-adapter-plus-face_sdxl_vit-h (.bin/.safetensors)."),
+    lcm_lora: Optional[Path] = typer.Option(None, help="SDXL LCM-LoRA file (enables --mode fast)."),
+    vae: Optional[Path] = typer.Option(None, help="VAE override folder, e.g. the fp16-fix VAE."),
+    faces: Optional[Path] = typer.Option(None, help="insightface pack folder to copy in (det + ArcFace ONNX)."),
+    fuse_kv_lora: bool = typer.Option(False, help="Fuse the K/V projections' LoRA into their weights."),
+    dtype: str = typer.Option("float16", help="Stored dtype: float16, bfloat16 or float32."),
+    variant: Optional[str] = typer.Option(None, help="Weight variant of the SDXL files, e.g. fp16."),
+) -> None:
+    """Convert the authors' weights (or SDXL + IP-Adapter) into an lcmla model directory."""
+    import torch
+
+    from .convert import convert as run_convert
+
+    try:
+        if dtype not in ("float16", "bfloat16", "float32"):
+            raise ValueError(f"dtype: {dtype!r} is not one of float16, bfloat16, float32")
+        counts = run_convert(
+            out, sdxl, image_encoder, checkpoint=checkpoint, ip_adapter=ip_adapter, lcm_lora=lcm_lora, vae=vae,
+            faces=faces, fuse_kv_lora=fuse_kv_lora, dtype=getattr(torch, dtype), variant=variant,
+        )  # fmt: skip
+    except (ValueError, TypeError) as error:
+        raise fail(error) from None
+    for what, count in counts.items():
+        typer.echo(f"{count:6d}  {what}")
+    typer.echo(str(out))
+
+
+@app.command()
+def info(model: Path = typer.Argument(..., help="lcmla model directory.")) -> None:
+    """List a model directory's components (path, dtypes, size) and whether its files pass validation."""
+    from . import model_dir
+
+    try:
+        rows = model_dir.describe(model)
+        for name, path, dtypes, size in rows:
+            typer.echo(f"{name:14s} {dtypes:18s} {size:>12s}  {path}")
+        layout = model_dir.validate(model)
+        typer.echo(f"valid; fingerprint {layout.fingerprint()}")
+    except (ValueError, TypeError) as error:
+        raise fail(error) from None
 
 
 if __name__ == "__main__":

@@ -26,26 +26,33 @@ LCM_LORA_TARGETS = (
 )  # fmt: skip
 
 
-def kv_encoder_lora_targets(kv_blocks: list[str]) -> list[str]:
+def kv_encoder_lora_targets(kv_blocks: list[str], with_kv_projections: bool = True) -> list[str]:
     """Full module names the KV-encoder LoRA adapts, as the authors do.
 
     The last K/V block's own attention never influences any emitted K/V (they are taken from its norm1
-    output), so its attn1/attn2 get no LoRA; its K/V projections do.
+    output), so its attn1/attn2 get no LoRA; its K/V projections do (unless their LoRA was fused into them).
     """
     targets = []
     for block in kv_blocks[:-1]:
         for attn in ("attn1", "attn2"):
             targets += [f"{block}.{attn}.{proj}" for proj in ("to_q", "to_k", "to_v", "to_out.0")]
-    for block in kv_blocks:
-        targets += [f"{block}.attn1.processor.to_k_kv", f"{block}.attn1.processor.to_v_kv"]
+    if with_kv_projections:
+        for block in kv_blocks:
+            targets += [f"{block}.attn1.processor.to_k_kv", f"{block}.attn1.processor.to_v_kv"]
     return targets
 
 
-def add_kv_encoder_lora(unet: UNet2DConditionModel, kv_blocks: list[str], rank: int) -> None:
-    """Attach the KV-encoder LoRA: no alpha scaling (alpha = rank), A ~ N(0, 1/r), B = 0."""
+def add_kv_encoder_lora(unet: UNet2DConditionModel, kv_blocks: list[str], rank: int, kv_rank: int | None = None) -> None:
+    """Attach the KV-encoder LoRA: no alpha scaling (alpha = rank), A ~ N(0, 1/r), B = 0.
+
+    ``kv_rank`` is the rank on the K/V projections (default ``rank``); 0 means they carry no LoRA (it was fused).
+    """
+    kv_rank = rank if kv_rank is None else kv_rank
+    pattern = {"to_k_kv": kv_rank, "to_v_kv": kv_rank} if kv_rank else {}
     config = LoraConfig(
-        r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=kv_encoder_lora_targets(kv_blocks)
-    )
+        r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern, init_lora_weights="gaussian",
+        target_modules=kv_encoder_lora_targets(kv_blocks, with_kv_projections=kv_rank > 0),
+    )  # fmt: skip
     _add_adapter(unet, config, KV_ENCODER_ADAPTER)
 
 

@@ -12,9 +12,13 @@ import numpy as np
 import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
+from . import model_dir
 from .attention import install_lookahead_processors
+from .errors import InvalidImageError, ModelFilesError
+from .faces import ON_MULTIPLE, FaceAnalyzer, align_face
 from .guidance import Guidance, three_branch
-from .images import FaceInput, clip_pixels, load_rgb, to_pil, vae_pixels
+from .identity import Identity
+from .images import FaceInput, clip_pixels, load_rgb, pixel_sha256, to_pil, vae_pixels
 from .manifest import sha256_json
 from .lora import LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter
 from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -23,17 +27,9 @@ from .text import encode_prompts, time_ids
 
 MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 OUTPUTS = ("pil", "np", "pt", "latent")
+CROPS = ("none", "face")
 StepCallback = Callable[[int, int, torch.Tensor], Any]
-
-
-@dataclass
-class FaceEncoding:
-    """What a generation needs from the face: image tokens and the VAE latent distribution."""
-
-    cond_tokens: torch.Tensor  # (1, num_tokens, cross_attention_dim)
-    uncond_tokens: torch.Tensor  # the same path on an all-zero image
-    latent_mean: torch.Tensor  # (1, 4, face_size / 8, face_size / 8), unscaled
-    latent_std: torch.Tensor
+FaceEncoding = Identity  # the name of the first release
 
 
 @dataclass
@@ -67,11 +63,21 @@ class Personalizer:
     ``self.kv_encoder``, ``self.denoiser`` / ``self.lcm_denoiser`` and ``self.adapter``.
     """
 
-    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        components: Components,
+        device: torch.device,
+        dtype: torch.dtype,
+        fingerprint: str | None = None,
+        faces: str | Path | None = None,
+    ) -> None:
         config = components.config
         self.config = config
-        # Identifies the weights; recorded by exports and checked when they are loaded back.
-        self.fingerprint: str = sha256_json({"config": config})
+        self.components = components
+        # Identifies the weights an Identity (or an exported engine) was made with.
+        self.fingerprint: str = fingerprint or sha256_json({"config": config})
+        self.faces_dir = Path(faces).expanduser() if faces is not None else None
+        self._face_analyzer: FaceAnalyzer | None = None
         self.device, self.dtype = device, dtype
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
         self.face_size: int = config["pipeline"]["face_size"]
@@ -79,7 +85,7 @@ class Personalizer:
         unet = components.unet
         self.kv_blocks = install_lookahead_processors(unet)
         if not has_adapter(unet, "kv_encoder"):
-            add_kv_encoder_lora(unet, self.kv_blocks, config["kv_encoder"]["lora_rank"])
+            add_kv_encoder_lora(unet, self.kv_blocks, config["kv_encoder"]["lora_rank"], config["kv_encoder"].get("kv_lora_rank"))
         self.unet = _place(unet, device, dtype)
         self.kv_encoder = KVEncoder(self.unet, len(self.kv_blocks))
         self.denoiser = Denoiser(self.unet)
@@ -103,22 +109,27 @@ class Personalizer:
     @classmethod
     def from_pretrained(
         cls,
-        name: str,
+        name: str | Path,
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
+        faces: str | Path | None = None,
     ) -> Personalizer:
-        """Load an embedded preset (``"tiny"``, ``"sdxl"``) with seeded random weights.
+        """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
-        Presets have random weights: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for
-        export and benchmarks.
+        A directory is validated (files, keys, shapes, dtypes) before any weight is read; nothing is downloaded.
+        ``faces`` overrides the directory's face pack. Presets (``"tiny"``, ``"sdxl"``) have seeded random
+        weights: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
         """
-        if name not in PRESETS:
-            raise ValueError(
-                f"name: {name!r} is not an embedded preset {PRESETS}; loading model directories is not "
-                "implemented in this version."
-            )
-        return cls.from_config(preset_config(name), device, dtype, seed, label=name)
+        device, dtype = default_device_and_dtype(device, dtype)
+        if str(name) in PRESETS:
+            return cls.from_config(preset_config(str(name)), device, dtype, seed, label=str(name), faces=faces)
+        if not model_dir.is_model_dir(name):
+            raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
+        layout = model_dir.validate(name)
+        if faces is None and "faces" in layout.components:
+            faces = layout.components["faces"].path
+        return cls(model_dir.load(layout, dtype), device, dtype, layout.fingerprint(), faces)
 
     @classmethod
     def from_config(
@@ -128,6 +139,7 @@ class Personalizer:
         dtype: torch.dtype | None = None,
         seed: int = 0,
         label: str = "custom",
+        faces: str | Path | None = None,
     ) -> Personalizer:
         """Random weights for an architecture given as constructor arguments (the presets' JSON format).
 
@@ -135,9 +147,8 @@ class Personalizer:
         the same config, seed and dtype give the same weights on every machine.
         """
         device, dtype = default_device_and_dtype(device, dtype)
-        model = cls(_randomised_preset(config, seed, dtype), device, dtype)
-        model.fingerprint = sha256_json({"preset": label, "seed": seed, "dtype": str(dtype), "config": config})
-        return model
+        fingerprint = sha256_json({"preset": label, "seed": seed, "dtype": str(dtype), "config": config})
+        return cls(_randomised_preset(config, seed, dtype), device, dtype, fingerprint, faces)
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt") -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
@@ -149,6 +160,20 @@ class Personalizer:
 
         for attribute, network in load_networks(folder, self.fingerprint, backend, self.device, self.dtype).items():
             setattr(self, attribute, network)
+
+    def save_pretrained(self, path: str | Path) -> Path:
+        """Write this model as an lcmla model directory (safetensors + ``lcmla.json``), loadable by
+        :meth:`from_pretrained`."""
+        model_dir.save(self.components, self.faces_dir, path)
+        return Path(path)
+
+    @property
+    def face_analyzer(self) -> FaceAnalyzer | None:
+        """insightface detection + ArcFace over the face pack, started on first use; ``None`` without a pack."""
+        if self._face_analyzer is None and self.faces_dir is not None:
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
+            self._face_analyzer = FaceAnalyzer(self.faces_dir, providers=providers)
+        return self._face_analyzer
 
     # ------------------------------------------------------------------ steps of a generation
     def check_inputs(
@@ -220,25 +245,65 @@ class Personalizer:
         return (text, pooled), (neg_text, neg_pooled)
 
     @torch.inference_mode()
-    def encode_face(self, face: FaceInput) -> FaceEncoding:
-        """Image tokens and the VAE latent distribution of one face image (encoded once per generation)."""
-        image = load_rgb(face)
-        cond, uncond = self.adapter(clip_pixels(image, self.clip_size).to(self.device, self.dtype))
-        pixels = vae_pixels(image, self.face_size).to(self.device, self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
-        return FaceEncoding(cond, uncond, dist.mean.float(), dist.std.float())
+    def encode_face(
+        self, images: FaceInput | Sequence[FaceInput], crop: str = "none", on_multiple: str = "largest"
+    ) -> Identity:
+        """Encode one or several photos of one person into an :class:`Identity` (reusable for any prompt).
 
-    def prepare_latents(self, request: _Request, face: FaceEncoding):
-        """Per-image generators; initial noise; the face latent sampled per image; the noise that noises it."""
+        With a face pack, every photo goes through detection (the largest face, or :class:`MultipleFacesError`
+        with ``on_multiple="error"``) and gets an ArcFace embedding. ``crop="face"`` feeds the 5-point-aligned face
+        crop to the image encoder and VAE; ``crop="none"`` (the authors' setting) the whole photo. Several photos
+        are combined as :mod:`lcmla_sdk.identity` describes.
+        """
+        faces = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not faces:
+            raise InvalidImageError("face: no image given")
+        if crop not in CROPS:
+            raise ValueError(f"crop: {crop!r} is not one of {CROPS}")
+        if on_multiple not in ON_MULTIPLE:
+            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
+        analyzer = self.face_analyzer
+        if analyzer is None and (crop == "face" or on_multiple == "error"):
+            raise ModelFilesError(
+                "faces: face detection needs an insightface pack: pass faces=DIR to from_pretrained, or add a "
+                "'faces' component to the model directory"
+            )
+        pictures, sources, detections = [], [], []
+        for face in faces:
+            image = load_rgb(face)
+            sources.append(pixel_sha256(image))
+            found = analyzer.find_face(image, on_multiple) if analyzer is not None else None
+            detections.append(found)
+            pictures.append(align_face(image, found.landmarks, self.face_size) if crop == "face" else image)
+        clip = torch.cat([clip_pixels(p, self.clip_size) for p in pictures]).to(self.device, self.dtype)
+        cond, uncond = self.adapter(clip)
+        pixels = torch.cat([vae_pixels(p, self.face_size) for p in pictures]).to(self.device, self.vae.dtype)
+        dist = self.vae.encode(pixels).latent_dist
+        arcface = torch.from_numpy(np.stack([d.embedding for d in detections])) if analyzer is not None else None
+        return Identity(
+            cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
+            latent_std=dist.std.float(), arcface=arcface, sources=sources, model_fingerprint=self.fingerprint,
+            crop=crop, boxes=[[float(v) for v in d.box] if d is not None else None for d in detections],
+        )  # fmt: skip
+
+    def load_identity(self, path: str | Path) -> Identity:
+        """:meth:`Identity.load` that refuses an identity made by another model."""
+        return Identity.load(path, expected_fingerprint=self.fingerprint)
+
+    def prepare_latents(self, request: _Request, face: Identity):
+        """Per-image generators; initial noise; the face latents (``images x references``, image-major) sampled
+        per image; the noise that noises them."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
+        refs = face.num_references
         face_eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
-        face_latents = (face.latent_mean.cpu() + face.latent_std.cpu() * face_eps) * self.vae.config.scaling_factor
+        mean, std = face.latent_mean.cpu().repeat(len(generators), 1, 1, 1), face.latent_std.cpu().repeat(len(generators), 1, 1, 1)
+        face_latents = (mean + std * face_eps) * self.vae.config.scaling_factor
         # The authors noise the face with the generation's initial noise; a face latent of another shape
         # gets its own draw from the same per-image generator.
-        if face_latents.shape == noise.shape:
-            face_noise = noise
+        if face_latents.shape[1:] == noise.shape[1:]:
+            face_noise = noise.repeat_interleave(refs, 0)
         else:
             face_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
         to = {"device": self.device, "dtype": self.dtype}
@@ -252,7 +317,7 @@ class Personalizer:
     @torch.inference_mode()
     def generate(
         self,
-        face: FaceInput | FaceEncoding,
+        face: FaceInput | Sequence[FaceInput] | Identity,
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         num_images: int = 1,
@@ -267,7 +332,8 @@ class Personalizer:
         output: str = "pil",
         callback: StepCallback | None = None,
     ):
-        """Generate ``num_images`` images per prompt of the person in ``face``.
+        """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
+        from :meth:`encode_face`, which skips all face work).
 
         ``mode="quality"``: DPM-Solver++ (50 steps) with three-branch guidance ``guidance`` =
         (no_kv, full, kv). ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, 4 steps, conditional
@@ -286,19 +352,28 @@ class Personalizer:
         text, pooled, neg_text, neg_pooled = (x.repeat_interleave(repeat, 0) for x in (text, pooled, neg_text, neg_pooled))
         (enc_text, enc_pooled), _ = self.encode_prompt([self.encoder_prompt], None)
         batch = text.shape[0]
-        enc_text, enc_pooled = enc_text.expand(batch, -1, -1), enc_pooled.expand(batch, -1)
 
-        # 3. Encode the face once: image tokens and its VAE latent
-        face_enc = face if isinstance(face, FaceEncoding) else self.encode_face(face)
-        tokens, uncond_tokens = face_enc.cond_tokens.expand(batch, -1, -1), face_enc.uncond_tokens.expand(batch, -1, -1)
+        # 3. Encode the face once (image tokens and VAE latents), or take a ready Identity
+        if isinstance(face, Identity):
+            face.check_model(self.fingerprint)
+            identity = face
+        else:
+            identity = self.encode_face(face)
+        tokens, uncond_tokens = (
+            x.to(self.device, self.dtype).expand(batch, -1, -1) for x in (identity.cond_tokens, identity.uncond_tokens)
+        )
+        # The KV-encoder runs once per image and reference, image-major.
+        refs = identity.num_references
+        enc_text, enc_pooled = enc_text.expand(batch * refs, -1, -1), enc_pooled.expand(batch * refs, -1)
+        enc_neg_text, enc_neg_pooled = neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0)
 
         # 4. Prepare latents, noise and timesteps
-        generators, noise, face_latents, face_noise = self.prepare_latents(request, face_enc)
+        generators, noise, face_latents, face_noise = self.prepare_latents(request, identity)
         scheduler = self.make_scheduler(request.mode)
         scheduler.set_timesteps(request.steps, device=self.device)
         latents = noise * scheduler.init_noise_sigma
         gen_ids = time_ids(request.height, request.width, batch, self.dtype, self.device)
-        face_ids = time_ids(self.face_size, self.face_size, batch, self.dtype, self.device)
+        face_ids = time_ids(self.face_size, self.face_size, batch * refs, self.dtype, self.device)
 
         # 5. Denoising loop
         if request.mode == "fast":
@@ -308,14 +383,15 @@ class Personalizer:
             step_fn = self._guided_step
             cond = (
                 torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled]), gen_ids.repeat(2, 1),
-                torch.cat([uncond_tokens, tokens]), torch.cat([neg_text, enc_text]),
-                torch.cat([neg_pooled, enc_pooled]), face_ids.repeat(2, 1),
+                torch.cat([uncond_tokens, tokens]), torch.cat([enc_neg_text, enc_text]),
+                torch.cat([enc_neg_pooled, enc_pooled]), face_ids.repeat(2, 1),
             )  # fmt: skip
         for index, t in enumerate(scheduler.timesteps):
             t_batch = t.reshape(1).expand(batch).to(self.device)
-            noisy_face = self.noise_scheduler.add_noise(face_latents, face_noise, t_batch.long())
+            t_faces = t_batch.repeat_interleave(refs)
+            noisy_face = self.noise_scheduler.add_noise(face_latents, face_noise, t_faces.long())
             latent_in = scheduler.scale_model_input(latents, t)
-            eps = step_fn(request, latent_in, noisy_face, t_batch, *cond)
+            eps = step_fn(request, latent_in, noisy_face, t_batch, t_faces, *cond)
             latents = scheduler.step(eps, t, latents, generator=generators, return_dict=True).prev_sample
             if callback is not None:
                 callback(index, int(t), latents)
@@ -323,17 +399,20 @@ class Personalizer:
         # 6. Decode
         return self.decode(latents, request_output=output)
 
-    def _fast_step(self, request, latent_in, noisy_face, t, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
+    def _fast_step(self, request, latent_in, noisy_face, t, t_faces, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
         """LCM: the conditional full branch only, through the LCM-LoRA denoiser."""
-        kv = self.kv_encoder(noisy_face, t, enc_text, enc_pooled, face_ids) if request.use_kv else None
+        kv = None
+        if request.use_kv:
+            kv = _join_references(self.kv_encoder(noisy_face, t_faces, enc_text, enc_pooled, face_ids), latent_in.shape[0])
         return self.lcm_denoiser(latent_in, t, text, pooled, ids, tokens, request.adapter_scale, kv)
 
-    def _guided_step(self, request, latent_in, noisy_face, t, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
+    def _guided_step(self, request, latent_in, noisy_face, t, t_faces, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
         """Two denoiser passes on [uncond, cond] (without / with encoder K/V), combined in three branches."""
         latent_in, t2 = torch.cat([latent_in, latent_in]), torch.cat([t, t])
         eps_nokv = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, None)
         if request.use_kv:
-            kv = self.kv_encoder(torch.cat([noisy_face, noisy_face]), t2, enc_text, enc_pooled, face_ids)
+            faces, t_faces2 = torch.cat([noisy_face, noisy_face]), torch.cat([t_faces, t_faces])
+            kv = _join_references(self.kv_encoder(faces, t_faces2, enc_text, enc_pooled, face_ids), latent_in.shape[0])
             eps_full = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, kv)
         else:
             eps_full = eps_nokv
@@ -347,6 +426,12 @@ class Personalizer:
             return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
         pil = to_pil(images)
         return [np.asarray(p) for p in pil] if request_output == "np" else pil
+
+
+def _join_references(kv: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
+    """``(batch x references, tokens, width)`` K/V -> ``(batch, references x tokens, width)``: each image attends
+    over the K/V of all its references, reference after reference."""
+    return tuple(x.reshape(batch, -1, x.shape[-1]) for x in kv)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
@@ -366,7 +451,7 @@ def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype) ->
             processor = unet.get_submodule(name).attn2.processor
             torch.nn.init.normal_(processor.to_k_ip.weight, std=processor.to_k_ip.in_features**-0.5)
             torch.nn.init.normal_(processor.to_v_ip.weight, std=processor.to_v_ip.in_features**-0.5)
-        add_kv_encoder_lora(unet, kv_blocks, config["kv_encoder"]["lora_rank"])
+        add_kv_encoder_lora(unet, kv_blocks, config["kv_encoder"]["lora_rank"], config["kv_encoder"].get("kv_lora_rank"))
         for param_name, param in unet.named_parameters():
             if ".lora_B.kv_encoder" in param_name:
                 torch.nn.init.normal_(param, std=0.02)

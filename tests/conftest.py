@@ -39,3 +39,22 @@ def unet_inputs(model: Personalizer, batch: int = 2, side: int = 16, seed: int =
         torch.randn(batch, pooled_dim, generator=g),
         torch.tensor([[side * 8, side * 8, 0, 0, side * 8, side * 8]], dtype=torch.float32).expand(batch, 6),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tiny, tmp_path_factory):
+    """The tiny preset written once as a model directory."""
+    return tiny.save_pretrained(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def dir_model(tiny_dir) -> Personalizer:
+    return Personalizer.from_pretrained(tiny_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def astronaut_pack(tmp_path_factory):
+    """A synthetic insightface pack that finds the astronaut's face (see tests/facepack.py)."""
+    from facepack import astronaut_face, write_face_pack
+
+    return write_face_pack(tmp_path_factory.mktemp("faces") / "one", [astronaut_face()])

@@ -3,6 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lcmla_sdk import InvalidImageError
 from lcmla_sdk.images import sample_face
 
 
@@ -136,7 +137,7 @@ def test_bad_face_inputs(tiny, tmp_path):
         tiny.generate(tmp_path / "missing.png", "a face", steps=1)
     with pytest.raises(ValueError, match="^face:"):
         tiny.generate(np.zeros((4, 4, 5), np.uint8), "a face", steps=1)
-    with pytest.raises(TypeError, match="^face:"):
+    with pytest.raises(InvalidImageError, match="^face:"):
         tiny.generate(12, "a face", steps=1)
 
 

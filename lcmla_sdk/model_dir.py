@@ -1,0 +1,493 @@
+"""lcmla model directories: the ``lcmla.json`` manifest, validation before any heavy load, loading and saving.
+
+A manifest names each component by a path relative to the directory (or absolute, to use files where they are)::
+
+    {"format": "lcmla-model", "format_version": 1,
+     "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024},
+     "components": {
+        "sdxl": "sdxl",                      # diffusers layout: unet, vae, text_encoder(_2), tokenizer(_2), scheduler
+        "image_encoder": "image_encoder",    # transformers CLIPVisionModelWithProjection folder
+        "adapter": "adapter",                # config.json + resampler.safetensors + ip_kv.safetensors, or an
+                                             # original IP-Adapter file: {"path": "x.bin", "format": "ip-adapter"}
+        "kv_encoder": "kv_encoder",          # config.json + kv_projections.safetensors + lora.safetensors
+        "lcm_lora": "lcm_lora",              # optional: any SDXL LoRA file diffusers loads (or a folder with one)
+        "vae": null,                         # optional VAE override (e.g. the fp16-fix VAE), diffusers folder
+        "faces": "faces"},                   # optional insightface pack
+     "files": {"adapter/ip_kv.safetensors": {"sha256": "...", "bytes": 123, "dtype": "float16"}, ...}}
+
+A component may also be ``{"path": ..., "variant": "fp16"}`` for diffusers/transformers variant weight files.
+``files`` is optional: sizes and dtypes recorded there are checked, and recorded hashes spare hashing at load.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+
+from .attention import install_lookahead_processors
+from .errors import ModelFilesError
+from .faces import check_face_pack
+from .lora import add_kv_encoder_lora, has_adapter, LCM_ADAPTER
+from .presets import Components
+from .weights import (
+    PICKLE_SUFFIXES,
+    check_shapes,
+    extra_state,
+    kv_encoder_lora_state,
+    load_extra_state,
+    load_ip_adapter,
+    read_ip_adapter,
+    load_kv_encoder_lora,
+    load_lcm_lora,
+    load_module_state,
+    read_state_dict,
+    save_lcm_lora,
+    shapes,
+)
+
+MANIFEST = "lcmla.json"
+FORMAT = "lcmla-model"
+FORMAT_VERSION = 1
+REQUIRED = ("sdxl", "image_encoder", "adapter", "kv_encoder")
+OPTIONAL = ("lcm_lora", "vae", "faces")
+FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# SDXL parts in diffusers layout and the stem of their weight files.
+DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
+TRANSFORMERS_PARTS = {"text_encoder": "model", "text_encoder_2": "model"}
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+# CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
+IGNORED_SUFFIXES = ("position_ids",)
+
+
+@dataclass
+class Component:
+    name: str
+    path: Path
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ModelLayout:
+    """A validated model directory: resolved components, configs, and every file loading will read."""
+
+    root: Path
+    manifest: dict[str, Any]
+    components: dict[str, Component]
+    configs: dict[str, Any]
+    weight_files: dict[str, Path]  # part name -> resolved weight file
+    files: list[Path]  # every file that loading reads (weights, configs, tokenizers, ONNX)
+
+    def fingerprint(self) -> str:
+        """sha256 over the manifest (without its ``files`` record) and the hash of every file read."""
+        recorded = self.manifest.get("files", {})
+        digest = hashlib.sha256(_canonical({k: v for k, v in self.manifest.items() if k != "files"}).encode())
+        for path in sorted(self.files, key=lambda p: self.label(p)):
+            record = recorded.get(self.label(path), {})
+            file_hash = record.get("sha256") if record.get("bytes") == path.stat().st_size else None
+            digest.update(f"{self.label(path)}={file_hash or sha256_file(path)}\n".encode())
+        return digest.hexdigest()
+
+    def label(self, path: Path) -> str:
+        """The path relative to the model directory, or absolute for files kept elsewhere."""
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return path.resolve().as_posix()
+
+
+def _canonical(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"))
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_model_dir(name: str | Path) -> bool:
+    return Path(name).expanduser().is_dir()
+
+
+# ------------------------------------------------------------------ validation (headers and configs only)
+def read_manifest(root: Path) -> dict[str, Any]:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ModelFilesError(f"{root}: not an lcmla model directory (no {MANIFEST}); `lcmla convert` makes one")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise ModelFilesError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}")
+    return manifest
+
+
+def _components(root: Path, manifest: dict[str, Any]) -> dict[str, Component]:
+    entries = manifest.get("components", {})
+    unknown = set(entries) - set(REQUIRED) - set(OPTIONAL)
+    if unknown:
+        raise ModelFilesError(f"{root / MANIFEST}: unknown components {sorted(unknown)}")
+    missing = [name for name in REQUIRED if not entries.get(name)]
+    if missing:
+        raise ModelFilesError(f"{root / MANIFEST}: required components not named: {missing}")
+    components = {}
+    for name, entry in entries.items():
+        if not entry:
+            continue
+        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
+        path = Path(entry.pop("path")).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.exists():
+            raise ModelFilesError(f"{path}: missing (component {name!r} of {root / MANIFEST})")
+        components[name] = Component(name, path, entry)
+    return components
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: missing")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
+
+
+def weight_file(folder: Path, stem: str, variant: str | None) -> Path:
+    """``stem[.variant].safetensors``, its sharded index, or a ``.bin`` of the same name."""
+    name = f"{stem}.{variant}" if variant else stem
+    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.bin"):
+        if (folder / candidate).is_file():
+            return folder / candidate
+    raise ModelFilesError(f"{folder}: no weights ({name}.safetensors, its .index.json, or {name}.bin)")
+
+
+def file_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """``key -> (shape, dtype)`` read from safetensors headers (or a memory-mapped weights-only pickle)."""
+    try:
+        if path.name.endswith(".index.json"):
+            shards = sorted(set(read_json(path).get("weight_map", {}).values()))
+            return {k: v for shard in shards for k, v in file_header(path.parent / shard).items()}
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                return {
+                    key: (tuple(handle.get_slice(key).get_shape()), FLOAT_DTYPES.get(handle.get_slice(key).get_dtype(), handle.get_slice(key).get_dtype()))
+                    for key in handle.keys()
+                }
+        if path.suffix in PICKLE_SUFFIXES:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ModelFilesError(f"{path}: unreadable weights: {error}") from None
+    raise ModelFilesError(f"{path}: unknown weight format")
+
+
+def _check_file(
+    layout: ModelLayout, path: Path, expected: dict[str, tuple], ignore_unexpected: tuple[str, ...] = ()
+) -> None:
+    header = file_header(path)
+    found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignore_unexpected) or k in expected}
+    check_shapes(expected, found, str(path))
+    record = layout.manifest.get("files", {}).get(layout.label(path), {})
+    if "bytes" in record and record["bytes"] != path.stat().st_size:
+        raise ModelFilesError(f"{path}: {path.stat().st_size} bytes, but {MANIFEST} records {record['bytes']}")
+    wanted = record.get("dtype")
+    wrong = sorted(k for k, (_, dtype) in header.items() if k in expected and (dtype not in FLOAT_DTYPES.values() or (wanted and dtype != wanted)))
+    if wrong:
+        dtype = header[wrong[0]][1]
+        raise ModelFilesError(
+            f"{path}: wrong dtype {dtype} for {len(wrong)} tensors (first: {wrong[0]}); "
+            f"expected {wanted or 'a floating-point dtype'}"
+        )
+
+
+def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
+    with torch.device("meta"):
+        return shapes(build().state_dict())
+
+
+def _meta_unet(config: dict[str, Any], kv_config: dict[str, Any] | None) -> UNet2DConditionModel:
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(config)
+        blocks = install_lookahead_processors(unet)
+        if kv_config is not None:
+            add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config.get("kv_lora_rank"))
+    return unet
+
+
+def validate(root: str | Path) -> ModelLayout:
+    """Check the manifest, every named file, and every weight's key, shape and dtype; load no weights."""
+    root = Path(root).expanduser()
+    manifest = read_manifest(root)
+    layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [root / MANIFEST])
+    components, configs = layout.components, layout.configs
+    configs["pipeline"] = manifest.get("pipeline", {})
+
+    sdxl = components["sdxl"]
+    variant = sdxl.options.get("variant")
+    parts = {part: sdxl.path / part for part in (*DIFFUSERS_PARTS, *TRANSFORMERS_PARTS)}
+    if "vae" in components:
+        parts["vae"] = components["vae"].path
+    for part, folder in parts.items():
+        configs[part] = read_json(folder / "config.json")
+        stem = DIFFUSERS_PARTS.get(part) or TRANSFORMERS_PARTS[part]
+        layout.weight_files[part] = weight_file(folder, stem, variant)
+        layout.files += [folder / "config.json", layout.weight_files[part]]
+    configs["scheduler"] = read_json(sdxl.path / "scheduler" / "scheduler_config.json")
+    layout.files.append(sdxl.path / "scheduler" / "scheduler_config.json")
+    for part in ("tokenizer", "tokenizer_2"):
+        found = [sdxl.path / part / name for name in TOKENIZER_FILES if (sdxl.path / part / name).is_file()]
+        if not any(p.name == "tokenizer.json" for p in found) and len(found) < 2:
+            raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+        layout.files += found
+
+    image_encoder = components["image_encoder"].path
+    configs["image_encoder"] = read_json(image_encoder / "config.json")
+    layout.weight_files["image_encoder"] = weight_file(image_encoder, "model", components["image_encoder"].options.get("variant"))
+    layout.files += [image_encoder / "config.json", layout.weight_files["image_encoder"]]
+
+    kv_dir = components["kv_encoder"].path
+    configs["kv_encoder"] = read_json(kv_dir / "config.json")
+    for part, name in (("kv_projections", "kv_projections.safetensors"), ("kv_lora", "lora.safetensors")):
+        layout.weight_files[part] = kv_dir / name
+    layout.files += [kv_dir / "config.json", *(layout.weight_files[p] for p in ("kv_projections", "kv_lora"))]
+
+    adapter = components["adapter"]
+    if adapter.options.get("format") == "ip-adapter":
+        layout.weight_files["ip_adapter"] = adapter.path
+        layout.files.append(adapter.path)
+        if "resampler" in adapter.options:
+            configs["resampler"] = adapter.options["resampler"]
+    else:
+        configs["resampler"] = read_json(adapter.path / "config.json")
+        layout.weight_files["resampler"] = adapter.path / "resampler.safetensors"
+        layout.weight_files["ip_kv"] = adapter.path / "ip_kv.safetensors"
+        layout.files += [adapter.path / "config.json", layout.weight_files["resampler"], layout.weight_files["ip_kv"]]
+    if "lcm_lora" in components:
+        path = components["lcm_lora"].path
+        layout.weight_files["lcm_lora"] = path / "pytorch_lora_weights.safetensors" if path.is_dir() else path
+        layout.files.append(layout.weight_files["lcm_lora"])
+    if "faces" in components:
+        check_face_pack(components["faces"].path)
+        layout.files += sorted(components["faces"].path.glob("*.onnx"))
+    missing = [str(p) for p in layout.files if not p.is_file()]
+    if missing:
+        raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
+    _check_weights(layout)
+    return layout
+
+
+def _check_weights(layout: ModelLayout) -> None:
+    configs, files = layout.configs, layout.weight_files
+    unet = _meta_unet(configs["unet"], configs["kv_encoder"])
+    plain = {k.replace(".base_layer", ""): v for k, v in shapes(unet.state_dict()).items() if "lora_" not in k and ".processor." not in k}
+    _check_file(layout, files["unet"], plain)
+    _check_file(layout, files["vae"], _meta_shapes(lambda: AutoencoderKL.from_config(configs["vae"])))
+    _check_file(layout, files["text_encoder"], _meta_shapes(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))), IGNORED_SUFFIXES)
+    _check_file(layout, files["text_encoder_2"], _meta_shapes(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))), IGNORED_SUFFIXES)
+    _check_file(layout, files["image_encoder"], _meta_shapes(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))), IGNORED_SUFFIXES)
+    blocks = install_lookahead_processors(unet)
+    _check_file(layout, files["kv_projections"], shapes(extra_state(unet, blocks, "kv")))
+    _check_file(layout, files["kv_lora"], shapes(kv_encoder_lora_state(unet)))
+    if "ip_kv" in files:
+        _check_file(layout, files["ip_kv"], shapes(extra_state(unet, blocks, "ip")))
+        _check_file(layout, files["resampler"], _meta_shapes(lambda: IPAdapterPlusImageProjection(**configs["resampler"])))
+
+
+# ------------------------------------------------------------------ loading
+def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_dir: Path | None = None) -> dict[str, Any]:
+    """The SDXL base parts of a diffusers-layout folder (local files only), by their ``Components`` names."""
+    local = {"local_files_only": True}
+    vae_config = AutoencoderKL.load_config(vae_dir or folder / "vae")
+    vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
+    return {
+        "unet": UNet2DConditionModel.from_pretrained(folder / "unet", variant=variant, torch_dtype=dtype, **local),
+        "vae": AutoencoderKL.from_pretrained(
+            vae_dir or folder / "vae", variant=None if vae_dir else variant, torch_dtype=vae_dtype, **local
+        ),
+        "text_encoder": CLIPTextModel.from_pretrained(folder / "text_encoder", variant=variant, dtype=dtype, **local),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+            folder / "text_encoder_2", variant=variant, dtype=dtype, **local
+        ),
+        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", **local),
+        "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local),
+    }
+
+
+def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
+    """Build every module from the validated files, with LCM-Lookahead's weights on the shared UNet."""
+    configs, files, components = layout.configs, layout.weight_files, layout.components
+    sdxl = components["sdxl"]
+    vae_dir = components["vae"].path if "vae" in components else None
+    parts = load_sdxl(sdxl.path, dtype, sdxl.options.get("variant"), vae_dir)
+    unet = parts["unet"]
+    image_encoder = CLIPVisionModelWithProjection.from_pretrained(
+        components["image_encoder"].path, variant=components["image_encoder"].options.get("variant"), dtype=dtype,
+        local_files_only=True,
+    )  # fmt: skip
+
+    blocks = install_lookahead_processors(unet)
+    if "ip_adapter" in files:
+        ip_adapter = read_ip_adapter(files["ip_adapter"])
+        configs.setdefault("resampler", resampler_config_from_ip_adapter(ip_adapter["image_proj"], files["ip_adapter"]))
+        resampler = IPAdapterPlusImageProjection(**configs["resampler"])
+        load_ip_adapter(ip_adapter, unet, blocks, resampler, files["ip_adapter"])
+    else:
+        resampler = IPAdapterPlusImageProjection(**configs["resampler"])
+        load_module_state(resampler, read_state_dict(files["resampler"]), str(files["resampler"]))
+        load_extra_state(unet, blocks, "ip", read_state_dict(files["ip_kv"]), str(files["ip_kv"]))
+    load_extra_state(unet, blocks, "kv", read_state_dict(files["kv_projections"]), str(files["kv_projections"]))
+    kv_config = configs["kv_encoder"]
+    add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config.get("kv_lora_rank"))
+    load_kv_encoder_lora(unet, read_state_dict(files["kv_lora"]), str(files["kv_lora"]))
+    if "lcm_lora" in files:
+        load_lcm_lora(unet, files["lcm_lora"])
+    config = components_config(unet, configs["scheduler"], configs["resampler"], kv_config, configs["pipeline"])
+    return Components(config=config, image_encoder=image_encoder, resampler=resampler, **parts)
+
+
+def components_config(unet, scheduler: dict, resampler: dict, kv_encoder: dict, pipeline: dict) -> dict[str, Any]:
+    """The ``Personalizer.config`` of loaded weights (pipeline defaults are the authors')."""
+    return {
+        "unet": dict(unet.config), "scheduler": scheduler, "resampler": resampler, "kv_encoder": kv_encoder,
+        "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024, **pipeline},
+    }  # fmt: skip
+
+
+def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> dict[str, Any]:
+    """Constructor arguments of the IP-Adapter Plus resampler in an original file, by diffusers' rule (64-wide heads)."""
+    try:
+        hidden = image_proj["latents"].shape[2]
+        return {
+            "embed_dims": image_proj["proj_in.weight"].shape[1], "output_dims": image_proj["proj_out.weight"].shape[0],
+            "hidden_dims": hidden, "depth": len({k.split(".")[1] for k in image_proj if k.startswith("layers.")}),
+            "dim_head": 64, "heads": image_proj["layers.0.0.to_q.weight"].shape[0] // 64,
+            "num_queries": image_proj["latents"].shape[1],
+            "ffn_ratio": image_proj["layers.0.1.1.weight"].shape[0] // hidden,
+        }  # fmt: skip
+    except (KeyError, TypeError, IndexError):
+        raise ModelFilesError(f"{source}: 'image_proj' is not an IP-Adapter Plus resampler") from None
+
+
+# ------------------------------------------------------------------ saving
+def save(components: Components, faces_dir: Path | None, root: str | Path) -> ModelLayout:
+    """Write every module in safetensors under ``root`` with an ``lcmla.json`` naming them; return it validated."""
+    root = Path(root).expanduser()
+    root.mkdir(parents=True, exist_ok=True)
+    unet, config = components.unet, components.config
+    sdxl = root / "sdxl"
+    blocks = install_lookahead_processors(unet)
+    plain = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k and ".processor." not in k}
+    (sdxl / "unet").mkdir(parents=True, exist_ok=True)
+    unet.save_config(sdxl / "unet")
+    _save(plain, sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    components.vae.save_pretrained(sdxl / "vae")
+    for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+        getattr(components, name).save_pretrained(sdxl / name)
+    _write_json(sdxl / "scheduler" / "scheduler_config.json", config["scheduler"])
+    components.image_encoder.save_pretrained(root / "image_encoder")
+
+    _write_json(root / "adapter" / "config.json", config["resampler"])
+    _save(components.resampler.state_dict(), root / "adapter" / "resampler.safetensors")
+    _save(extra_state(unet, blocks, "ip"), root / "adapter" / "ip_kv.safetensors")
+    _write_json(root / "kv_encoder" / "config.json", config["kv_encoder"])
+    _save(extra_state(unet, blocks, "kv"), root / "kv_encoder" / "kv_projections.safetensors")
+    _save(kv_encoder_lora_state(unet), root / "kv_encoder" / "lora.safetensors")
+    names = {"sdxl": "sdxl", "image_encoder": "image_encoder", "adapter": "adapter", "kv_encoder": "kv_encoder"}
+    if has_adapter(unet, LCM_ADAPTER):
+        save_lcm_lora(unet, root / "lcm_lora")
+        names["lcm_lora"] = "lcm_lora"
+    if faces_dir is not None:
+        (root / "faces").mkdir(exist_ok=True)
+        for onnx_file in Path(faces_dir).glob("*.onnx"):
+            shutil.copy2(onnx_file, root / "faces" / onnx_file.name)
+        names["faces"] = "faces"
+    pipeline = {key: config["pipeline"][key] for key in ("encoder_prompt", "face_size")}
+    write_manifest(root, names, pipeline)
+    return validate(root)
+
+
+def _save(state: dict[str, torch.Tensor], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path))
+
+
+def _write_json(path: Path, value: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
+
+
+def write_manifest(root: Path, components: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, Any]:
+    """Write ``lcmla.json`` and record size, hash and dtype of every weight file the components name."""
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipeline": pipeline, "components": components}
+    _write_json(root / MANIFEST, manifest)
+    layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [])
+    weight_suffixes = (".safetensors", ".onnx", *PICKLE_SUFFIXES)
+    manifest["files"] = {}
+    for path in sorted(p for c in layout.components.values() for p in ([c.path] if c.path.is_file() else c.path.rglob("*"))):
+        if path.is_file() and path.suffix in weight_suffixes:
+            record = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            if path.suffix == ".safetensors":
+                dtypes = {dtype for _, dtype in file_header(path).values()}
+                if len(dtypes) == 1:
+                    record["dtype"] = dtypes.pop()
+            manifest["files"][layout.label(path)] = record
+    _write_json(root / MANIFEST, manifest)
+    return manifest
+
+
+def describe(root: str | Path) -> list[tuple[str, str, str, str]]:
+    """Rows ``(component, path, dtypes, size or problem)`` for ``lcmla info``; never raises for a missing part."""
+    root = Path(root).expanduser()
+    manifest = read_manifest(root)
+    rows = []
+    for name in REQUIRED + OPTIONAL:
+        entry = manifest.get("components", {}).get(name)
+        if not entry:
+            rows.append((name, "-", "-", "not present" if name in OPTIONAL else "MISSING (required)"))
+            continue
+        path = Path(entry if isinstance(entry, str) else entry["path"]).expanduser()
+        path = path if path.is_absolute() else root / path
+        if not path.exists():
+            rows.append((name, str(path), "-", "MISSING"))
+            continue
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        dtypes = sorted({d for p in files if p.suffix == ".safetensors" for _, d in _safe_header(p).values()})
+        rows.append((name, str(path), ",".join(dtypes) or "-", _human(sum(p.stat().st_size for p in files))))
+    return rows
+
+
+def _safe_header(path: Path) -> dict:
+    try:
+        return file_header(path)
+    except ModelFilesError:
+        return {}
+
+
+def _human(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{size} B"
+        size /= 1024
+    return f"{size} B"

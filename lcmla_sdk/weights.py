@@ -1,0 +1,206 @@
+"""Weight files in and out: safe reading, IP-Adapter files, LCM-LoRA files, and LCM-Lookahead's extra weights.
+
+Only safetensors and ``torch.load(weights_only=True)`` are used: a pickle that holds anything but tensors and
+plain containers is refused.
+
+The extra weights live on the shared UNet (see :mod:`lcmla_sdk.attention`) and are stored under the diffusers name
+of their transformer block: ``<block>.to_k_ip.weight``/``<block>.to_v_ip.weight`` (IP-Adapter K/V of attn2) and
+``<block>.to_k_kv.weight``/``<block>.to_v_kv.weight`` (the KV-encoder's K/V projections, the authors'
+``extract_kv1``). LoRA weights use peft's names without the adapter name, as diffusers saves them.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import ModelFilesError
+from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def read_state_dict(path: str | Path) -> dict:
+    """A (possibly nested) state dict from ``.safetensors`` or a weights-only torch pickle."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFilesError(f"{path}: no such file")
+    try:
+        if path.suffix == ".safetensors":
+            return load_file(str(path))
+        if path.suffix in PICKLE_SUFFIXES:
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelFilesError(f"{path}: cannot read weights safely: {first_line}") from None
+    raise ModelFilesError(f"{path}: unknown weight format; expected .safetensors or one of {PICKLE_SUFFIXES}")
+
+
+def first_keys(keys, count: int = 5) -> str:
+    keys = sorted(keys)
+    more = f" (+{len(keys) - count} more)" if len(keys) > count else ""
+    return ", ".join(keys[:count]) + more
+
+
+def shapes(state: dict) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state.items()}
+
+
+def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: str) -> None:
+    """Same keys, same shapes, or a :class:`ModelFilesError` that lists the first offending keys."""
+    missing, unexpected = set(expected) - set(found), set(found) - set(expected)
+    wrong = sorted(k for k in set(expected) & set(found) if tuple(expected[k]) != tuple(found[k]))
+    if not (missing or unexpected or wrong):
+        return
+    problems = []
+    if missing:
+        problems.append(f"missing {first_keys(missing)}")
+    if unexpected:
+        problems.append(f"unexpected {first_keys(unexpected)}")
+    if wrong:
+        problems.append(
+            f"shape mismatch {first_keys(wrong)} ({wrong[0]}: {tuple(found[wrong[0]])} in the file, "
+            f"{tuple(expected[wrong[0]])} expected)"
+        )
+    raise ModelFilesError(f"{source}: {'; '.join(problems)}")
+
+
+def base_linear(layer: nn.Module) -> nn.Linear:
+    """The plain ``nn.Linear`` under a peft LoRA wrapper (or the layer itself)."""
+    return layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
+
+
+def blocks_in_module_order(unet: UNet2DConditionModel) -> list[str]:
+    """Transformer blocks in registration order (down, up, mid): the order of IP-Adapter files' attention indices."""
+    return [name for name, module in unet.named_modules() if isinstance(module, BasicTransformerBlock)]
+
+
+def _extra_layers(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str) -> dict[str, nn.Linear]:
+    attn, names = ("attn2", ("to_k_ip", "to_v_ip")) if kind == "ip" else ("attn1", ("to_k_kv", "to_v_kv"))
+    layers = {}
+    for block in kv_blocks:
+        processor = getattr(unet.get_submodule(block), attn).processor
+        for name in names:
+            layers[f"{block}.{name}.weight"] = base_linear(getattr(processor, name))
+    return layers
+
+
+def extra_state(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str) -> dict[str, torch.Tensor]:
+    """``kind="ip"``: IP-Adapter K/V weights; ``kind="kv"``: the KV-encoder's K/V projections."""
+    return {key: layer.weight.detach() for key, layer in _extra_layers(unet, kv_blocks, kind).items()}
+
+
+@torch.no_grad()
+def load_extra_state(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str, state: dict, source: str) -> None:
+    layers = _extra_layers(unet, kv_blocks, kind)
+    check_shapes({key: layer.weight.shape for key, layer in layers.items()}, shapes(state), source)
+    for key, layer in layers.items():
+        layer.weight.copy_(state[key])
+
+
+# ------------------------------------------------------------------ IP-Adapter files (h94 format)
+def read_ip_adapter(path: str | Path) -> dict[str, dict]:
+    """An original ``ip-adapter-plus-face_sdxl_vit-h`` file (``.bin`` nested, or ``.safetensors`` flat with
+    ``image_proj.``/``ip_adapter.`` prefixes) as ``{"image_proj": ..., "ip_adapter": ...}``."""
+    state = read_state_dict(path)
+    if "image_proj" not in state:
+        state = {
+            part: {k.split(".", 1)[1]: v for k, v in state.items() if k.startswith(part + ".")}
+            for part in ("image_proj", "ip_adapter")
+        }
+    if not state.get("image_proj") or not state.get("ip_adapter"):
+        raise ModelFilesError(f"{path}: not an IP-Adapter file (needs 'image_proj' and 'ip_adapter' weights)")
+    return state
+
+
+def load_ip_adapter(
+    state: dict[str, dict], unet: UNet2DConditionModel, kv_blocks: list[str],
+    resampler: IPAdapterPlusImageProjection, path: str | Path,
+) -> None:  # fmt: skip
+    """Load an IP-Adapter Plus state (:func:`read_ip_adapter`) into the resampler and the IP K/V of every attn2.
+
+    ``image_proj`` keys are renamed by diffusers' own converter; ``ip_adapter`` key ``{2i+1}.to_k_ip.weight``
+    belongs to the i-th transformer block in module order (attention processors are numbered attn1, attn2, ...).
+    """
+    state = {part: dict(values) for part, values in state.items()}
+    load_image_proj(state["image_proj"], unet, resampler, f"{path} (image_proj)")
+    order = blocks_in_module_order(unet)
+    ip_state = {}
+    for index, block in enumerate(order):
+        for name in ("to_k_ip", "to_v_ip"):
+            key = f"{2 * index + 1}.{name}.weight"
+            if key in state["ip_adapter"]:
+                ip_state[f"{block}.{name}.weight"] = state["ip_adapter"].pop(key)
+    if state["ip_adapter"]:
+        raise ModelFilesError(f"{path}: 'ip_adapter' keys with no attention layer: {first_keys(state['ip_adapter'])}")
+    load_extra_state(unet, kv_blocks, "ip", ip_state, f"{path} (ip_adapter)")
+
+
+def load_image_proj(
+    image_proj: dict, unet: UNet2DConditionModel, resampler: IPAdapterPlusImageProjection, source: str
+) -> None:
+    """IP-Adapter Plus resampler weights in the original naming, renamed by diffusers' own converter."""
+    try:
+        converted = unet._convert_ip_adapter_image_proj_to_diffusers(dict(image_proj), low_cpu_mem_usage=False)
+    except (KeyError, RuntimeError) as error:
+        raise ModelFilesError(f"{source}: not an IP-Adapter Plus resampler: {error}") from None
+    load_module_state(resampler, converted.state_dict(), source)
+
+
+def load_module_state(module: nn.Module, state: dict, source: str) -> None:
+    """``load_state_dict(strict=True)`` whose failure is a :class:`ModelFilesError` naming ``source``."""
+    check_shapes(shapes(module.state_dict()), shapes(state), source)
+    module.load_state_dict(state, strict=True)
+
+
+# ------------------------------------------------------------------ LoRA adapters
+def load_lcm_lora(unet: UNet2DConditionModel, path: str | Path) -> None:
+    """Attach an SDXL LCM-LoRA as the ``lcm`` adapter, from any format diffusers' SDXL LoRA loader accepts
+    (diffusers/peft names with or without the ``unet.`` prefix, kohya ``lora_unet_*`` names with alphas)."""
+    path = Path(path)
+    file = path / LORA_FILE if path.is_dir() else path
+    state = read_state_dict(file)
+    metadata = None
+    if file.suffix == ".safetensors":
+        from diffusers.loaders.lora_base import _load_sft_state_dict_metadata
+
+        metadata = _load_sft_state_dict_metadata(str(file))
+    state, alphas = StableDiffusionXLLoraLoaderMixin.lora_state_dict(state, unet_config=unet.config)
+    text_keys = [k for k in state if k.startswith("text_encoder")]
+    if text_keys:
+        raise ModelFilesError(f"{file}: text-encoder LoRA keys ({first_keys(text_keys)}); an LCM-LoRA adapts the UNet only")
+    prefix = "unet" if any(k.startswith("unet.") for k in state) else None
+    try:
+        unet.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, metadata=metadata, adapter_name=LCM_ADAPTER)
+    except (ValueError, RuntimeError, KeyError) as error:
+        raise ModelFilesError(f"{file}: not an SDXL UNet LoRA for this model: {error}") from None
+    if not has_adapter(unet, LCM_ADAPTER):
+        raise ModelFilesError(f"{file}: no LoRA weight matched a layer of the UNet")
+
+
+def save_lcm_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
+    """diffusers' own LoRA file (peft names, LoraConfig in the safetensors metadata)."""
+    unet.save_lora_adapter(str(folder), adapter_name=LCM_ADAPTER, weight_name=LORA_FILE)
+    return folder / LORA_FILE
+
+
+def kv_encoder_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    return get_peft_model_state_dict(unet, adapter_name=KV_ENCODER_ADAPTER)
+
+
+@torch.no_grad()
+def load_kv_encoder_lora(unet: UNet2DConditionModel, state: dict, source: str) -> None:
+    check_shapes(shapes(kv_encoder_lora_state(unet)), shapes(state), f"{source} (KV-encoder LoRA)")
+    set_peft_model_state_dict(unet, state, adapter_name=KV_ENCODER_ADAPTER)

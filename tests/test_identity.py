@@ -1,0 +1,62 @@
+import pytest
+import torch
+
+from lcmla_sdk import Identity, IdentityMismatchError, ModelFilesError
+from conftest import unet_inputs
+
+from lcmla_sdk.networks import Denoiser
+
+
+def _latents(model, face, **kwargs):
+    return model.generate(face, "a face", seed=5, steps=2, output="latent", **kwargs)
+
+
+def test_save_load_round_trip_is_bit_exact(tiny, face, tmp_path):
+    identity = tiny.encode_face(face)
+    loaded = tiny.load_identity(identity.save(tmp_path / "id.safetensors"))
+    for name in ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std"):
+        assert torch.equal(getattr(loaded, name), getattr(identity, name).cpu()), name
+    assert loaded.sources == identity.sources and len(loaded.sources[0]) == 64
+    assert loaded.model_fingerprint == tiny.fingerprint and loaded.arcface is None
+    # Generating from the stored identity equals generating from the photo, and skips the face work.
+    assert torch.equal(_latents(tiny, loaded), _latents(tiny, face))
+
+
+def test_identity_of_another_model_is_refused(tiny, face, tmp_path):
+    path = tiny.encode_face(face).save(tmp_path / "id.safetensors")
+    other = Identity.load(path)
+    other.model_fingerprint = "0" * 64
+    with pytest.raises(IdentityMismatchError, match="made by model 0000"):
+        tiny.generate(other, "a face", steps=1)
+    with pytest.raises(IdentityMismatchError):
+        Identity.load(other.save(tmp_path / "other.safetensors"), expected_fingerprint=tiny.fingerprint)
+
+
+def test_bad_identity_files(tmp_path):
+    with pytest.raises(ModelFilesError, match="no such file"):
+        Identity.load(tmp_path / "missing.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"junk")
+    with pytest.raises(ModelFilesError, match="not a safetensors file"):
+        Identity.load(tmp_path / "junk.safetensors")
+
+
+def test_several_references_average_tokens_and_concatenate_kv(tiny, face, astronaut, monkeypatch):
+    one, two = tiny.encode_face(face), tiny.encode_face(astronaut)
+    both = tiny.encode_face([face, astronaut])
+    assert both.num_references == 2 and both.sources == one.sources + two.sources
+    torch.testing.assert_close(both.cond_tokens, (one.cond_tokens + two.cond_tokens) / 2)
+    torch.testing.assert_close(both.latent_mean, torch.cat([one.latent_mean, two.latent_mean]), rtol=1e-5, atol=1e-5)
+    # The denoiser receives, per image, the K/V of both references one after the other.
+    seen = []
+    original = Denoiser.forward
+
+    def spy(self, latent, *args):
+        kv = args[-1] if len(args) == 7 else None
+        if kv is not None:
+            seen.append((latent.shape[0], tuple(kv[0].shape)))
+        return original(self, latent, *args)
+
+    monkeypatch.setattr(Denoiser, "forward", spy)
+    tiny.generate(both, "a face", seed=1, steps=1, output="latent", num_images=2)
+    single_tokens = tiny.kv_encoder(*unet_inputs(tiny, batch=1, side=16))[0].shape[1]
+    assert seen == [(4, (4, 2 * single_tokens, 64))]  # [uncond, cond] x 2 images; 2 references' tokens
