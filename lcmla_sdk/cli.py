@@ -16,6 +16,8 @@ console = Console(stderr=True)
 
 # Set by --debug: errors then raise with their traceback instead of printing one line.
 SETTINGS = {"debug": False}
+# Errors a user can fix (bad arguments, bad or unreadable files); every LcmlaError derives from ValueError.
+USER_ERRORS = (ValueError, TypeError, OSError)
 
 
 @app.callback()
@@ -56,6 +58,8 @@ def generate(
     from .pipeline import MODES, Personalizer
 
     try:
+        if out.exists() and not out.is_dir():  # before minutes of work, not after
+            raise ValueError(f"out: {out} is a file, not a folder")
         with console.status(f"Loading {model}..."):
             personalizer = Personalizer.from_pretrained(model, device=device)
         face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
@@ -74,13 +78,13 @@ def generate(
                 steps=steps, guidance=guidance, height=height, width=width, use_kv=not no_kv,
                 adapter_scale=adapter_scale, callback=on_step,
             )  # fmt: skip
-    except (ValueError, TypeError) as error:
+        out.mkdir(parents=True, exist_ok=True)
+        for index, image in enumerate(images):
+            path = out / f"{index:03d}.png"
+            image.save(path)
+            typer.echo(str(path))
+    except USER_ERRORS as error:
         raise fail(error) from None
-    out.mkdir(parents=True, exist_ok=True)
-    for index, image in enumerate(images):
-        path = out / f"{index:03d}.png"
-        image.save(path)
-        typer.echo(str(path))
 
 
 # --------------------------------------------------------------------------- export
@@ -122,7 +126,7 @@ def export(
         report = export_model(
             loaded, folder, ranges, networks.split(",") if networks else None, check, log=console.print
         )
-    except (ValueError, TypeError, FileNotFoundError) as error:  # LcmlaErrors derive from these
+    except USER_ERRORS as error:
         raise fail(error) from None
     typer.echo(str(folder / "manifest.json"))
     if report.failed_parity:
@@ -187,7 +191,7 @@ def identity_create(
         personalizer = Personalizer.from_pretrained(model, device=device, faces=faces)
         identity = personalizer.encode_face(face, crop=crop, on_multiple=on_multiple)
         typer.echo(str(identity.save(out)))
-    except (ValueError, TypeError) as error:
+    except USER_ERRORS as error:
         raise fail(error) from None
 
 
@@ -217,7 +221,7 @@ def convert(
             out, sdxl, image_encoder, checkpoint=checkpoint, ip_adapter=ip_adapter, lcm_lora=lcm_lora, vae=vae,
             faces=faces, fuse_kv_lora=fuse_kv_lora, dtype=getattr(torch, dtype), variant=variant,
         )  # fmt: skip
-    except (ValueError, TypeError) as error:
+    except USER_ERRORS as error:
         raise fail(error) from None
     for what, count in counts.items():
         typer.echo(f"{count:6d}  {what}")
@@ -235,7 +239,7 @@ def info(model: Path = typer.Argument(..., help="lcmla model directory.")) -> No
             typer.echo(f"{name:14s} {dtypes:18s} {size:>12s}  {path}")
         layout = model_dir.validate(model)
         typer.echo(f"valid; fingerprint {layout.fingerprint()}")
-    except (ValueError, TypeError) as error:
+    except USER_ERRORS as error:
         raise fail(error) from None
 
 

@@ -68,12 +68,14 @@ class MappedCheckpoint:
     image_encoder: dict[str, torch.Tensor] = field(default_factory=dict)
     image_proj: dict[str, torch.Tensor] = field(default_factory=dict)
     aliases: int = 0
+    fused_lora: int = 0
 
     def counts(self) -> dict[str, int]:
         return {
             "SDXL base keys (checked equal to the base UNet, shared)": len(self.base),
             "alias keys (checked equal, dropped)": self.aliases,
-            "KV-encoder LoRA": len(self.lora), "K/V projections (extract_kv1)": len(self.kv_projections),
+            "KV-encoder LoRA": len(self.lora), "K/V projections' LoRA (fused into them)": self.fused_lora,
+            "K/V projections (extract_kv1)": len(self.kv_projections),
             "IP K/V (extract_kv2)": len(self.ip_kv), "image encoder": len(self.image_encoder),
             "resampler (image_proj_model)": len(self.image_proj),
         }  # fmt: skip
@@ -98,7 +100,11 @@ def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise ModelFilesError(f"{path}: no such checkpoint file or folder")
     state: dict[str, torch.Tensor] = {}
     for file in files:
-        for key, value in read_state_dict(file).items():
+        part = read_state_dict(file)
+        nested = [key for key, value in part.items() if not isinstance(value, torch.Tensor)]
+        if nested:
+            raise ModelFilesError(f"{file}: not a flat state dict of tensors; these keys hold something else: {first_keys(nested)}")
+        for key, value in part.items():
             key = key.removeprefix("module.")
             if key in state and not torch.equal(state[key], value):
                 raise ModelFilesError(f"{file}: key {key} differs from the same key in another file of {path}")
@@ -156,10 +162,14 @@ def _map_encoder_key(name: str, value: torch.Tensor, mapped: MappedCheckpoint, u
 def _fuse_kv_lora(mapped: MappedCheckpoint) -> None:
     """W_kv <- W_kv + up @ down (the authors' LoRA has no alpha: scale 1), computed in float32."""
     for key, weight in list(mapped.kv_projections.items()):
-        block, projection = key.rsplit(".", 2)[0], key.rsplit(".", 2)[1]
-        down = mapped.lora.pop(f"{block}.attn1.processor.{projection}.lora_A.weight")
-        up = mapped.lora.pop(f"{block}.attn1.processor.{projection}.lora_B.weight")
+        block, projection, _ = key.rsplit(".", 2)
+        names = [f"{block}.attn1.processor.{projection}.{side}.weight" for side in ("lora_A", "lora_B")]
+        missing = [name for name in names if name not in mapped.lora]
+        if missing:
+            raise ModelFilesError(f"checkpoint: no extract_kv1 LoRA to fuse into {key}: missing {first_keys(missing)}")
+        down, up = (mapped.lora.pop(name) for name in names)
         mapped.kv_projections[key] = (weight.float() + up.float() @ down.float()).to(weight.dtype)
+        mapped.fused_lora += 2
 
 
 def check_base_equal(base: dict[str, torch.Tensor], unet_state: dict[str, torch.Tensor]) -> None:

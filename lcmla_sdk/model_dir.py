@@ -21,8 +21,10 @@ A component may also be ``{"path": ..., "variant": "fp16"}`` for diffusers/trans
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import pickle
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ from .weights import (
     load_ip_adapter,
     read_ip_adapter,
     load_kv_encoder_lora,
+    load_error_reason,
     load_lcm_lora,
     load_module_state,
     read_state_dict,
@@ -70,10 +73,20 @@ FORMAT_VERSION = 1
 REQUIRED = ("sdxl", "image_encoder", "adapter", "kv_encoder")
 OPTIONAL = ("lcm_lora", "vae", "faces")
 FLOAT_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+# safetensors' dtype codes -> torch's names, so that messages and records read the same for every file format.
+SAFETENSORS_DTYPES = {
+    **FLOAT_DTYPES, "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}  # fmt: skip
 # SDXL parts in diffusers layout and the stem of their weight files.
 DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 TRANSFORMERS_PARTS = {"text_encoder": "model", "text_encoder_2": "model"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+# Pickled weights of transformers models are named pytorch_model.bin, not model.bin.
+PICKLE_STEMS = {"model": "pytorch_model"}
+# Where diffusers records the folder a model was loaded from; left out of saved configs so that a directory's
+# fingerprint does not depend on where its weights came from.
+SOURCE_PATH_KEY = "_name_or_path"
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 
@@ -139,8 +152,11 @@ def read_manifest(root: Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise ModelFilesError(f"{path}: expected format {FORMAT!r} version {FORMAT_VERSION}")
+    found = (manifest.get("format"), manifest.get("format_version")) if isinstance(manifest, dict) else (None, None)
+    if found != (FORMAT, FORMAT_VERSION):
+        raise ModelFilesError(
+            f"{path}: format {found[0]!r} version {found[1]!r}; expected {FORMAT!r} version {FORMAT_VERSION}"
+        )
     return manifest
 
 
@@ -156,13 +172,21 @@ def _components(root: Path, manifest: dict[str, Any]) -> dict[str, Component]:
     for name, entry in entries.items():
         if not entry:
             continue
-        entry = {"path": entry} if isinstance(entry, str) else dict(entry)
-        path = Path(entry.pop("path")).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = _component_path(root, name, entry)
         if not path.exists():
             raise ModelFilesError(f"{path}: missing (component {name!r} of {root / MANIFEST})")
-        components[name] = Component(name, path, entry)
+        options = {k: v for k, v in entry.items() if k != "path"} if isinstance(entry, dict) else {}
+        components[name] = Component(name, path, options)
     return components
+
+
+def _component_path(root: Path, name: str, entry: str | dict[str, Any]) -> Path:
+    """A component's path from its manifest entry (a path, or an object with a ``path``), relative to ``root``."""
+    path = entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None
+    if not isinstance(path, str):
+        raise ModelFilesError(f"{root / MANIFEST}: component {name!r} needs a path (a string, or an object with one)")
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -175,31 +199,42 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def weight_file(folder: Path, stem: str, variant: str | None) -> Path:
-    """``stem[.variant].safetensors``, its sharded index, or a ``.bin`` of the same name."""
+    """``stem[.variant].safetensors``, its sharded index, or the pickled ``.bin`` that diffusers/transformers name."""
     name = f"{stem}.{variant}" if variant else stem
-    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", f"{name}.bin"):
+    pickle_stem = PICKLE_STEMS.get(stem, stem)
+    pickle_name = f"{pickle_stem}.{variant}.bin" if variant else f"{pickle_stem}.bin"
+    for candidate in (f"{name}.safetensors", f"{name}.safetensors.index.json", pickle_name):
         if (folder / candidate).is_file():
             return folder / candidate
-    raise ModelFilesError(f"{folder}: no weights ({name}.safetensors, its .index.json, or {name}.bin)")
+    raise ModelFilesError(f"{folder}: no weights ({name}.safetensors, its .index.json, or {pickle_name})")
+
+
+def _with_shards(path: Path) -> list[Path]:
+    """A weight file, or a sharded index followed by the shard files it names."""
+    if not path.name.endswith(".index.json"):
+        return [path]
+    return [path, *(path.parent / shard for shard in sorted(set(read_json(path).get("weight_map", {}).values())))]
 
 
 def file_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """``key -> (shape, dtype)`` read from safetensors headers (or a memory-mapped weights-only pickle)."""
     try:
         if path.name.endswith(".index.json"):
-            shards = sorted(set(read_json(path).get("weight_map", {}).values()))
-            return {k: v for shard in shards for k, v in file_header(path.parent / shard).items()}
+            return {k: v for shard in _with_shards(path)[1:] for k, v in file_header(shard).items()}
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as handle:
+                slices = {key: handle.get_slice(key) for key in handle.keys()}
                 return {
-                    key: (tuple(handle.get_slice(key).get_shape()), FLOAT_DTYPES.get(handle.get_slice(key).get_dtype(), handle.get_slice(key).get_dtype()))
-                    for key in handle.keys()
+                    key: (tuple(tensor.get_shape()), SAFETENSORS_DTYPES.get(tensor.get_dtype(), tensor.get_dtype()))
+                    for key, tensor in slices.items()
                 }
         if path.suffix in PICKLE_SUFFIXES:
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise ModelFilesError(f"{path}: not a flat state dict of tensors")
             return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in state.items()}
-    except (SafetensorError, OSError, RuntimeError) as error:
-        raise ModelFilesError(f"{path}: unreadable weights: {error}") from None
+    except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        raise ModelFilesError(f"{path}: unreadable weights: {load_error_reason(error)}") from None
     raise ModelFilesError(f"{path}: unknown weight format")
 
 
@@ -210,8 +245,6 @@ def _check_file(
     found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignore_unexpected) or k in expected}
     check_shapes(expected, found, str(path))
     record = layout.manifest.get("files", {}).get(layout.label(path), {})
-    if "bytes" in record and record["bytes"] != path.stat().st_size:
-        raise ModelFilesError(f"{path}: {path.stat().st_size} bytes, but {MANIFEST} records {record['bytes']}")
     wanted = record.get("dtype")
     wrong = sorted(k for k, (_, dtype) in header.items() if k in expected and (dtype not in FLOAT_DTYPES.values() or (wanted and dtype != wanted)))
     if wrong:
@@ -220,6 +253,9 @@ def _check_file(
             f"{path}: wrong dtype {dtype} for {len(wrong)} tensors (first: {wrong[0]}); "
             f"expected {wanted or 'a floating-point dtype'}"
         )
+    # After the dtype check: a file rewritten in another dtype is reported as such, not as a size change.
+    if "bytes" in record and record["bytes"] != path.stat().st_size:
+        raise ModelFilesError(f"{path}: {path.stat().st_size} bytes, but {MANIFEST} records {record['bytes']}")
 
 
 def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
@@ -227,13 +263,26 @@ def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
         return shapes(build().state_dict())
 
 
-def _meta_unet(config: dict[str, Any], kv_config: dict[str, Any] | None) -> UNet2DConditionModel:
+@functools.lru_cache(maxsize=4)
+def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, tuple]]:
+    """Keys and shapes of every file the shared UNet loads, from a meta-device build with the KV-encoder LoRA.
+
+    Cached by the configs' JSON text: peft's LoRA injection makes this the slowest part of validation.
+    """
+    kv_config = json.loads(kv_config)
     with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        unet = UNet2DConditionModel.from_config(json.loads(unet_config))
         blocks = install_lookahead_processors(unet)
-        if kv_config is not None:
-            add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config.get("kv_lora_rank"))
-    return unet
+        add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config.get("kv_lora_rank"))
+    return {
+        "unet": {
+            k.replace(".base_layer", ""): v
+            for k, v in shapes(unet.state_dict()).items() if "lora_" not in k and ".processor." not in k
+        },
+        "kv_projections": shapes(extra_state(unet, blocks, "kv")),
+        "kv_lora": shapes(kv_encoder_lora_state(unet)),
+        "ip_kv": shapes(extra_state(unet, blocks, "ip")),
+    }  # fmt: skip
 
 
 def validate(root: str | Path) -> ModelLayout:
@@ -253,7 +302,7 @@ def validate(root: str | Path) -> ModelLayout:
         configs[part] = read_json(folder / "config.json")
         stem = DIFFUSERS_PARTS.get(part) or TRANSFORMERS_PARTS[part]
         layout.weight_files[part] = weight_file(folder, stem, variant)
-        layout.files += [folder / "config.json", layout.weight_files[part]]
+        layout.files += [folder / "config.json", *_with_shards(layout.weight_files[part])]
     configs["scheduler"] = read_json(sdxl.path / "scheduler" / "scheduler_config.json")
     layout.files.append(sdxl.path / "scheduler" / "scheduler_config.json")
     for part in ("tokenizer", "tokenizer_2"):
@@ -265,7 +314,7 @@ def validate(root: str | Path) -> ModelLayout:
     image_encoder = components["image_encoder"].path
     configs["image_encoder"] = read_json(image_encoder / "config.json")
     layout.weight_files["image_encoder"] = weight_file(image_encoder, "model", components["image_encoder"].options.get("variant"))
-    layout.files += [image_encoder / "config.json", layout.weight_files["image_encoder"]]
+    layout.files += [image_encoder / "config.json", *_with_shards(layout.weight_files["image_encoder"])]
 
     kv_dir = components["kv_encoder"].path
     configs["kv_encoder"] = read_json(kv_dir / "config.json")
@@ -300,18 +349,16 @@ def validate(root: str | Path) -> ModelLayout:
 
 def _check_weights(layout: ModelLayout) -> None:
     configs, files = layout.configs, layout.weight_files
-    unet = _meta_unet(configs["unet"], configs["kv_encoder"])
-    plain = {k.replace(".base_layer", ""): v for k, v in shapes(unet.state_dict()).items() if "lora_" not in k and ".processor." not in k}
-    _check_file(layout, files["unet"], plain)
+    unet_shapes = _unet_file_shapes(_canonical(configs["unet"]), _canonical(configs["kv_encoder"]))
+    _check_file(layout, files["unet"], unet_shapes["unet"])
     _check_file(layout, files["vae"], _meta_shapes(lambda: AutoencoderKL.from_config(configs["vae"])))
     _check_file(layout, files["text_encoder"], _meta_shapes(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))), IGNORED_SUFFIXES)
     _check_file(layout, files["text_encoder_2"], _meta_shapes(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))), IGNORED_SUFFIXES)
     _check_file(layout, files["image_encoder"], _meta_shapes(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))), IGNORED_SUFFIXES)
-    blocks = install_lookahead_processors(unet)
-    _check_file(layout, files["kv_projections"], shapes(extra_state(unet, blocks, "kv")))
-    _check_file(layout, files["kv_lora"], shapes(kv_encoder_lora_state(unet)))
-    if "ip_kv" in files:
-        _check_file(layout, files["ip_kv"], shapes(extra_state(unet, blocks, "ip")))
+    for part in ("kv_projections", "kv_lora", "ip_kv"):
+        if part in files:  # an original IP-Adapter file (no ip_kv) is checked when it is read
+            _check_file(layout, files[part], unet_shapes[part])
+    if "resampler" in files:
         _check_file(layout, files["resampler"], _meta_shapes(lambda: IPAdapterPlusImageProjection(**configs["resampler"])))
 
 
@@ -403,6 +450,15 @@ def save(components: Components, faces_dir: Path | None, root: str | Path) -> Mo
     unet.save_config(sdxl / "unet")
     _save(plain, sdxl / "unet" / "diffusion_pytorch_model.safetensors")
     components.vae.save_pretrained(sdxl / "vae")
+    for part in DIFFUSERS_PARTS:
+        config_file = sdxl / part / "config.json"
+        _write_json(config_file, {k: v for k, v in read_json(config_file).items() if k != SOURCE_PATH_KEY})
+    for name in ("tokenizer", "tokenizer_2"):
+        # Encoding leaves its padding and truncation on the fast tokenizer's backend, which tokenizer.json would
+        # record; each call sets its own, so clearing them makes a used model save the same bytes as a fresh one.
+        backend = getattr(components, name).backend_tokenizer
+        backend.no_padding()
+        backend.no_truncation()
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         getattr(components, name).save_pretrained(sdxl / name)
     _write_json(sdxl / "scheduler" / "scheduler_config.json", config["scheduler"])
@@ -467,8 +523,7 @@ def describe(root: str | Path) -> list[tuple[str, str, str, str]]:
         if not entry:
             rows.append((name, "-", "-", "not present" if name in OPTIONAL else "MISSING (required)"))
             continue
-        path = Path(entry if isinstance(entry, str) else entry["path"]).expanduser()
-        path = path if path.is_absolute() else root / path
+        path = _component_path(root, name, entry)
         if not path.exists():
             rows.append((name, str(path), "-", "MISSING"))
             continue

@@ -11,18 +11,22 @@ of their transformer block: ``<block>.to_k_ip.weight``/``<block>.to_v_ip.weight`
 
 from __future__ import annotations
 
+import json
 import pickle
+import re
+import warnings
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ModelFilesError
@@ -37,15 +41,34 @@ def read_state_dict(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ModelFilesError(f"{path}: no such file")
+    if path.suffix != ".safetensors" and path.suffix not in PICKLE_SUFFIXES:
+        raise ModelFilesError(f"{path}: unknown weight format; expected .safetensors or one of {PICKLE_SUFFIXES}")
     try:
         if path.suffix == ".safetensors":
-            return load_file(str(path))
-        if path.suffix in PICKLE_SUFFIXES:
-            return torch.load(str(path), map_location="cpu", weights_only=True)
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
     except (SafetensorError, pickle.UnpicklingError, RuntimeError, OSError, EOFError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ModelFilesError(f"{path}: cannot read weights safely: {first_line}") from None
-    raise ModelFilesError(f"{path}: unknown weight format; expected .safetensors or one of {PICKLE_SUFFIXES}")
+        raise ModelFilesError(f"{path}: cannot read weights safely: {load_error_reason(error)}") from None
+    if not isinstance(state, dict):
+        raise ModelFilesError(f"{path}: not a state dict (the file holds a {type(state).__name__})")
+    return state
+
+
+def load_error_reason(error: Exception) -> str:
+    """The part of a loader error that says what is wrong (torch's weights-only refusal opens with generic advice)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    if not text.startswith("Weights only load failed"):
+        return text.splitlines()[0] if text else type(error).__name__
+    # Two shapes: "... WeightsUnpickler error: <reason>" or the reason as the paragraph after the advice.
+    _, found, detail = text.partition("WeightsUnpickler error:")
+    if not found:
+        paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+        detail = next((p for p in paragraphs[1:] if not p.startswith("Check the documentation")), "unknown reason")
+    detail = re.split(r"\.\s|\n", detail.strip())[0]  # its first sentence
+    if "global" in detail.lower():
+        return f"it holds objects other than tensors, which are never unpickled ({detail})"
+    return f"not a plain pickle of tensors ({detail})"
 
 
 def first_keys(keys, count: int = 5) -> str:
@@ -183,7 +206,10 @@ def load_lcm_lora(unet: UNet2DConditionModel, path: str | Path) -> None:
         raise ModelFilesError(f"{file}: text-encoder LoRA keys ({first_keys(text_keys)}); an LCM-LoRA adapts the UNet only")
     prefix = "unet" if any(k.startswith("unet.") for k in state) else None
     try:
-        unet.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, metadata=metadata, adapter_name=LCM_ADAPTER)
+        with warnings.catch_warnings():
+            # The kv_encoder adapter is usually there already: two adapters on one UNet is the design (lora.py).
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            unet.load_lora_adapter(state, prefix=prefix, network_alphas=alphas, metadata=metadata, adapter_name=LCM_ADAPTER)
     except (ValueError, RuntimeError, KeyError) as error:
         raise ModelFilesError(f"{file}: not an SDXL UNet LoRA for this model: {error}") from None
     if not has_adapter(unet, LCM_ADAPTER):
@@ -191,9 +217,18 @@ def load_lcm_lora(unet: UNet2DConditionModel, path: str | Path) -> None:
 
 
 def save_lcm_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
-    """diffusers' own LoRA file (peft names, LoraConfig in the safetensors metadata)."""
-    unet.save_lora_adapter(str(folder), adapter_name=LCM_ADAPTER, weight_name=LORA_FILE)
-    return folder / LORA_FILE
+    """diffusers' LoRA file (peft names, the LoraConfig as ``lora_adapter_metadata``), byte-for-byte reproducible.
+
+    diffusers' own writer lists peft's ``target_modules`` set and two metadata entries in a per-process order, so
+    the same weights would give another file, and another model fingerprint, in every process.
+    """
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[LCM_ADAPTER].to_dict().items()}
+    state = get_peft_model_state_dict(unet, adapter_name=LCM_ADAPTER)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LORA_FILE
+    metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
+    return path
 
 
 def kv_encoder_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:

@@ -1,6 +1,10 @@
+import shutil
+
+import numpy as np
 from PIL import Image
 from typer.testing import CliRunner
 
+from lcmla_sdk import Identity, ModelFilesError, model_dir
 from lcmla_sdk.cli import app
 
 
@@ -33,3 +37,86 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(tmp_path):
     assert "mode: 'turbo' is not one of" in result.output
     assert "Traceback" not in result.output
     assert not list(tmp_path.glob("*.png"))
+
+
+# ------------------------------------------------------------------ model directories and identities (issue 3)
+def test_identity_create_then_generate_from_the_identity(tmp_path, astronaut, astronaut_pack, tiny, face):
+    photo = tmp_path / "astronaut.png"
+    Image.fromarray(astronaut).save(photo)
+    identity_file = tmp_path / "ids" / "astronaut.safetensors"
+    result = CliRunner().invoke(
+        app, ["identity", "create", "--face", str(photo), "--out", str(identity_file), "--faces", str(astronaut_pack),
+              "--crop", "face", "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == str(identity_file)
+    identity = Identity.load(identity_file, expected_fingerprint=tiny.fingerprint)
+    assert identity.crop == "face" and identity.arcface.shape == (1, 512) and identity.boxes[0] is not None
+
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["generate", "--identity", str(identity_file), "--prompt", "a face", "--prompt", "a painting of a face",
+              "--steps", "1", "--seed", "4", "--out", str(out), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    files = sorted(out.glob("*.png"))
+    assert [f.name for f in files] == ["000.png", "001.png"]
+    # The PNGs are the identity's images, not the default sample face's.
+    expected = tiny.generate(identity, ["a face", "a painting of a face"], steps=1, seed=4, output="np")
+    assert all(np.array_equal(np.asarray(Image.open(f)), e) for f, e in zip(files, expected))
+    assert not np.array_equal(expected[0], tiny.generate(face, "a face", steps=1, seed=4, output="np")[0])
+
+
+def test_generate_from_a_model_directory(tmp_path, tiny_dir, tiny, face):
+    result = CliRunner().invoke(
+        app, ["generate", "--model", str(tiny_dir), "--prompt", "a face", "--steps", "1", "--seed", "2",
+              "--out", str(tmp_path), "--device", "cpu"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    # tiny_dir holds the tiny preset's weights: the same image, bit for bit.
+    expected = tiny.generate(face, "a face", steps=1, seed=2, output="np")[0]
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "000.png")), expected)
+
+
+def test_info_lists_components_dtypes_sizes_and_validity(tiny_dir):
+    result = CliRunner().invoke(app, ["info", str(tiny_dir)])
+    assert result.exit_code == 0, result.output
+    rows = {line.split()[0]: line for line in result.stdout.splitlines()}
+    sdxl_bytes = sum(p.stat().st_size for p in (tiny_dir / "sdxl").rglob("*") if p.is_file())
+    assert rows["sdxl"].split()[1:4] == ["float32", f"{sdxl_bytes / 2**20:.1f}", "MiB"]
+    assert rows["sdxl"].endswith(str(tiny_dir / "sdxl"))
+    for name in ("image_encoder", "adapter", "kv_encoder", "lcm_lora"):
+        assert rows[name].split()[1] == "float32" and rows[name].endswith(str(tiny_dir / name)), rows[name]
+    assert "not present" in rows["vae"] and "not present" in rows["faces"]
+    assert rows["valid;"] == f"valid; fingerprint {model_dir.validate(tiny_dir).fingerprint()}"
+
+
+def test_info_names_a_missing_file_and_exits_non_zero(tiny_dir, tmp_path):
+    broken = shutil.copytree(tiny_dir, tmp_path / "model")
+    (broken / "kv_encoder" / "lora.safetensors").unlink()
+    result = CliRunner().invoke(app, ["info", str(broken)])
+    assert result.exit_code == 2
+    assert result.stderr.strip() == f"error: missing files: {broken / 'kv_encoder' / 'lora.safetensors'}"
+    assert "valid;" not in result.stdout and "kv_encoder" in result.stdout  # components listed before the check
+
+
+def test_errors_are_one_line_unless_debug(tmp_path):
+    (tmp_path / "lcmla.json").write_text('{"format": "lcmla-model", "format_version": 2}')
+    debug = CliRunner().invoke(app, ["--debug", "info", str(tmp_path)])
+    assert debug.exit_code != 0 and isinstance(debug.exception, ModelFilesError)
+    assert str(tmp_path / "lcmla.json") in str(debug.exception)
+
+    plain = CliRunner().invoke(app, ["info", str(tmp_path)])  # --debug does not stick to later commands
+    assert plain.exit_code == 2 and not isinstance(plain.exception, ModelFilesError)
+    assert plain.stderr.splitlines() == [f"error: {debug.exception}"]
+    assert "Traceback" not in plain.output
+
+    missing = tmp_path / "nobody.safetensors"
+    result = CliRunner().invoke(app, ["generate", "--identity", str(missing), "--prompt", "a", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: identity: no such file: {missing}"]
+
+    # An output path that cannot become a folder fails before any model is loaded, not after generating.
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"")
+    result = CliRunner().invoke(app, ["generate", "--model", "no-such-model", "--prompt", "a", "--out", str(taken)])
+    assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: out: {taken} is a file, not a folder"]
