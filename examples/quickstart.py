@@ -1,24 +1,27 @@
-"""Quickstart: personalize the bundled sample face with the tiny preset (runs on a CPU in seconds).
+"""Quickstart: personalize a face with the tiny preset (runs on a CPU in seconds).
 
-The tiny preset has random weights, so the pictures are noise; point ``from_pretrained`` at real weights
-for faces. Usage: python examples/quickstart.py [OUT_DIR]
+The tiny preset has random weights, so the pictures are noise; pass --model DIR (an lcmla model directory,
+see `lcmla convert`) for faces. Usage: python examples/quickstart.py [--model tiny|DIR] [--face IMG] [--out DIR]
 """
 
-import sys
+import argparse
 from pathlib import Path
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.images import sample_face
 
-out = Path(sys.argv[1] if len(sys.argv) > 1 else "outputs/quickstart")
-out.mkdir(parents=True, exist_ok=True)
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--model", default="tiny")
+parser.add_argument("--face", type=Path, help="face photo (default: the sample face shipped with lcmla)")
+parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
+parser.add_argument("--steps", type=int, help="denoising steps (default: 50 for quality, 4 for fast)")
+args = parser.parse_args()
 
-personalizer = Personalizer.from_pretrained("tiny")
-face = personalizer.encode_face(sample_face())  # encode once, reuse for every prompt
-prompts = ["A photo of a face", "An oil painting of a face", "A cubism painting of a face"]
-for mode in ("quality", "fast"):
-    images = personalizer.generate(face, prompts, seed=0, mode=mode)
-    for prompt, image in zip(prompts, images):
-        path = out / f"{mode}-{prompt.lower().replace(' ', '_')}.png"
-        image.save(path)
-        print(path)
+personalizer = Personalizer.from_pretrained(args.model)  # cuda + fp16 when there is a GPU, else cpu + fp32
+face = args.face or sample_face()
+images = personalizer.generate(face, "An oil painting of a face", seed=0, steps=args.steps)  # quality: 50 steps
+images += personalizer.generate(face, "An oil painting of a face", seed=0, mode="fast", steps=args.steps)  # LCM
+args.out.mkdir(parents=True, exist_ok=True)
+for mode, image in zip(("quality", "fast"), images):
+    image.save(args.out / f"{mode}.png")
+    print(args.out / f"{mode}.png")
