@@ -6,9 +6,12 @@ import pytest
 import torch
 import yaml
 from diffusers import AutoencoderTiny
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from lcmla_sdk import Personalizer
 from lcmla_sdk.cli import app
+from lcmla_sdk.images import sample_face
 from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
 from lcmla_sdk.train.arcface import IResNet
@@ -184,8 +187,19 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     second = runner.invoke(app, ["train", "--config", str(path), "max_steps=2", "--resume"])
     assert second.exit_code == 0, second.output
     assert "trained to step 2" in second.output
-    state = json.loads((tmp_path / "run/checkpoints/step-0000002/trainer_state/state.json").read_text())
+    checkpoint = tmp_path / "run/checkpoints/step-0000002"
+    state = json.loads((checkpoint / "trainer_state/state.json").read_text())
     assert state["step"] == 2 and state["samples_seen"] == 2
+
+    # The checkpoint is a model directory: the SDK loads it as it is, with the trained weights in place.
+    trained = load_file(str(checkpoint / "trainer_state/trainables.safetensors"))
+    model = Personalizer.from_pretrained(checkpoint, device="cpu")
+    loaded = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    loaded |= {f"resampler.{k}": v for k, v in model.adapter.resampler.state_dict().items()}
+    assert trained and all(torch.equal(loaded[name], value) for name, value in trained.items())
+    baseline = Personalizer.from_pretrained("tiny", device="cpu").adapter.resampler.state_dict()
+    assert any(not torch.equal(baseline[k], v) for k, v in model.adapter.resampler.state_dict().items())
+    assert len(model.generate(sample_face(), "a face", steps=1, seed=0)) == 1
 
     bad = runner.invoke(app, ["train", "--config", str(path), "dropout.kv_tokens=2"])
     assert bad.exit_code == 2 and "dropout.kv_tokens: must be in [0, 1)" in bad.output

@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lcmla_sdk.errors import LcmlaError
-from lcmla_sdk.pipeline import Personalizer
 
 CHECKPOINTS = "checkpoints"
 STATE_DIR = "trainer_state"
@@ -37,20 +36,6 @@ class CheckpointError(LcmlaError, ValueError):
 
 def checkpoint_path(output_dir: str | Path, step: int) -> Path:
     return Path(output_dir) / CHECKPOINTS / f"step-{step:07d}"
-
-
-def save_model_directory(model: Personalizer, trainables: dict[str, torch.Tensor], path: Path, base: str) -> None:
-    """Write the trained components so the checkpoint is a model directory.
-
-    The SDK's model-directory format (``save_pretrained``/``from_pretrained(dir)``) belongs to issue 3 and is not on
-    this branch yet; until it is, this writes the trained components (KV-encoder LoRA + K/V projections, resampler +
-    IP projections) as safetensors and a manifest naming the base model. This is the one function to switch to
-    ``model.save_pretrained(path)``.
-    """
-    path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in trainables.items()}, str(path / "trained_components.safetensors"))
-    manifest = {"base_model": base, "trained_components": "trained_components.safetensors"}
-    _write_text(path / "lcmla_training.json", json.dumps(manifest, indent=1))
 
 
 def write_rng_state(directory: Path, rank: int) -> None:

@@ -411,7 +411,7 @@ class Trainer:
         checkpoints.write_rng_state(staging / checkpoints.STATE_DIR, self.rank)
         if accelerator.is_main_process:
             trainables = self.trainable_state()
-            checkpoints.save_model_directory(self.model, trainables, staging, self.config.model)
+            self.model.save_pretrained(staging)  # the checkpoint is a model directory: from_pretrained reads it
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             state = {
                 "step": step, "world_size": accelerator.num_processes,
