@@ -438,13 +438,60 @@ def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> d
 
 
 # ------------------------------------------------------------------ saving
-def save(components: Components, faces_dir: Path | None, root: str | Path) -> ModelLayout:
-    """Write every module in safetensors under ``root`` with an ``lcmla.json`` naming them; return it validated."""
+# Components that training never changes: a checkpoint may name them where they already are instead of copying them.
+FROZEN = ("sdxl", "image_encoder", "lcm_lora", "vae", "faces")
+
+
+def save(
+    components: Components, faces_dir: Path | None, root: str | Path, linked: ModelLayout | None = None
+) -> ModelLayout:
+    """Write every module in safetensors under ``root`` with an ``lcmla.json`` naming them; return it validated.
+
+    ``linked``: the directory this model was loaded from, when the :data:`FROZEN` components still hold exactly its
+    weights (as in a training checkpoint): those are named by absolute path, with their recorded hashes, not written.
+    """
     root = Path(root).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     unet, config = components.unet, components.config
-    sdxl = root / "sdxl"
     blocks = install_lookahead_processors(unet)
+    links = {name: c for name, c in linked.components.items() if name in FROZEN} if linked is not None else {}
+    if "faces" in links and (faces_dir is None or links["faces"].path.resolve() != Path(faces_dir).resolve()):
+        del links["faces"]  # the model was given another face pack than its directory's
+    names: dict[str, Any] = {name: {"path": str(c.path.resolve()), **c.options} for name, c in links.items()}
+    if "sdxl" not in links:
+        _save_sdxl(components, root / "sdxl")
+        names["sdxl"] = "sdxl"
+    if "image_encoder" not in links:
+        components.image_encoder.save_pretrained(root / "image_encoder")
+        names["image_encoder"] = "image_encoder"
+
+    _write_json(root / "adapter" / "config.json", config["resampler"])
+    _save(components.resampler.state_dict(), root / "adapter" / "resampler.safetensors")
+    _save(extra_state(unet, blocks, "ip"), root / "adapter" / "ip_kv.safetensors")
+    _write_json(root / "kv_encoder" / "config.json", config["kv_encoder"])
+    _save(extra_state(unet, blocks, "kv"), root / "kv_encoder" / "kv_projections.safetensors")
+    _save(kv_encoder_lora_state(unet), root / "kv_encoder" / "lora.safetensors")
+    names |= {"adapter": "adapter", "kv_encoder": "kv_encoder"}
+    if has_adapter(unet, LCM_ADAPTER) and "lcm_lora" not in links:
+        save_lcm_lora(unet, root / "lcm_lora")
+        names["lcm_lora"] = "lcm_lora"
+    if faces_dir is not None and "faces" not in links:
+        (root / "faces").mkdir(exist_ok=True)
+        for onnx_file in Path(faces_dir).glob("*.onnx"):
+            shutil.copy2(onnx_file, root / "faces" / onnx_file.name)
+        names["faces"] = "faces"
+    pipeline = {key: config["pipeline"][key] for key in ("encoder_prompt", "face_size")}
+    known = {}
+    if linked is not None:  # the linked files' records, by the absolute labels the new manifest gives them
+        known = {linked.label(linked.root / label): record for label, record in linked.manifest.get("files", {}).items()}
+    write_manifest(root, names, pipeline, known)
+    return validate(root)
+
+
+def _save_sdxl(components: Components, sdxl: Path) -> None:
+    """The SDXL base in diffusers layout: the UNet's own weights (no LoRA, no LCM-Lookahead projections), VAE, text
+    encoders, tokenizers, scheduler."""
+    unet, config = components.unet, components.config
     plain = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k and ".processor." not in k}
     (sdxl / "unet").mkdir(parents=True, exist_ok=True)
     unet.save_config(sdxl / "unet")
@@ -462,26 +509,6 @@ def save(components: Components, faces_dir: Path | None, root: str | Path) -> Mo
     for name in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
         getattr(components, name).save_pretrained(sdxl / name)
     _write_json(sdxl / "scheduler" / "scheduler_config.json", config["scheduler"])
-    components.image_encoder.save_pretrained(root / "image_encoder")
-
-    _write_json(root / "adapter" / "config.json", config["resampler"])
-    _save(components.resampler.state_dict(), root / "adapter" / "resampler.safetensors")
-    _save(extra_state(unet, blocks, "ip"), root / "adapter" / "ip_kv.safetensors")
-    _write_json(root / "kv_encoder" / "config.json", config["kv_encoder"])
-    _save(extra_state(unet, blocks, "kv"), root / "kv_encoder" / "kv_projections.safetensors")
-    _save(kv_encoder_lora_state(unet), root / "kv_encoder" / "lora.safetensors")
-    names = {"sdxl": "sdxl", "image_encoder": "image_encoder", "adapter": "adapter", "kv_encoder": "kv_encoder"}
-    if has_adapter(unet, LCM_ADAPTER):
-        save_lcm_lora(unet, root / "lcm_lora")
-        names["lcm_lora"] = "lcm_lora"
-    if faces_dir is not None:
-        (root / "faces").mkdir(exist_ok=True)
-        for onnx_file in Path(faces_dir).glob("*.onnx"):
-            shutil.copy2(onnx_file, root / "faces" / onnx_file.name)
-        names["faces"] = "faces"
-    pipeline = {key: config["pipeline"][key] for key in ("encoder_prompt", "face_size")}
-    write_manifest(root, names, pipeline)
-    return validate(root)
 
 
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
@@ -494,8 +521,13 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     path.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
 
 
-def write_manifest(root: Path, components: dict[str, Any], pipeline: dict[str, Any]) -> dict[str, Any]:
-    """Write ``lcmla.json`` and record size, hash and dtype of every weight file the components name."""
+def write_manifest(
+    root: Path, components: dict[str, Any], pipeline: dict[str, Any], known: dict[str, dict] | None = None
+) -> dict[str, Any]:
+    """Write ``lcmla.json`` and record size, hash and dtype of every weight file the components name.
+
+    ``known``: records already made for some of these files (by label); one whose size still matches is reused
+    instead of hashing the file again."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipeline": pipeline, "components": components}
     _write_json(root / MANIFEST, manifest)
     layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [])
@@ -503,6 +535,10 @@ def write_manifest(root: Path, components: dict[str, Any], pipeline: dict[str, A
     manifest["files"] = {}
     for path in sorted(p for c in layout.components.values() for p in ([c.path] if c.path.is_file() else c.path.rglob("*"))):
         if path.is_file() and path.suffix in weight_suffixes:
+            earlier = (known or {}).get(layout.label(path), {})
+            if earlier.get("bytes") == path.stat().st_size and "sha256" in earlier:
+                manifest["files"][layout.label(path)] = earlier
+                continue
             record = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
             if path.suffix == ".safetensors":
                 dtypes = {dtype for _, dtype in file_header(path).values()}

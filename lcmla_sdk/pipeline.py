@@ -70,8 +70,10 @@ class Personalizer:
         dtype: torch.dtype,
         fingerprint: str | None = None,
         faces: str | Path | None = None,
+        source: model_dir.ModelLayout | None = None,
     ) -> None:
         config = components.config
+        self.source = source  # the model directory the weights were loaded from (None for presets)
         self.config = config
         self.components = components
         # Identifies the weights an Identity (or an exported engine) was made with.
@@ -129,7 +131,7 @@ class Personalizer:
         layout = model_dir.validate(name)
         if faces is None and "faces" in layout.components:
             faces = layout.components["faces"].path
-        return cls(model_dir.load(layout, dtype), device, dtype, layout.fingerprint(), faces)
+        return cls(model_dir.load(layout, dtype), device, dtype, layout.fingerprint(), faces, source=layout)
 
     @classmethod
     def from_config(
@@ -161,10 +163,16 @@ class Personalizer:
         for attribute, network in load_networks(folder, self.fingerprint, backend, self.device, self.dtype).items():
             setattr(self, attribute, network)
 
-    def save_pretrained(self, path: str | Path) -> Path:
+    def save_pretrained(self, path: str | Path, link_frozen: bool = False) -> Path:
         """Write this model as an lcmla model directory (safetensors + ``lcmla.json``), loadable by
-        :meth:`from_pretrained`."""
-        model_dir.save(self.components, self.faces_dir, path)
+        :meth:`from_pretrained`.
+
+        ``link_frozen=True`` (training checkpoints): for a model loaded from a directory, the components training
+        never changes (SDXL base, image encoder, LCM-LoRA, VAE override, face pack) are named where they are in that
+        directory instead of copied, so a full-size checkpoint holds about 2 GB instead of 11. Only for weights left
+        as they were loaded.
+        """
+        model_dir.save(self.components, self.faces_dir, path, linked=self.source if link_frozen else None)
         return Path(path)
 
     @property

@@ -142,18 +142,23 @@ def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
-def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, tmp_path):
-    # ArcFace and tiny-VAE weights written here, loaded through the trainer's real file paths.
+@pytest.fixture(scope="module")
+def loss_weights(tmp_path_factory) -> dict[str, str]:
+    """ArcFace and tiny-VAE weight files, loaded through the trainer's real file paths (config overrides)."""
+    root = tmp_path_factory.mktemp("loss_weights")
     torch.manual_seed(0)
-    arcface_path = tmp_path / "arcface.pth"
-    torch.save(IResNet(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_features=32).state_dict(), arcface_path)
+    torch.save(IResNet(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_features=32).state_dict(), root / "arcface.pth")
     tiny_vae = AutoencoderTiny(**training_presets()["tiny"]["tiny_vae"])
     responsive_decoder_init(tiny_vae)
-    tiny_vae.save_pretrained(tmp_path / "taesd")
+    tiny_vae.save_pretrained(root / "taesd")
+    return {"tiny_vae": str(root / "taesd"), "arcface__weights": str(root / "arcface.pth")}
+
+
+def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_weights, tmp_path):
     steps = 8
     trainer = Trainer(config_from_dict(config_dict(
-        face_set, tmp_path / "run", batch_size=2, max_steps=steps, gradient_checkpointing=False,
-        tiny_vae=str(tmp_path / "taesd"), arcface__weights=str(arcface_path), diffusion__weight=0.0,
+        face_set, tmp_path / "run", batch_size=2, max_steps=steps, gradient_checkpointing=False, **loss_weights,
+        diffusion__weight=0.0,
         lookahead__identity_weight=1.0, optim__lr_encoder=1e-3, optim__lr_adapter=1e-3,
         checkpoint__every=100,
     )))  # fmt: skip
@@ -204,6 +209,34 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     bad = runner.invoke(app, ["train", "--config", str(path), "dropout.kv_tokens=2"])
     assert bad.exit_code == 2 and "dropout.kv_tokens: must be in [0, 1)" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copying_them(
+    face_set, loss_weights, tiny_dir, dir_model, tmp_path
+):
+    config = config_dict(
+        face_set, tmp_path / "run", model=str(tiny_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
+    )
+    trainer = Trainer(config_from_dict(config))
+    trainer.train()
+    checkpoint = tmp_path / "run/checkpoints/step-0000001"
+    manifest = json.loads((checkpoint / "lcmla.json").read_text())
+    for frozen in ("sdxl", "image_encoder", "lcm_lora"):
+        assert not (checkpoint / frozen).exists()
+        assert manifest["components"][frozen]["path"] == str((tiny_dir / frozen).resolve())
+    # The linked files keep the records (hashes) the base directory has for them.
+    source = json.loads((tiny_dir / "lcmla.json").read_text())["files"]
+    unet_file = "sdxl/unet/diffusion_pytorch_model.safetensors"
+    assert manifest["files"][str((tiny_dir / unet_file).resolve())] == source[unet_file]
+
+    model = Personalizer.from_pretrained(checkpoint, device="cpu")
+    trained = load_file(str(checkpoint / "trainer_state/trainables.safetensors"))
+    loaded = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    loaded |= {f"resampler.{k}": v for k, v in model.adapter.resampler.state_dict().items()}
+    assert all(torch.equal(loaded[name], value) for name, value in trained.items())
+    base = dir_model.unet.state_dict()
+    assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
+    assert model.fingerprint != dir_model.fingerprint
 
 
 def test_two_processes_step_in_sync(face_set, tmp_path):

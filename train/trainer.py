@@ -411,7 +411,8 @@ class Trainer:
         checkpoints.write_rng_state(staging / checkpoints.STATE_DIR, self.rank)
         if accelerator.is_main_process:
             trainables = self.trainable_state()
-            self.model.save_pretrained(staging)  # the checkpoint is a model directory: from_pretrained reads it
+            # A model directory (from_pretrained reads it) naming the frozen parts where the base model has them.
+            self.model.save_pretrained(staging, link_frozen=True)
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             state = {
                 "step": step, "world_size": accelerator.num_processes,
