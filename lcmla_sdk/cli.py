@@ -162,9 +162,8 @@ def train(
     try:
         trainer = Trainer(load_config(config, overrides or []))
         result = trainer.train(resume=resume_from if resume_from is not None else resume)
-    except ValueError as error:  # every training error (config, data, checkpoint, weights) is a ValueError
-        console.print(f"[red]error:[/red] {error}")
-        raise typer.Exit(code=2) from None
+    except USER_ERRORS as error:  # every training error (config, data, checkpoint, weights) is a ValueError
+        raise fail(error) from None
     if trainer.accelerator.is_main_process:
         typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")
 
