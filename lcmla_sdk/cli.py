@@ -162,7 +162,7 @@ def train(
     try:
         trainer = Trainer(load_config(config, overrides or []))
         result = trainer.train(resume=resume_from if resume_from is not None else resume)
-    except USER_ERRORS as error:  # every training error (config, data, checkpoint, weights) is a ValueError
+    except USER_ERRORS as error:  # config, data, checkpoint and weight errors are ValueErrors; unreadable files OSErrors
         raise fail(error) from None
     if trainer.accelerator.is_main_process:
         typer.echo(f"trained to step {result['step']}; checkpoints in {Path(trainer.output_dir) / 'checkpoints'}")

@@ -1,7 +1,7 @@
 """The one family of errors lcmla raises for bad input and bad files.
 
-Every class also derives from the built-in exception a caller would expect (``ValueError``, ``FileNotFoundError``),
-so ``except ValueError`` keeps working; ``except LcmlaError`` catches all of them.
+Every class also derives from ``ValueError``, so ``except ValueError`` keeps working; ``except LcmlaError`` catches
+all of them.
 """
 
 from __future__ import annotations

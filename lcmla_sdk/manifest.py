@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ModelFilesError
+
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
 Shape = tuple[int, ...]
@@ -81,10 +83,10 @@ class Manifest:
     def load(cls, folder: str | Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
         if not path.is_file():
-            raise FileNotFoundError(f"No {MANIFEST_NAME} in {folder}: export the model there first (lcmla export).")
+            raise ModelFilesError(f"No {MANIFEST_NAME} in {folder}: export the model there first (lcmla export).")
         raw = json.loads(path.read_text())
         if raw.get("schema") != SCHEMA_VERSION:
-            raise ValueError(f"{path}: manifest schema {raw.get('schema')} is not the supported {SCHEMA_VERSION}.")
+            raise ModelFilesError(f"{path}: manifest schema {raw.get('schema')} is not the supported {SCHEMA_VERSION}.")
         networks = {}
         for name, entry in raw["networks"].items():
             entry["inputs"] = [TensorInfo(t["name"], t["dtype"], tuple(t["dims"])) for t in entry["inputs"]]

@@ -26,7 +26,7 @@ import hashlib
 import json
 import pickle
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -264,6 +264,14 @@ def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
 
 
 @functools.lru_cache(maxsize=4)
+def base_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
+    """The SDXL UNet's own weights under diffusers' names: no LoRA, no LCM-Lookahead projections."""
+    return {
+        k.replace(".base_layer", ""): v
+        for k, v in unet.state_dict().items() if "lora_" not in k and ".processor." not in k
+    }  # fmt: skip
+
+
 def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, tuple]]:
     """Keys and shapes of every file the shared UNet loads, from a meta-device build with the KV-encoder LoRA.
 
@@ -275,10 +283,7 @@ def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, t
         blocks = install_lookahead_processors(unet)
         add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config.get("kv_lora_rank"))
     return {
-        "unet": {
-            k.replace(".base_layer", ""): v
-            for k, v in shapes(unet.state_dict()).items() if "lora_" not in k and ".processor." not in k
-        },
+        "unet": shapes(base_unet_state(unet)),
         "kv_projections": shapes(extra_state(unet, blocks, "kv")),
         "kv_lora": shapes(kv_encoder_lora_state(unet)),
         "ip_kv": shapes(extra_state(unet, blocks, "ip")),
@@ -481,21 +486,30 @@ def save(
             shutil.copy2(onnx_file, root / "faces" / onnx_file.name)
         names["faces"] = "faces"
     pipeline = {key: config["pipeline"][key] for key in ("encoder_prompt", "face_size")}
-    known = {}
-    if linked is not None:  # the linked files' records, by the absolute labels the new manifest gives them
-        known = {linked.label(linked.root / label): record for label, record in linked.manifest.get("files", {}).items()}
-    write_manifest(root, names, pipeline, known)
+    write_manifest(root, names, pipeline, _linked_records(linked, links.values()))
     return validate(root)
+
+
+def _linked_records(linked: ModelLayout | None, frozen: Iterable[Component]) -> dict[str, dict]:
+    """The base directory's records of the linked components' files, by the absolute paths that label them now."""
+    if linked is None:
+        return {}
+    roots = [component.path.resolve() for component in frozen]
+    records = {}
+    for label, record in linked.manifest.get("files", {}).items():
+        path = (linked.root / label).resolve()
+        if any(path == root or root in path.parents for root in roots):
+            records[path.as_posix()] = record
+    return records
 
 
 def _save_sdxl(components: Components, sdxl: Path) -> None:
     """The SDXL base in diffusers layout: the UNet's own weights (no LoRA, no LCM-Lookahead projections), VAE, text
     encoders, tokenizers, scheduler."""
     unet, config = components.unet, components.config
-    plain = {k.replace(".base_layer", ""): v for k, v in unet.state_dict().items() if "lora_" not in k and ".processor." not in k}
     (sdxl / "unet").mkdir(parents=True, exist_ok=True)
     unet.save_config(sdxl / "unet")
-    _save(plain, sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    _save(base_unet_state(unet), sdxl / "unet" / "diffusion_pytorch_model.safetensors")
     components.vae.save_pretrained(sdxl / "vae")
     for part in DIFFUSERS_PARTS:
         config_file = sdxl / part / "config.json"
@@ -526,8 +540,8 @@ def write_manifest(
 ) -> dict[str, Any]:
     """Write ``lcmla.json`` and record size, hash and dtype of every weight file the components name.
 
-    ``known``: records already made for some of these files (by label); one whose size still matches is reused
-    instead of hashing the file again."""
+    ``known``: records already made for files outside ``root`` (by their absolute labels); one whose size still
+    matches is reused instead of hashing the file again. Files under ``root`` are always hashed."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipeline": pipeline, "components": components}
     _write_json(root / MANIFEST, manifest)
     layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [])
@@ -535,7 +549,8 @@ def write_manifest(
     manifest["files"] = {}
     for path in sorted(p for c in layout.components.values() for p in ([c.path] if c.path.is_file() else c.path.rglob("*"))):
         if path.is_file() and path.suffix in weight_suffixes:
-            earlier = (known or {}).get(layout.label(path), {})
+            label = layout.label(path)
+            earlier = (known or {}).get(label, {}) if Path(label).is_absolute() else {}
             if earlier.get("bytes") == path.stat().st_size and "sha256" in earlier:
                 manifest["files"][layout.label(path)] = earlier
                 continue

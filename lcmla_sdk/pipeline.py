@@ -169,8 +169,8 @@ class Personalizer:
 
         ``link_frozen=True`` (training checkpoints): for a model loaded from a directory, the components training
         never changes (SDXL base, image encoder, LCM-LoRA, VAE override, face pack) are named where they are in that
-        directory instead of copied, so a full-size checkpoint holds about 2 GB instead of 11. Only for weights left
-        as they were loaded.
+        directory instead of copied (a full-size model part of about 2 GB instead of 11). Only for weights left as they
+        were loaded; the directory then depends on that one staying where it is.
         """
         model_dir.save(self.components, self.faces_dir, path, linked=self.source if link_frozen else None)
         return Path(path)

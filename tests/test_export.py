@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lcmla_sdk import Personalizer
+from lcmla_sdk import ModelFilesError, Personalizer
 from lcmla_sdk.cli import app
 from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRTUnavailable
 from lcmla_sdk.engines.engine import engine_cache_key
@@ -199,8 +199,8 @@ def test_engine_folder_from_another_gpu_or_tensorrt_is_refused(tmp_path, exporte
 
 
 def test_manifest_loading_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="lcmla export"):
+    with pytest.raises(ModelFilesError, match="lcmla export"):
         Manifest.load(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99}))
-    with pytest.raises(ValueError, match="schema 99"):
+    with pytest.raises(ModelFilesError, match="schema 99"):
         Manifest.load(Path(tmp_path))

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from itertools import chain
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,6 +103,26 @@ def test_the_same_weights_give_the_same_files_in_every_process(tmp_path):
     first, second = (model_dir.validate(root) for root in roots)
     assert (roots[0] / "lcm_lora/pytorch_lora_weights.safetensors").is_file()
     assert first.fingerprint() == second.fingerprint()
+
+
+def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(tiny_dir, tmp_path, monkeypatch):
+    """``link_frozen`` (training checkpoints): the base's weight files are named, never hashed again; every file the
+    save writes is hashed, so other trained weights always give another fingerprint."""
+    model = Personalizer.from_pretrained(tiny_dir, device="cpu")
+    hash_file, hashed = model_dir.sha256_file, []
+    monkeypatch.setattr(model_dir, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or hash_file(path))
+    fingerprints = []
+    for index in range(2):
+        with torch.no_grad():
+            model.adapter.resampler.latents.add_(1.0)  # same size, other values: a recorded hash must not stand in
+        root = model.save_pretrained(tmp_path / f"checkpoint{index}", link_frozen=True)
+        assert not (root / "sdxl").exists() and not (root / "image_encoder").exists()
+        for label, record in json.loads((root / "lcmla.json").read_text())["files"].items():
+            assert record["sha256"] == hash_file(Path(label) if Path(label).is_absolute() else root / label), label
+        fingerprints.append(model_dir.validate(root).fingerprint())
+    assert fingerprints[0] != fingerprints[1]
+    weights = (".safetensors", ".bin", ".onnx")
+    assert not [p for p in hashed if tiny_dir.resolve() in p.parents and p.suffix in weights]
 
 
 def test_half_precision_save_and_load(tmp_path):

@@ -175,6 +175,16 @@ def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_w
     assert int((after < before).sum()) >= steps - 2
 
 
+def load_checkpoint_model(checkpoint):
+    """The SDK model of a training checkpoint, after checking it holds exactly the trainer's saved trainables."""
+    trained = load_file(str(checkpoint / "trainer_state/trainables.safetensors"))
+    model = Personalizer.from_pretrained(checkpoint, device="cpu")
+    loaded = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
+    loaded |= {f"resampler.{k}": v for k, v in model.adapter.resampler.state_dict().items()}
+    assert trained and all(torch.equal(loaded[name], value) for name, value in trained.items())
+    return model, trained
+
+
 def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     path = tmp_path / "train.yaml"
     config = config_dict(face_set, tmp_path / "run", gradient_checkpointing=False)
@@ -197,11 +207,7 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     assert state["step"] == 2 and state["samples_seen"] == 2
 
     # The checkpoint is a model directory: the SDK loads it as it is, with the trained weights in place.
-    trained = load_file(str(checkpoint / "trainer_state/trainables.safetensors"))
-    model = Personalizer.from_pretrained(checkpoint, device="cpu")
-    loaded = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    loaded |= {f"resampler.{k}": v for k, v in model.adapter.resampler.state_dict().items()}
-    assert trained and all(torch.equal(loaded[name], value) for name, value in trained.items())
+    model, trained = load_checkpoint_model(checkpoint)
     baseline = Personalizer.from_pretrained("tiny", device="cpu").adapter.resampler.state_dict()
     assert any(not torch.equal(baseline[k], v) for k, v in model.adapter.resampler.state_dict().items())
     assert len(model.generate(sample_face(), "a face", steps=1, seed=0)) == 1
@@ -229,11 +235,7 @@ def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copyi
     unet_file = "sdxl/unet/diffusion_pytorch_model.safetensors"
     assert manifest["files"][str((tiny_dir / unet_file).resolve())] == source[unet_file]
 
-    model = Personalizer.from_pretrained(checkpoint, device="cpu")
-    trained = load_file(str(checkpoint / "trainer_state/trainables.safetensors"))
-    loaded = {f"unet.{k}": v for k, v in model.unet.state_dict().items()}
-    loaded |= {f"resampler.{k}": v for k, v in model.adapter.resampler.state_dict().items()}
-    assert all(torch.equal(loaded[name], value) for name, value in trained.items())
+    model, trained = load_checkpoint_model(checkpoint)
     base = dir_model.unet.state_dict()
     assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
     assert model.fingerprint != dir_model.fingerprint
