@@ -4,6 +4,9 @@ import torch
 from lcmla_sdk import Personalizer
 from lcmla_sdk.images import sample_face
 
+# Tiny-preset tensors gain nothing from a second thread, and on a 2-core CI machine every op would wait for it.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def tiny() -> Personalizer:

@@ -34,15 +34,6 @@ BLOCK = "mid_block.attentions.0.transformer_blocks.3"  # any of the 70 K/V block
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_layer\.(?P<side>down|up)\.weight")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread, and on a busy 2-core machine every op waits for it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def layout() -> dict:
     return json.loads(gzip.decompress(LAYOUT_FILE.read_bytes()))
