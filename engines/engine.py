@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lcmla_sdk.errors import LcmlaError
 from lcmla_sdk.manifest import NetworkEntry, sha256_json
 
 INSTALL_HINT = (
@@ -27,7 +28,7 @@ class TensorRTUnavailable(RuntimeError):
     """``tensorrt`` cannot be imported."""
 
 
-class EngineMismatchError(RuntimeError):
+class EngineMismatchError(LcmlaError, RuntimeError):
     """An engine folder was built for another GPU, TensorRT version or model."""
 
 
