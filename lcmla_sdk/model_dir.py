@@ -263,7 +263,6 @@ def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
         return shapes(build().state_dict())
 
 
-@functools.lru_cache(maxsize=4)
 def base_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     """The SDXL UNet's own weights under diffusers' names: no LoRA, no LCM-Lookahead projections."""
     return {
@@ -272,6 +271,7 @@ def base_unet_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
     }  # fmt: skip
 
 
+@functools.lru_cache(maxsize=4)
 def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, tuple]]:
     """Keys and shapes of every file the shared UNet loads, from a meta-device build with the KV-encoder LoRA.
 
@@ -549,17 +549,15 @@ def write_manifest(
     manifest["files"] = {}
     for path in sorted(p for c in layout.components.values() for p in ([c.path] if c.path.is_file() else c.path.rglob("*"))):
         if path.is_file() and path.suffix in weight_suffixes:
-            label = layout.label(path)
-            earlier = (known or {}).get(label, {}) if Path(label).is_absolute() else {}
-            if earlier.get("bytes") == path.stat().st_size and "sha256" in earlier:
-                manifest["files"][layout.label(path)] = earlier
-                continue
-            record = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
-            if path.suffix == ".safetensors":
-                dtypes = {dtype for _, dtype in file_header(path).values()}
-                if len(dtypes) == 1:
-                    record["dtype"] = dtypes.pop()
-            manifest["files"][layout.label(path)] = record
+            label, size = layout.label(path), path.stat().st_size
+            record = (known or {}).get(label, {}) if Path(label).is_absolute() else {}
+            if record.get("bytes") != size or "sha256" not in record:
+                record = {"sha256": sha256_file(path), "bytes": size}
+                if path.suffix == ".safetensors":
+                    dtypes = {dtype for _, dtype in file_header(path).values()}
+                    if len(dtypes) == 1:
+                        record["dtype"] = dtypes.pop()
+            manifest["files"][label] = record
     _write_json(root / MANIFEST, manifest)
     return manifest
 
