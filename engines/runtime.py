@@ -76,7 +76,9 @@ class _GraphNetwork:
     def _run(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         inputs = {t.name: v.to(getattr(torch, t.dtype)) for t, v in zip(self.entry.inputs, values)}
         outputs = self.runner.infer(inputs)
-        return [outputs[t.name].to(self.dtype) for t in self.entry.outputs]
+        # A copy of every output: TensorRT's are views of static buffers that the next call overwrites (the
+        # guided step would otherwise see its first denoiser output replaced by its second).
+        return [outputs[t.name].to(self.dtype, copy=True) for t in self.entry.outputs]
 
 
 class GraphKVEncoder(_GraphNetwork):
@@ -87,6 +89,17 @@ class GraphKVEncoder(_GraphNetwork):
 class GraphDenoiser(_GraphNetwork):
     def __call__(self, latent, timestep, text, pooled_text, time_ids, image_tokens=None, adapter_scale=1.0, kv=None):
         batch = latent.shape[0]
+        if kv is not None and kv[0].shape[0] < batch:
+            # K/V for the last rows only (the torch Denoiser's contract): the graph takes K/V for every row, so run
+            # the rows without K/V and the rows with them as two calls.
+            plain = batch - kv[0].shape[0]
+            scale = torch.as_tensor(adapter_scale, dtype=torch.float32, device=latent.device).reshape(-1).expand(batch)
+            parts = [(slice(0, plain), None), (slice(plain, batch), kv)]
+            return torch.cat([
+                self(latent[rows], timestep[rows], text[rows], pooled_text[rows], time_ids[rows],
+                     None if image_tokens is None else image_tokens[rows], scale[rows], part_kv)
+                for rows, part_kv in parts
+            ])  # fmt: skip
         tokens_info, kv_info = self.entry.inputs[5], self.entry.inputs[7:]
         if image_tokens is None:  # zero scale over any tokens is exactly "no IP-Adapter"
             image_tokens = torch.zeros(batch, *tokens_info.dims[1:], device=latent.device)

@@ -11,7 +11,8 @@ Each SDXL transformer block gets two processors:
 
 Everything that changes between calls (K/V tensors, image tokens, scale, the sink) arrives as call
 arguments through the UNet's ``cross_attention_kwargs``; processors hold only weights and their layer
-index, so one module traces to ONNX and replays in a CUDA graph.
+index, and take no host-side decision on tensor values, so one module traces to ONNX and is captured in a
+CUDA graph (verified on the device by ``tests/test_gpu.py``).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class AppendedKVAttnProcessor(nn.Module):
     """Self-attention over own K/V followed by appended K/V tokens (own tokens first, no extra scale).
 
     ``kv`` is the flat tuple ``(k_0, v_0, k_1, v_1, ...)`` over all K/V layers; this processor reads the pair at
-    ``layer_index``. ``kv=None`` (or a pair with zero tokens) is plain SDXL self-attention.
+    ``layer_index``. ``kv=None`` (or a pair with zero tokens) is plain SDXL self-attention. A pair with ``n`` rows
+    for a batch of ``N > n`` rows is appended to the last ``n`` rows only.
     """
 
     def __init__(self, layer_index: int, hidden_size: int) -> None:
@@ -78,10 +80,18 @@ class AppendedKVAttnProcessor(nn.Module):
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)
-        if kv is not None:
-            key = torch.cat([key, kv[2 * self.layer_index]], dim=1)
-            value = torch.cat([value, kv[2 * self.layer_index + 1]], dim=1)
-        out = _attend(query, key, value, attn.heads)
+        if kv is None:
+            out = _attend(query, key, value, attn.heads)
+        else:
+            extra_k, extra_v = kv[2 * self.layer_index], kv[2 * self.layer_index + 1]
+            # K/V for fewer rows than the batch belong to its last rows; the first rows attend to their own tokens
+            # only. This lets guidance run its no-K/V and full branches in one pass.
+            plain = query.shape[0] - extra_k.shape[0]
+            appended = _attend(
+                query[plain:], torch.cat([key[plain:], extra_k], dim=1), torch.cat([value[plain:], extra_v], dim=1),
+                attn.heads,
+            )
+            out = appended if plain == 0 else torch.cat([_attend(query[:plain], key[:plain], value[:plain], attn.heads), appended])
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -24,15 +24,20 @@ def three_branch(
     nokv_cond: torch.Tensor,
     full_uncond: torch.Tensor,
     full_cond: torch.Tensor,
-    weights: Guidance,
+    weights: Guidance | torch.Tensor,
 ) -> torch.Tensor:
     """``e = u + w_nokv (c - u) + w_full (e_full(c) - u) + w_kv (e_full(u) - u)`` with ``u = e_nokv(uncond)``.
 
-    Without encoder K/V (``full_* = nokv_*``) this is plain CFG with scale ``w_nokv + w_full``.
+    ``weights``: a :class:`Guidance`, or its three values as a device tensor (so they change between calls of a
+    captured CUDA graph). Without encoder K/V (``full_* = nokv_*``) this is plain CFG with scale ``w_nokv + w_full``.
     """
+    no_kv, full, kv = weights[0], weights[1], weights[2]
     return (
         nokv_uncond
-        + weights.no_kv * (nokv_cond - nokv_uncond)
-        + weights.full * (full_cond - nokv_uncond)
-        + weights.kv * (full_uncond - nokv_uncond)
+        + no_kv * (nokv_cond - nokv_uncond)
+        + full * (full_cond - nokv_uncond)
+        + kv * (full_uncond - nokv_uncond)
     )
+
+
+DEFAULT_GUIDANCE = tuple(Guidance())

@@ -8,6 +8,7 @@ the token axis (own tokens first, then reference 1, 2, ...). One image is the au
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,15 @@ class Identity:
         if self.arcface is None:
             return None
         return torch.nn.functional.normalize(self.arcface.float().mean(0), dim=0)
+
+    def digest(self) -> str:
+        """SHA-256 of the tensors a generation reads and of the model that made them (a cache key)."""
+        digest = hashlib.sha256(self.model_fingerprint.encode())
+        for name in TENSORS[:4]:
+            tensor = getattr(self, name).detach().cpu().contiguous()
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def check_model(self, fingerprint: str) -> None:
         if self.model_fingerprint != fingerprint:

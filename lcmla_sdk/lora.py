@@ -1,16 +1,21 @@
 """peft LoRA adapters on the one shared SDXL UNet.
 
 Two adapters can live on the same base layers: ``kv_encoder`` (rank-4 LoRA of the KV-encoder: attn1/attn2
-q/k/v/out in 69 blocks and the K/V projections in all 70) and ``lcm`` (an SDXL LCM-LoRA). Each network
-activates exactly the adapters it owns at the start of its own forward (:func:`activate_adapters`), so
-the denoiser never sees the KV-encoder's LoRA and the KV-encoder never sees the LCM-LoRA.
+q/k/v/out in 69 blocks and the K/V projections in all 70) and ``lcm`` (an SDXL LCM-LoRA).
+
+The peft UNet is where weights are loaded, trained and saved. Inference never switches adapters on it: each network
+gets its own plain UNet from :func:`materialize`, with its adapters merged into copies of the layers they adapt and
+every other weight shared, so which adapter a network uses is fixed when it is built. Training, which needs the
+unmerged LoRA weights, activates adapters on the peft UNet with :func:`activate_adapters`.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 import weakref
 
+import torch
 from diffusers import UNet2DConditionModel
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -96,3 +101,35 @@ def activate_adapters(unet: nn.Module, names: tuple[str, ...]) -> None:
         wanted = [name for name in names if name in layer.lora_A]
         if layer.active_adapters != wanted:
             layer._active_adapter = wanted
+
+
+def materialize(unet: nn.Module, adapters: tuple[str, ...]) -> nn.Module:
+    """A plain (peft-free) copy of ``unet`` that computes exactly the peft UNet with ``adapters`` active.
+
+    Layers that none of ``adapters`` adapts are the peft layers' own base modules (no copy). A layer that one does
+    becomes a new module whose weight is ``base + sum of the adapters' deltas`` (peft's ``get_delta_weight``, in
+    fp32, rounded once to the weight's dtype). The peft UNet is left untouched; a later change of its weights is
+    not seen by the copy (build a new one).
+    """
+    if isinstance(unet, BaseTunerLayer):
+        return _merged_layer(unet, adapters)
+    clone = copy.copy(unet)
+    # A shallow copy would share the registration dicts (parameters, buffers, hooks, config); give it its own, so
+    # replacing a child or adding a hook stays local to the copy.
+    clone.__dict__.update({key: copy.copy(value) for key, value in vars(unet).items() if isinstance(value, dict)})
+    clone._modules = {name: materialize(child, adapters) if child is not None else None
+                      for name, child in unet._modules.items()}  # fmt: skip
+    return clone
+
+
+@torch.no_grad()
+def _merged_layer(layer: BaseTunerLayer, adapters: tuple[str, ...]) -> nn.Module:
+    base = layer.get_base_layer()
+    present = [name for name in adapters if name in layer.lora_A]
+    if not present:
+        return base
+    merged = copy.copy(base)
+    merged.__dict__.update({key: copy.copy(value) for key, value in vars(base).items() if isinstance(value, dict)})
+    weight = base.weight.float() + sum(layer.get_delta_weight(name).float() for name in present)
+    merged.weight = nn.Parameter(weight.to(base.weight.dtype), requires_grad=False)
+    return merged

@@ -4,8 +4,10 @@
 * :class:`KVEncoder` ``(latent, t, text, pooled_text, time_ids) -> (k_0, v_0, ..., k_69, v_69)``
 * :class:`ImageAdapter` ``(pixel_values) -> (cond_tokens, uncond_tokens)``
 
-Inputs and outputs are tensors only, so each module exports to ONNX and replays inside a CUDA graph.
-:class:`Denoiser` and :class:`KVEncoder` hold the *same* UNet object: one copy of the base weights.
+Inputs and outputs are tensors only and no forward reads a tensor's value on the host, so each module exports to
+ONNX and is captured in a CUDA graph. Each UNet network wraps a plain UNet from :func:`lcmla_sdk.lora.materialize`:
+its adapters are merged into its own copies of the layers they adapt, and every other weight is shared with the
+other networks (one copy of the base weights).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
-from .lora import KV_ENCODER_ADAPTER, activate_adapters
 
 
 def _batch_vector(value: torch.Tensor | float, batch: int, like: torch.Tensor) -> torch.Tensor:
-    """A per-sample ``(batch,)`` tensor from a scalar, 0-d or ``(batch,)`` input."""
+    """A per-sample ``(batch,)`` tensor from a scalar, 0-d or ``(batch,)`` input. A tensor already on ``like``'s
+    device is only reshaped (no host copy, so this is safe inside a CUDA-graph capture); a Python number is an
+    eager-mode convenience."""
     value = torch.as_tensor(value, device=like.device, dtype=torch.float32)
     return value.reshape(-1).expand(batch) if value.numel() == 1 else value.reshape(batch)
 
@@ -31,15 +34,14 @@ class Denoiser(nn.Module):
     """SDXL UNet whose self-attention layers also attend to appended K/V and whose cross-attention adds
     IP-Adapter attention over image tokens.
 
-    ``adapters`` names the peft adapters active during this network's forward: ``()`` for the authors'
-    frozen decoder, ``("lcm",)`` for the LCM-LoRA denoiser of fast mode. ``kv=None`` and
-    ``image_tokens=None`` give plain SDXL.
+    ``unet`` is the authors' frozen decoder (no adapter) or, for fast mode, the same with the LCM-LoRA merged.
+    ``kv=None`` and ``image_tokens=None`` give plain SDXL; K/V with fewer rows than ``latent`` are appended to its
+    last rows only (see :class:`~lcmla_sdk.attention.AppendedKVAttnProcessor`).
     """
 
-    def __init__(self, unet: UNet2DConditionModel, adapters: tuple[str, ...] = ()) -> None:
+    def __init__(self, unet: UNet2DConditionModel) -> None:
         super().__init__()
         self.unet = unet
-        self.adapters = adapters
 
     def forward(
         self,
@@ -55,7 +57,6 @@ class Denoiser(nn.Module):
         kwargs = {"kv": kv, "ip_tokens": image_tokens}
         if image_tokens is not None:
             kwargs["adapter_scale"] = _batch_vector(adapter_scale, latent.shape[0], latent)
-        activate_adapters(self.unet, self.adapters)
         return self.unet(
             latent,
             timestep,
@@ -67,7 +68,7 @@ class Denoiser(nn.Module):
 
 
 class KVEncoder(nn.Module):
-    """The shared UNet with the ``kv_encoder`` LoRA active, run only as far as the last K/V block.
+    """The UNet with the ``kv_encoder`` LoRA merged, run only as far as the last K/V block.
 
     Returns the flat tuple ``(k_0, v_0, k_1, v_1, ...)`` in the denoiser's consumption order; each
     tensor is ``(batch, face_tokens_at_that_layer, layer_width)``. The encoder's cross-attention sees
@@ -88,7 +89,6 @@ class KVEncoder(nn.Module):
         time_ids: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
         sink: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        activate_adapters(self.unet, (KV_ENCODER_ADAPTER,))
         self._run_until_all_kv(latent, timestep, text, {"text_embeds": pooled_text, "time_ids": time_ids}, sink)
         if len(sink) != self.num_layers:
             raise RuntimeError(f"KV-encoder collected {len(sink)} of {self.num_layers} K/V layers.")

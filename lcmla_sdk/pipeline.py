@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import random
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,24 +13,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
 from . import model_dir
 from .attention import install_lookahead_processors
 from .errors import InvalidImageError, ModelFilesError
 from .faces import ON_MULTIPLE, FaceAnalyzer, align_face
-from .guidance import Guidance, three_branch
+from .guidance import DEFAULT_GUIDANCE, Guidance
 from .identity import Identity
 from .images import FaceInput, clip_pixels, load_rgb, pixel_sha256, to_pil, vae_pixels
+from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
 from .manifest import sha256_json
-from .lora import LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .presets import PRESETS, Components, build_random_components, preset_config
+from .sampling import (
+    Networks, StepGraphs, StepSpec, flatten_kv, join_references, sample, say_once, shape_key,
+)  # fmt: skip
+from .schedule import StepTable, build_table, noise_reference
 from .text import encode_prompts, time_ids
 
 MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 OUTPUTS = ("pil", "np", "pt", "latent")
 CROPS = ("none", "face")
+VAES = ("full", "tiny")
+FACE_NOISES = ("paired", "fixed")
+# Seed of the reference-face noise when it is fixed per identity (face_noise="fixed", and the K/V cache).
+FIXED_FACE_NOISE_SEED = 0
+GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
+KV_CACHE_BYTES = 16 * 2**30  # per-identity K/V kept per Personalizer (least recently used out)
 StepCallback = Callable[[int, int, torch.Tensor], Any]
 FaceEncoding = Identity  # the name of the first release
 
@@ -46,6 +59,20 @@ class _Request:
     width: int
     use_kv: bool
     adapter_scale: float
+    kv_cache: bool
+    face_noise: str
+    vae: str
+    output: str
+
+
+@dataclass
+class _Noise:
+    """Everything random in one generation, drawn ahead from each image's own generator."""
+
+    latents: torch.Tensor  # (B, 4, h, w): the initial latents
+    face_latents: torch.Tensor  # (B x R, 4, fh, fw): each image's sample of its reference latents, scaled
+    face_noise: torch.Tensor  # (B x R, 4, fh, fw): what noises them at every step
+    steps: torch.Tensor | None  # (noise_steps, B, 4, h, w): the scheduler's injected noise (LCM)
 
 
 def default_device_and_dtype(
@@ -59,8 +86,13 @@ def default_device_and_dtype(
 class Personalizer:
     """Encoder-based face personalization with LCM-Lookahead's KV-encoder, denoiser and image adapter.
 
-    The sampling loop calls three networks through their tensor interfaces (:mod:`lcmla_sdk.networks`):
-    ``self.kv_encoder``, ``self.denoiser`` / ``self.lcm_denoiser`` and ``self.adapter``.
+    The sampling loop calls the networks through their tensor interfaces (:mod:`lcmla_sdk.networks`):
+    ``self.kv_encoder``, ``self.denoiser`` / ``self.lcm_denoiser`` and ``self.adapter``. The UNet networks are built
+    on first use from the peft UNet ``self.unet`` (each with its adapters merged, :func:`lcmla_sdk.lora.materialize`);
+    after changing ``self.unet``'s weights, call :meth:`rebuild_networks`.
+
+    On a CUDA device the sampling step is captured in a CUDA graph per shape and replayed (``cuda_graphs=False``
+    runs it eagerly); concurrent calls are safe: the graph loop holds a lock for the loop only.
     """
 
     def __init__(
@@ -71,6 +103,7 @@ class Personalizer:
         fingerprint: str | None = None,
         faces: str | Path | None = None,
         source: model_dir.ModelLayout | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         config = components.config
         self.source = source  # the model directory the weights were loaded from (None for presets)
@@ -86,26 +119,63 @@ class Personalizer:
 
         unet = components.unet
         self.kv_blocks = install_lookahead_processors(unet)
-        if not has_adapter(unet, "kv_encoder"):
+        if not has_adapter(unet, KV_ENCODER_ADAPTER):
             add_kv_encoder_lora(unet, self.kv_blocks, config["kv_encoder"]["lora_rank"], config["kv_encoder"].get("kv_lora_rank"))
         self.unet = _place(unet, device, dtype)
-        self.kv_encoder = KVEncoder(self.unet, len(self.kv_blocks))
-        self.denoiser = Denoiser(self.unet)
-        self.lcm_denoiser = Denoiser(self.unet, adapters=(LCM_ADAPTER,)) if has_adapter(unet, LCM_ADAPTER) else None
+        self.has_lcm = has_adapter(unet, LCM_ADAPTER)
 
-        self.adapter = ImageAdapter(components.image_encoder, components.resampler)
-        _place(self.adapter, device, dtype)
         self.tokenizers = (components.tokenizer, components.tokenizer_2)
         self.text_encoders = (_place(components.text_encoder, device, dtype), _place(components.text_encoder_2, device, dtype))
         # The stock SDXL VAE overflows in fp16: keep it in fp32 when its config asks for upcasting.
         vae_dtype = torch.float32 if components.vae.config.force_upcast else dtype
         self.vae = _place(components.vae, device, vae_dtype)
+        self.tiny_vae = _place(components.tiny_vae, device, dtype) if components.tiny_vae is not None else None
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Latent sides must survive every UNet downsampling.
         self.size_multiple = self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
         self.default_size = unet.config.sample_size * self.vae_scale
         self.clip_size: int = components.image_encoder.config.image_size
-        self.noise_scheduler = DDPMScheduler.from_config(config["scheduler"])
+
+        self.cuda_graphs = cuda_graphs
+        self._lock = threading.Lock()  # guards the lazily built networks and the K/V cache
+        self._networks: dict[str, Any] = {"adapter": _place(ImageAdapter(components.image_encoder, components.resampler), device, dtype)}
+        self._networks_version = 0
+        self._graphs = StepGraphs(GRAPH_MEMORY_BYTES)
+        self._kv_cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
+
+    # ------------------------------------------------------------------ networks
+    def _network(self, name: str):
+        with self._lock:
+            if name not in self._networks:
+                self._networks[name] = self._build_network(name)
+            return self._networks[name]
+
+    def _build_network(self, name: str):
+        if name == "kv_encoder":
+            return KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
+        if name == "denoiser":
+            return Denoiser(materialize(self.unet, ()))
+        if name == "lcm_denoiser":
+            return Denoiser(materialize(self.unet, (LCM_ADAPTER,))) if self.has_lcm else None
+        raise KeyError(name)
+
+    kv_encoder = property(lambda self: self._network("kv_encoder"), doc="The K/V-encoder (kv_encoder LoRA merged).")
+    denoiser = property(lambda self: self._network("denoiser"), doc="The authors' decoder: no adapter.")
+    lcm_denoiser = property(lambda self: self._network("lcm_denoiser"), doc="The denoiser with the LCM-LoRA merged.")
+    adapter = property(lambda self: self._network("adapter"), doc="CLIP vision tower + IP-Adapter resampler.")
+
+    def rebuild_networks(self, **replacements: Any) -> None:
+        """Drop the built networks (they are rebuilt from ``self.unet`` on next use), captured graphs and K/V caches;
+        ``replacements`` (``kv_encoder=...``) install networks with the same call signatures instead."""
+        with self._lock:
+            unknown = set(replacements) - {"kv_encoder", "denoiser", "lcm_denoiser", "adapter"}
+            if unknown:
+                raise ValueError(f"networks: unknown {sorted(unknown)}")
+            adapter = replacements.pop("adapter", self._networks["adapter"])
+            self._networks = {"adapter": adapter, **replacements}
+            self._networks_version += 1
+            self._graphs.clear()
+            self._kv_cache.clear()
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -116,22 +186,31 @@ class Personalizer:
         dtype: torch.dtype | None = None,
         seed: int = 0,
         faces: str | Path | None = None,
+        tiny_vae: str | Path | None = None,
+        cuda_graphs: bool = True,
     ) -> Personalizer:
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
         A directory is validated (files, keys, shapes, dtypes) before any weight is read; nothing is downloaded.
-        ``faces`` overrides the directory's face pack. Presets (``"tiny"``, ``"sdxl"``) have seeded random
-        weights: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
+        ``faces`` overrides the directory's face pack. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder
+        (TAESD-XL) for ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights,
+        drawn directly on ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export
+        and benchmarks.
         """
         device, dtype = default_device_and_dtype(device, dtype)
         if str(name) in PRESETS:
-            return cls.from_config(preset_config(str(name)), device, dtype, seed, label=str(name), faces=faces)
-        if not model_dir.is_model_dir(name):
-            raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
-        layout = model_dir.validate(name)
-        if faces is None and "faces" in layout.components:
-            faces = layout.components["faces"].path
-        return cls(model_dir.load(layout, dtype), device, dtype, layout.fingerprint(), faces, source=layout)
+            model = cls.from_config(preset_config(str(name)), device, dtype, seed, str(name), faces, cuda_graphs)
+        else:
+            if not model_dir.is_model_dir(name):
+                raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
+            layout = model_dir.validate(name)
+            if faces is None and "faces" in layout.components:
+                faces = layout.components["faces"].path
+            components = model_dir.load(layout, dtype)
+            model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
+        if tiny_vae is not None:
+            model.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
+        return model
 
     @classmethod
     def from_config(
@@ -142,26 +221,31 @@ class Personalizer:
         seed: int = 0,
         label: str = "custom",
         faces: str | Path | None = None,
+        cuda_graphs: bool = True,
     ) -> Personalizer:
         """Random weights for an architecture given as constructor arguments (the presets' JSON format).
 
-        Weights are drawn on the CPU directly in ``dtype`` (no fp32 copy of a full-size UNet in host memory), so
-        the same config, seed and dtype give the same weights on every machine.
+        Weights are drawn directly on ``device`` in ``dtype`` (no fp32 copy, no host-to-device transfer), so the
+        same config, seed, dtype and device kind give the same weights on every run of one machine (the CPU's and a
+        GPU's random streams differ, so the device kind is part of the fingerprint).
         """
         device, dtype = default_device_and_dtype(device, dtype)
-        fingerprint = sha256_json({"preset": label, "seed": seed, "dtype": str(dtype), "config": config})
-        return cls(_randomised_preset(config, seed, dtype), device, dtype, fingerprint, faces)
+        recipe = {"preset": label, "seed": seed, "dtype": str(dtype), "config": config}
+        if device.type != "cpu":
+            recipe["drawn_on"] = device.type
+        components = _randomised_preset(config, seed, dtype, device)
+        return cls(components, device, dtype, sha256_json(recipe), faces, cuda_graphs=cuda_graphs)
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt") -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
         ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
         must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
+        The sampling loop then runs eagerly over them (TensorRT engines are graph-free already).
         """
         from .engines.runtime import load_networks
 
-        for attribute, network in load_networks(folder, self.fingerprint, backend, self.device, self.dtype).items():
-            setattr(self, attribute, network)
+        self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype))
 
     def save_pretrained(self, path: str | Path, link_frozen: bool = False) -> Path:
         """Write this model as an lcmla model directory (safetensors + ``lcmla.json``), loadable by
@@ -199,6 +283,9 @@ class Personalizer:
         adapter_scale: float,
         output: str,
         callback: StepCallback | None,
+        kv_cache: bool = False,
+        face_noise: str | None = None,
+        vae: str = "full",
     ) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -221,7 +308,7 @@ class Personalizer:
                 raise ValueError(f"seed: {len(seeds)} seeds given for {batch} images (prompts x num_images)")
         if mode not in MODES:
             raise ValueError(f"mode: {mode!r} is not one of {tuple(MODES)}")
-        if mode == "fast" and self.lcm_denoiser is None:
+        if mode == "fast" and not self.has_lcm:
             raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
         steps = MODES[mode] if steps is None else steps
         if not isinstance(steps, int) or steps < 1:
@@ -239,9 +326,25 @@ class Personalizer:
             raise ValueError(f"output: {output!r} is not one of {OUTPUTS}")
         if callback is not None and not callable(callback):
             raise ValueError("callback: must be callable")
+        if not isinstance(kv_cache, bool):
+            raise ValueError(f"kv_cache: must be True or False, got {kv_cache!r}")
+        if kv_cache and not use_kv:
+            raise ValueError("kv_cache: caches the K/V-encoder's output, so it needs use_kv=True")
+        if kv_cache and len(set(negatives or [None])) > 1:
+            raise ValueError("kv_cache: the cached unconditional K/V need one negative prompt for every image")
+        face_noise = ("fixed" if kv_cache else "paired") if face_noise is None else face_noise
+        if face_noise not in FACE_NOISES:
+            raise ValueError(f"face_noise: {face_noise!r} is not one of {FACE_NOISES}")
+        if kv_cache and face_noise != "fixed":
+            raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
+        if vae not in VAES:
+            raise ValueError(f"vae: {vae!r} is not one of {VAES}")
+        if vae == "tiny" and self.tiny_vae is None:
+            raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
         return _Request(
-            prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv, adapter_scale
-        )
+            prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
+            float(adapter_scale), kv_cache, face_noise, vae, output,
+        )  # fmt: skip
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
         """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
@@ -298,28 +401,62 @@ class Personalizer:
         """:meth:`Identity.load` that refuses an identity made by another model."""
         return Identity.load(path, expected_fingerprint=self.fingerprint)
 
-    def prepare_latents(self, request: _Request, face: Identity):
-        """Per-image generators; initial noise; the face latents (``images x references``, image-major) sampled
-        per image; the noise that noises them."""
+    def make_scheduler(self, mode: str):
+        """The diffusers scheduler of a mode. DPM-Solver++ ends on sigma(t=0) ("sigma_min"), as the diffusers version
+        of the authors' code did (diffusers' current default ends on zero)."""
+        config = self.config["scheduler"]
+        if mode == "fast":
+            return LCMScheduler.from_config(config)
+        return DPMSolverMultistepScheduler.from_config(config, final_sigmas_type="sigma_min")
+
+    def step_table(self, mode: str, steps: int) -> StepTable:
+        """Per-step timesteps and coefficients of a mode's schedule, on the device (:mod:`lcmla_sdk.schedule`)."""
+        scheduler = self.make_scheduler(mode)
+        scheduler.set_timesteps(steps)
+        return build_table(scheduler, self.device)
+
+    def prepare_noise(self, request: _Request, face: Identity, table: StepTable) -> _Noise:
+        """Draw every random tensor of the generation ahead, from each image's own CPU generator, in the order the
+        authors' loop draws them: initial noise, the reference latent sample, (its own noise when its shape differs
+        from the image's), then the scheduler's noise step by step. So a seed gives the same image eagerly and from
+        a CUDA graph, alone or in a batch."""
         generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
         noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
         refs = face.num_references
         face_eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
-        mean, std = face.latent_mean.cpu().repeat(len(generators), 1, 1, 1), face.latent_std.cpu().repeat(len(generators), 1, 1, 1)
-        face_latents = (mean + std * face_eps) * self.vae.config.scaling_factor
-        # The authors noise the face with the generation's initial noise; a face latent of another shape
-        # gets its own draw from the same per-image generator.
-        if face_latents.shape[1:] == noise.shape[1:]:
+        # The authors noise the face with the generation's initial noise; a face latent of another shape gets its
+        # own draw from the same per-image generator.
+        if face.latent_mean.shape[1:] == noise.shape[1:]:
             face_noise = noise.repeat_interleave(refs, 0)
         else:
             face_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+        step_noise = None
+        if table.noise_steps:
+            step_noise = torch.stack([
+                torch.cat([torch.randn(shape, generator=g, dtype=self.dtype) for g in generators])
+                for _ in range(table.noise_steps)
+            ])  # fmt: skip
+        if request.face_noise == "fixed":
+            fixed_eps, face_noise = self.fixed_face_noise(face)
+            face_eps, face_noise = fixed_eps.repeat(len(generators), 1, 1, 1), face_noise.repeat(len(generators), 1, 1, 1)
+        face_latents = self.face_latents(face, face_eps)
         to = {"device": self.device, "dtype": self.dtype}
-        return generators, noise.to(**to), face_latents.to(**to), face_noise.to(**to)
+        return _Noise(
+            noise.to(**to), face_latents.to(**to), face_noise.to(**to),
+            step_noise.to(**to) if step_noise is not None else None,
+        )
 
-    def make_scheduler(self, mode: str):
-        config = self.config["scheduler"]
-        return LCMScheduler.from_config(config) if mode == "fast" else DPMSolverMultistepScheduler.from_config(config)
+    def fixed_face_noise(self, face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
+        """The identity's own reference-latent sample noise and noising noise (``face_noise="fixed"``)."""
+        generator = torch.Generator("cpu").manual_seed(FIXED_FACE_NOISE_SEED)
+        return tuple(torch.randn(face.latent_mean.shape, generator=generator) for _ in range(2))
+
+    def face_latents(self, face: Identity, eps: torch.Tensor) -> torch.Tensor:
+        """Scaled samples of the reference latents, ``eps`` with ``images x references`` rows (image-major)."""
+        repeat = eps.shape[0] // face.num_references
+        mean, std = (x.cpu().float().repeat(repeat, 1, 1, 1) for x in (face.latent_mean, face.latent_std))
+        return (mean + std * eps) * self.vae.config.scaling_factor
 
     # ------------------------------------------------------------------ the call
     @torch.inference_mode()
@@ -332,13 +469,16 @@ class Personalizer:
         seed: int | Sequence[int] | None = None,
         mode: str = "quality",
         steps: int | None = None,
-        guidance: Sequence[float] = (3.0, 2.0, 2.0),
+        guidance: Sequence[float] = DEFAULT_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
         use_kv: bool = True,
         adapter_scale: float = 1.0,
         output: str = "pil",
         callback: StepCallback | None = None,
+        kv_cache: bool = False,
+        face_noise: str | None = None,
+        vae: str = "full",
     ):
         """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
         from :meth:`encode_face`, which skips all face work).
@@ -346,20 +486,20 @@ class Personalizer:
         ``mode="quality"``: DPM-Solver++ (50 steps) with three-branch guidance ``guidance`` =
         (no_kv, full, kv). ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, 4 steps, conditional
         branch only. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``.
+        ``kv_cache=True``: the K/V-encoder's output for this schedule is computed once per identity, with the
+        identity's fixed reference noise (``face_noise="fixed"``) instead of each image's initial noise (the
+        authors' pairing), and reused by later calls. ``vae="tiny"``: decode with the tiny VAE (previews).
         ``callback(step_index, timestep, latents)`` runs after every step.
         """
         # 1. Check inputs
         request = self.check_inputs(
-            prompt, negative_prompt, num_images, seed, mode, steps, guidance,
-            height, width, use_kv, adapter_scale, output, callback,
+            prompt, negative_prompt, num_images, seed, mode, steps, guidance, height, width, use_kv,
+            adapter_scale, output, callback, kv_cache, face_noise, vae,
         )  # fmt: skip
-        repeat = num_images
 
-        # 2. Encode prompts: the generation's and the KV-encoder's (conditional and negative halves)
+        # 2. Encode prompts (one row per image) and the K/V-encoder's prompt
         (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompts, request.negative_prompts)
-        text, pooled, neg_text, neg_pooled = (x.repeat_interleave(repeat, 0) for x in (text, pooled, neg_text, neg_pooled))
-        (enc_text, enc_pooled), _ = self.encode_prompt([self.encoder_prompt], None)
-        batch = text.shape[0]
+        text, pooled, neg_text, neg_pooled = (x.repeat_interleave(num_images, 0) for x in (text, pooled, neg_text, neg_pooled))
 
         # 3. Encode the face once (image tokens and VAE latents), or take a ready Identity
         if isinstance(face, Identity):
@@ -367,79 +507,157 @@ class Personalizer:
             identity = face
         else:
             identity = self.encode_face(face)
-        tokens, uncond_tokens = (
-            x.to(self.device, self.dtype).expand(batch, -1, -1) for x in (identity.cond_tokens, identity.uncond_tokens)
-        )
-        # The KV-encoder runs once per image and reference, image-major.
-        refs = identity.num_references
-        enc_text, enc_pooled = enc_text.expand(batch * refs, -1, -1), enc_pooled.expand(batch * refs, -1)
-        enc_neg_text, enc_neg_pooled = neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0)
 
-        # 4. Prepare latents, noise and timesteps
-        generators, noise, face_latents, face_noise = self.prepare_latents(request, identity)
-        scheduler = self.make_scheduler(request.mode)
-        scheduler.set_timesteps(request.steps, device=self.device)
-        latents = noise * scheduler.init_noise_sigma
-        gen_ids = time_ids(request.height, request.width, batch, self.dtype, self.device)
-        face_ids = time_ids(self.face_size, self.face_size, batch * refs, self.dtype, self.device)
+        # 4. Schedule and every random draw
+        table = self.step_table(request.mode, request.steps)
+        noise = self.prepare_noise(request, identity, table)
 
-        # 5. Denoising loop
-        if request.mode == "fast":
-            step_fn = self._fast_step
-            cond = (text, pooled, gen_ids, tokens, enc_text, enc_pooled, face_ids)
-        else:
-            step_fn = self._guided_step
-            cond = (
-                torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled]), gen_ids.repeat(2, 1),
-                torch.cat([uncond_tokens, tokens]), torch.cat([enc_neg_text, enc_text]),
-                torch.cat([enc_neg_pooled, enc_pooled]), face_ids.repeat(2, 1),
-            )  # fmt: skip
-        for index, t in enumerate(scheduler.timesteps):
-            t_batch = t.reshape(1).expand(batch).to(self.device)
-            t_faces = t_batch.repeat_interleave(refs)
-            noisy_face = self.noise_scheduler.add_noise(face_latents, face_noise, t_faces.long())
-            latent_in = scheduler.scale_model_input(latents, t)
-            eps = step_fn(request, latent_in, noisy_face, t_batch, t_faces, *cond)
-            latents = scheduler.step(eps, t, latents, generator=generators, return_dict=True).prev_sample
-            if callback is not None:
-                callback(index, int(t), latents)
+        # 5. Denoising loop (a CUDA graph per shape on a GPU)
+        latents = self.denoise(request, identity, (text, pooled, neg_text, neg_pooled), noise, table, callback)
 
         # 6. Decode
-        return self.decode(latents, request_output=output)
+        return self.decode(latents, request.output, request.vae)
 
-    def _fast_step(self, request, latent_in, noisy_face, t, t_faces, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
-        """LCM: the conditional full branch only, through the LCM-LoRA denoiser."""
-        kv = None
-        if request.use_kv:
-            kv = _join_references(self.kv_encoder(noisy_face, t_faces, enc_text, enc_pooled, face_ids), latent_in.shape[0])
-        return self.lcm_denoiser(latent_in, t, text, pooled, ids, tokens, request.adapter_scale, kv)
-
-    def _guided_step(self, request, latent_in, noisy_face, t, t_faces, text, pooled, ids, tokens, enc_text, enc_pooled, face_ids):
-        """Two denoiser passes on [uncond, cond] (without / with encoder K/V), combined in three branches."""
-        latent_in, t2 = torch.cat([latent_in, latent_in]), torch.cat([t, t])
-        eps_nokv = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, None)
-        if request.use_kv:
-            faces, t_faces2 = torch.cat([noisy_face, noisy_face]), torch.cat([t_faces, t_faces])
-            kv = _join_references(self.kv_encoder(faces, t_faces2, enc_text, enc_pooled, face_ids), latent_in.shape[0])
-            eps_full = self.denoiser(latent_in, t2, text, pooled, ids, tokens, request.adapter_scale, kv)
+    def denoise(self, request: _Request, identity: Identity, prompts: tuple, noise: _Noise, table: StepTable,
+                callback: StepCallback | None = None) -> torch.Tensor:  # fmt: skip
+        """The sampling loop from ``noise.latents``: buffers for :func:`lcmla_sdk.sampling.sample`, then its run."""
+        text, pooled, neg_text, neg_pooled = prompts
+        batch, refs = text.shape[0], identity.num_references
+        to = {"device": self.device, "dtype": self.dtype}
+        tokens, uncond_tokens = (x.to(**to).expand(batch, -1, -1) for x in (identity.cond_tokens, identity.uncond_tokens))
+        ids = time_ids(request.height, request.width, batch, self.dtype, self.device)
+        scale = torch.full((batch,), request.adapter_scale, device=self.device)
+        kv_cache, layout = (None, None)
+        if request.use_kv and request.kv_cache:
+            kv_cache, layout = self.identity_kv(identity, request, table, neg_text[:1], neg_pooled[:1])
+        spec = StepSpec(request.mode, batch, refs, request.use_kv, layout)
+        if request.mode == "fast":
+            values = {"text": text, "pooled": pooled, "time_ids": ids, "image_tokens": tokens, "adapter_scale": scale}
         else:
-            eps_full = eps_nokv
-        return three_branch(*eps_nokv.chunk(2), *eps_full.chunk(2), request.guidance)
+            halves = 2 if request.use_kv else 1  # [uncond, cond] without K/V, then with them
+            values = {
+                "text": torch.cat([neg_text, text] * halves), "pooled": torch.cat([neg_pooled, pooled] * halves),
+                "time_ids": ids.repeat(2 * halves, 1), "image_tokens": torch.cat([uncond_tokens, tokens] * halves),
+                "adapter_scale": scale.repeat(2 * halves),
+                "guidance": torch.tensor(request.guidance, dtype=torch.float32, device=self.device),
+            }  # fmt: skip
+        values["latents"] = noise.latents
+        if request.use_kv and kv_cache is None:
+            enc_text, enc_pooled = self.encoder_prompt_embeds(batch * refs)
+            if request.mode == "quality":
+                neg = (neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0))
+                enc_text, enc_pooled = torch.cat([neg[0], enc_text]), torch.cat([neg[1], enc_pooled])
+            rows = enc_text.shape[0]
+            values.update({
+                "encoder_text": enc_text, "encoder_pooled": enc_pooled,
+                # The authors give the encoder the generation's micro-conditioning, not the face's size.
+                "encoder_time_ids": time_ids(request.height, request.width, rows, self.dtype, self.device),
+                "face_latents": noise.face_latents.repeat(spec.groups, 1, 1, 1),
+                "face_noise": noise.face_noise.repeat(spec.groups, 1, 1, 1),
+            })  # fmt: skip
+        values = {name: value.contiguous() for name, value in values.items()}
+        networks = Networks(
+            kv_encoder=self.kv_encoder if request.use_kv and kv_cache is None else None,
+            denoiser=self.denoiser if request.mode == "quality" else None,
+            lcm_denoiser=self.lcm_denoiser if request.mode == "fast" else None,
+            adapter=None,
+        )
+        graphs = self._graphs if self._can_capture(networks) else None
+        key = shape_key(spec, values, (self._networks_version,))
+        try:
+            return sample(networks, spec, values, table, noise.steps, kv_cache, graphs, key, callback)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as error:
+            if graphs is None or callback is not None:
+                raise
+            say_once(f"CUDA graph capture failed ({error}); the sampling loop runs eagerly for this shape")
+            self.cuda_graphs = False
+            return sample(networks, spec, values, table, noise.steps, kv_cache, None, key, callback)
 
-    def decode(self, latents: torch.Tensor, request_output: str):
+    def _can_capture(self, networks: Networks) -> bool:
+        if self.device.type != "cuda":
+            say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
+            return False
+        if not self.cuda_graphs:
+            return False
+        if not all(isinstance(n, torch.nn.Module) for n in vars(networks).values() if n is not None):
+            say_once("exported networks run their own engines: the sampling loop runs eagerly over them")
+            return False
+        return True
+
+    def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
+               references: int = 1, use_kv: bool = True, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
+        """Capture the sampling step for one shape ahead of the first real call (on a GPU; no-op work elsewhere)
+        by generating once from a random identity."""
+        latent = self.face_size // self.vae_scale
+        tokens = self.adapter.resampler.latents.shape[1]
+        cross = self.unet.config.cross_attention_dim
+        identity = Identity(
+            cond_tokens=torch.zeros(1, tokens, cross), uncond_tokens=torch.zeros(1, tokens, cross),
+            latent_mean=torch.zeros(references, 4, latent, latent), latent_std=torch.ones(references, 4, latent, latent),
+            model_fingerprint=self.fingerprint,
+        )  # fmt: skip
+        self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height, width=width,
+                      use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
+        if kv_cache:
+            self._kv_cache.clear()
+
+    def encoder_prompt_embeds(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        (text, pooled), _ = self.encode_prompt([self.encoder_prompt], None)
+        return text.expand(rows, -1, -1), pooled.expand(rows, -1)
+
+    def identity_kv(self, identity: Identity, request: _Request, table: StepTable, neg_text, neg_pooled):
+        """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, computed once with its
+        fixed reference noise (:func:`lcmla_sdk.sampling.flatten_kv`) and kept, least recently used out beyond
+        ``KV_CACHE_BYTES``."""
+        groups = 1 if request.mode == "fast" else 2
+        key = (identity.digest(), request.mode, tuple(table.host_timesteps), request.height, request.width,
+               str(request.negative_prompts[0]) if request.negative_prompts else None)  # fmt: skip
+        with self._lock:
+            if key in self._kv_cache:
+                self._kv_cache.move_to_end(key)
+                return self._kv_cache[key]
+        refs = identity.num_references
+        eps, face_noise = self.fixed_face_noise(identity)
+        to = {"device": self.device, "dtype": self.dtype}
+        face, face_noise = self.face_latents(identity, eps).to(**to), face_noise.to(**to)
+        enc_text, enc_pooled = self.encoder_prompt_embeds(refs)
+        if groups == 2:
+            enc_text = torch.cat([neg_text.expand(refs, -1, -1), enc_text])
+            enc_pooled = torch.cat([neg_pooled.expand(refs, -1), enc_pooled])
+            face, face_noise = face.repeat(2, 1, 1, 1), face_noise.repeat(2, 1, 1, 1)
+        ids = time_ids(request.height, request.width, face.shape[0], self.dtype, self.device)
+        encoder, steps = self.kv_encoder, []
+        for index in range(table.steps):
+            row = table.coefficients[index]
+            timestep = table.timesteps[index : index + 1].expand(face.shape[0])
+            kv = encoder(noise_reference(row, face, face_noise), timestep, enc_text, enc_pooled, ids)
+            flat, layout = flatten_kv(join_references(kv, groups))
+            if index == 0 and flat.numel() * flat.element_size() * table.steps > KV_CACHE_BYTES:
+                need = flat.numel() * flat.element_size() * table.steps / 2**30
+                raise ValueError(f"kv_cache: this identity's K/V for {table.steps} steps need {need:.1f} GiB, over "
+                                 f"the cache's {KV_CACHE_BYTES / 2**30:.0f} GiB; use fewer steps or kv_cache=False")  # fmt: skip
+            steps.append(flat)
+        entry = (torch.stack(steps), layout)
+        with self._lock:
+            self._kv_cache[key] = entry
+            while len(self._kv_cache) > 1 and sum(e[0].numel() * e[0].element_size() for e in self._kv_cache.values()) > KV_CACHE_BYTES:
+                self._kv_cache.popitem(last=False)
+        return entry
+
+    def decode(self, latents: torch.Tensor, request_output: str, vae: str = "full"):
+        """Latents -> images: ``"pt"`` float in [0, 1] on the model's device, ``"np"`` uint8 arrays, PIL images."""
         if request_output == "latent":
             return latents
-        images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+        if vae == "tiny":  # TAESD decodes the scaled latents directly
+            images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
+        else:
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         if request_output == "pt":
-            return ((images.float().clamp(-1, 1) + 1) / 2).cpu()
+            return (images.float().clamp(-1, 1) + 1) / 2
         pil = to_pil(images)
         return [np.asarray(p) for p in pil] if request_output == "np" else pil
-
-
-def _join_references(kv: tuple[torch.Tensor, ...], batch: int) -> tuple[torch.Tensor, ...]:
-    """``(batch x references, tokens, width)`` K/V -> ``(batch, references x tokens, width)``: each image attends
-    over the K/V of all its references, reference after reference."""
-    return tuple(x.reshape(batch, -1, x.shape[-1]) for x in kv)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
@@ -448,12 +666,12 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
     return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
 
 
-def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype) -> Components:
+def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype, device: torch.device) -> Components:
     """Random components with LCM-Lookahead's extra weights randomised too, so every path affects the output."""
-    components = build_random_components(config, seed, dtype)
+    components = build_random_components(config, seed, dtype, device)
     unet = components.unet
     kv_blocks = install_lookahead_processors(unet)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed + 1)
         for name in kv_blocks:
             processor = unet.get_submodule(name).attn2.processor
@@ -466,3 +684,10 @@ def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype) ->
         if config.get("lcm_lora"):
             add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
     return components
+
+
+def _load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelFilesError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny folder (no config.json)")
+    return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)

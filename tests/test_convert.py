@@ -194,7 +194,7 @@ def test_kv_lora_changes_that_layers_emitted_k_by_up_at_down(converted, layout):
     weight, down, up = weight_and_lora(state, f"encoder_unet.{BLOCK}.extract_kv1.to_k")
     layer = layout["kv_blocks"]["forward_and_consumption_order"].index(BLOCK)
     seen = []
-    projection = model.unet.get_submodule(BLOCK).attn1.processor.to_k_kv
+    projection = model.kv_encoder.unet.get_submodule(BLOCK).attn1.processor.to_k_kv
     handle = projection.register_forward_pre_hook(lambda module, args: seen.append(args[0].double()))
     try:
         k = model.kv_encoder(*unet_inputs(model, batch=1, side=8))[2 * layer].double()

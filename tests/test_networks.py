@@ -2,6 +2,9 @@ import pytest
 import torch
 
 from conftest import unet_inputs
+from peft.tuners.tuners_utils import BaseTunerLayer
+
+from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER
 
 WIDTHS = {"down_blocks.1": 64, "down_blocks.2": 128, "mid_block": 128, "up_blocks.0": 128, "up_blocks.1": 64}
 TOKENS = {"down_blocks.1": 64, "down_blocks.2": 16, "mid_block": 16, "up_blocks.0": 16, "up_blocks.1": 64}
@@ -13,11 +16,20 @@ def _zero_kv_encoder_lora(model):
             param.data.zero_()
 
 
-def test_denoiser_and_kv_encoder_share_one_copy_of_the_base_weights(tiny):
-    assert tiny.kv_encoder.unet is tiny.denoiser.unet
-    encoder_ptrs = {p.data_ptr() for p in tiny.kv_encoder.unet.parameters()}
-    denoiser_ptrs = {p.data_ptr() for p in tiny.denoiser.unet.parameters()}
-    assert encoder_ptrs == denoiser_ptrs
+def test_networks_share_every_weight_their_adapters_do_not_change(tiny):
+    """One copy of the base weights: a network owns a copy of a layer only where one of its adapters changes it."""
+    peft_layers = {name: m for name, m in tiny.unet.named_modules() if isinstance(m, BaseTunerLayer)}
+    kv_adapted = {name for name, m in peft_layers.items() if KV_ENCODER_ADAPTER in m.lora_A}
+    lcm_adapted = {name for name, m in peft_layers.items() if LCM_ADAPTER in m.lora_A}
+    base = {name.replace(".base_layer", ""): p for name, p in tiny.unet.named_parameters() if "lora_" not in name}
+    for network, adapted in ((tiny.denoiser, set()), (tiny.kv_encoder, kv_adapted), (tiny.lcm_denoiser, lcm_adapted)):
+        params = dict(network.unet.named_parameters())
+        assert params.keys() == base.keys()
+        for name, param in params.items():
+            layer = name.rsplit(".", 1)[0]
+            shared = param.data_ptr() == base[name].data_ptr()
+            assert shared == (layer not in adapted or not name.endswith("weight")), name
+        assert not any(isinstance(m, BaseTunerLayer) for m in network.unet.modules())
 
 
 @torch.no_grad()
@@ -33,8 +45,9 @@ def test_kv_encoder_returns_140_tensors_in_consumption_order_with_face_token_sha
 @torch.no_grad()
 def test_kv_encoder_stops_after_the_last_kv_block(tiny):
     calls = []
-    hooks = [tiny.unet.up_blocks[2].register_forward_hook(lambda *a: calls.append(1))]
-    hooks.append(tiny.unet.conv_out.register_forward_hook(lambda *a: calls.append(1)))
+    unet = tiny.kv_encoder.unet
+    hooks = [unet.up_blocks[2].register_forward_hook(lambda *a: calls.append(1))]
+    hooks.append(unet.conv_out.register_forward_hook(lambda *a: calls.append(1)))
     try:
         tiny.kv_encoder(*unet_inputs(tiny))
     finally:
@@ -53,6 +66,7 @@ def test_duplicate_kv_invariant_proves_layer_alignment_and_order(fresh_tiny):
         block = model.unet.get_submodule(name)
         block.attn1.processor.to_k_kv.base_layer.weight.copy_(block.attn1.to_k.weight)
         block.attn1.processor.to_v_kv.base_layer.weight.copy_(block.attn1.to_v.weight)
+    model.rebuild_networks()
     inputs = unet_inputs(model)
     plain = model.denoiser(*inputs)
     kv = model.kv_encoder(*inputs)
@@ -76,6 +90,7 @@ def test_kv_encoder_lora_is_seen_by_the_encoder_only(fresh_tiny):
     for name, param in model.unet.named_parameters():
         if ".lora_B.kv_encoder" in name:
             param.add_(0.05)
+    model.rebuild_networks()
     kv_after, eps_after = model.kv_encoder(*inputs), model.denoiser(*inputs)
     assert all(not torch.allclose(a, b) for a, b in zip(kv_before, kv_after))
     torch.testing.assert_close(eps_after, eps_before, rtol=0, atol=0)
@@ -90,6 +105,7 @@ def test_lcm_lora_is_seen_by_the_fast_denoiser_only(fresh_tiny):
     for name, param in model.unet.named_parameters():
         if ".lora_B.lcm" in name:
             param.mul_(2.0)
+    model.rebuild_networks()
     kv_after, eps_after = model.kv_encoder(*inputs), model.denoiser(*inputs)
     assert not torch.allclose(model.lcm_denoiser(*inputs), lcm_before)
     torch.testing.assert_close(eps_after, eps_before, rtol=0, atol=0)

@@ -26,13 +26,10 @@ class CallCounter:
 
 @pytest.fixture
 def counted(tiny):
-    originals = {name: getattr(tiny, name) for name in ("kv_encoder", "denoiser", "lcm_denoiser")}
-    counters = {name: CallCounter(net) for name, net in originals.items()}
-    for name, counter in counters.items():
-        setattr(tiny, name, counter)
+    counters = {name: CallCounter(getattr(tiny, name)) for name in ("kv_encoder", "denoiser", "lcm_denoiser")}
+    tiny.rebuild_networks(**counters)
     yield counters
-    for name, net in originals.items():
-        setattr(tiny, name, net)
+    tiny.rebuild_networks()
 
 
 def test_same_seed_same_images(tiny, face):
@@ -74,10 +71,11 @@ def test_face_inputs_path_pil_and_arrays_agree(tiny, tmp_path):
     np.testing.assert_array_equal(_np(tiny, np.asarray(image).astype(np.float32) / 255.0), reference)
 
 
-def test_quality_mode_calls_encoder_once_and_denoiser_twice_per_step(tiny, face, counted):
+def test_quality_mode_calls_encoder_once_and_denoiser_once_per_step_with_both_branches_batched(tiny, face, counted):
     tiny.generate(face, "a face", seed=0, steps=3)
-    assert counted["kv_encoder"].calls == 3 and counted["denoiser"].calls == 6
+    assert counted["kv_encoder"].calls == 3 and counted["denoiser"].calls == 3
     assert counted["kv_encoder"].batches == [2] * 3 and counted["lcm_denoiser"].calls == 0
+    assert counted["denoiser"].batches == [4] * 3  # [uncond, cond] without K/V, then with them
 
 
 def test_fast_mode_calls_each_network_four_times_on_the_conditional_branch(tiny, face, counted):

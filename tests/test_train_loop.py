@@ -15,7 +15,8 @@ from lcmla_sdk.images import sample_face
 from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
 from lcmla_sdk.train.arcface import IResNet
-from lcmla_sdk.train.trainer import responsive_decoder_init, training_presets
+from lcmla_sdk.presets import preset_config
+from lcmla_sdk.train.trainer import responsive_decoder_init
 
 
 class Interrupted(Exception):
@@ -148,7 +149,7 @@ def loss_weights(tmp_path_factory) -> dict[str, str]:
     root = tmp_path_factory.mktemp("loss_weights")
     torch.manual_seed(0)
     torch.save(IResNet(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_features=32).state_dict(), root / "arcface.pth")
-    tiny_vae = AutoencoderTiny(**training_presets()["tiny"]["tiny_vae"])
+    tiny_vae = AutoencoderTiny(**preset_config("tiny")["tiny_vae"])
     responsive_decoder_init(tiny_vae)
     tiny_vae.save_pretrained(root / "taesd")
     return {"tiny_vae": str(root / "taesd"), "arcface__weights": str(root / "arcface.pth")}

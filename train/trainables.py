@@ -9,8 +9,10 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lcmla_sdk.lora import KV_ENCODER_ADAPTER, activate_adapters
+from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
+from lcmla_sdk.networks import Denoiser, KVEncoder
 from lcmla_sdk.pipeline import Personalizer
+from lcmla_sdk.sampling import Networks
 
 
 def trainable_parameters(model: Personalizer) -> dict[str, list[tuple[str, nn.Parameter]]]:
@@ -38,6 +40,30 @@ def make_trainable(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> list[nn
             param.requires_grad_(True)
             params.append(param)
     return params
+
+
+class _WithAdapters(nn.Module):
+    """A network over the peft UNet that activates its adapters before each forward (training needs the LoRA
+    weights unmerged, to train them; inference uses merged copies instead)."""
+
+    def __init__(self, network: nn.Module, adapters: tuple[str, ...]) -> None:
+        super().__init__()
+        self.network, self.adapters = network, adapters
+
+    def forward(self, *args, **kwargs):
+        activate_adapters(self.network.unet, self.adapters)
+        return self.network(*args, **kwargs)
+
+
+def training_networks(model: Personalizer) -> Networks:
+    """The K/V-encoder and the denoisers over ``model.unet`` itself, so gradients reach its peft LoRA weights."""
+    unet = model.unet
+    return Networks(
+        kv_encoder=_WithAdapters(KVEncoder(unet, len(model.kv_blocks)), (KV_ENCODER_ADAPTER,)),
+        denoiser=_WithAdapters(Denoiser(unet), ()),
+        lcm_denoiser=_WithAdapters(Denoiser(unet), (LCM_ADAPTER,)) if model.has_lcm else None,
+        adapter=model.adapter,
+    )
 
 
 class SharedUNetLora:

@@ -27,14 +27,14 @@ import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast, gather_object
-from diffusers import AutoencoderTiny, LCMScheduler
+from diffusers import AutoencoderTiny, DDPMScheduler, LCMScheduler
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
-from lcmla_sdk.presets import PRESETS
+from lcmla_sdk.presets import PRESETS, preset_config
 from lcmla_sdk.text import time_ids
 
 from . import checkpoints
@@ -44,7 +44,9 @@ from .data import DataSummary, PairDataset, PairIndex, StepBatches, collate
 from .faces import DetectorLandmarks, TemplateLandmarks
 from .losses import IdentityLoss, lcm_preview, load_perceptual
 from .sampling import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
-from .trainables import SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters
+from .trainables import (
+    SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters, training_networks,
+)  # fmt: skip
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 StepCallback = Callable[[int, dict[str, float]], Any]
@@ -80,7 +82,7 @@ class Trainer:
 
         # Networks: the SDK model (frozen, weight dtype), the tiny VAE and ArcFace for the lookahead loss.
         self.model = self._load_model()
-        self.ddpm = self.model.noise_scheduler
+        self.ddpm = DDPMScheduler.from_config(self.model.config["scheduler"])
         self.lcm_scheduler = LCMScheduler.from_config(
             self.model.config["scheduler"], timestep_scaling=config.lookahead.timestep_scaling
         )
@@ -91,6 +93,7 @@ class Trainer:
 
         # Trainables, optimiser, LR schedule; checkpointing that keeps each network's LoRA state on recomputation.
         self.lora = SharedUNetLora(self.model.unet)
+        self.networks = training_networks(self.model)
         self.groups = trainable_parameters(self.model)
         self.params = make_trainable(self.groups)
         if config.gradient_checkpointing:
@@ -127,21 +130,22 @@ class Trainer:
             model = Personalizer.from_pretrained(config.model, device=self.device, dtype=self.weight_dtype)
         except ValueError as error:
             raise ConfigError(f"model: {error}") from None
-        if config.lookahead.every and model.lcm_denoiser is None:
+        if config.lookahead.every and not model.has_lcm:
             raise ConfigError("lookahead.every: the model has no LCM-LoRA; add one, or set lookahead.every to 0")
-        if config.lookahead.max_timestep > model.noise_scheduler.config.num_train_timesteps:
+        train_steps = model.config["scheduler"]["num_train_timesteps"]
+        if config.lookahead.max_timestep > train_steps:
             raise ConfigError(
-                f"lookahead.max_timestep: at most {model.noise_scheduler.config.num_train_timesteps} (the scheduler's "
+                f"lookahead.max_timestep: at most {train_steps} (the scheduler's "
                 f"training timesteps), got {config.lookahead.max_timestep}"
             )
         if config.data.resolution % model.size_multiple:
             raise ConfigError(f"data.resolution: must be a multiple of {model.size_multiple}, got {config.data.resolution}")
         return model
 
-    def _preset_part(self, part: str, key: str) -> Any:
+    def _preset_part(self, part: str, key: str, core: bool = False) -> Any:
         if self.config.model not in PRESETS:
             raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
-        return training_presets()[self.config.model][part]
+        return (preset_config(self.config.model) if core else training_presets()[self.config.model])[part]
 
     def _load_tiny_vae(self) -> AutoencoderTiny:
         if self.config.tiny_vae is not None:
@@ -152,7 +156,7 @@ class Trainer:
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
-                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae"))
+                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae", core=True))
                 responsive_decoder_init(vae)
         return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
 
@@ -211,7 +215,7 @@ class Trainer:
         return timesteps, noise, target, reference
 
     def _encoder_kv(self, inputs: dict, count: int, reference: torch.Tensor, timesteps, generator) -> tuple:
-        kv = self.model.kv_encoder(
+        kv = self.networks.kv_encoder(
             reference, timesteps, inputs["ref_text"][:count], inputs["ref_pooled"][:count], inputs["time_ids"][:count]
         )
         return drop_kv_tokens(kv, self.config.dropout.kv_tokens, generator)
@@ -227,7 +231,7 @@ class Trainer:
             kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
             cond, uncond = self.model.adapter(inputs["clip"])
             tokens = drop_image_tokens(cond, uncond, config.dropout.adapter, generator)
-            eps = self.model.denoiser(
+            eps = self.networks.denoiser(
                 target, timesteps, inputs["text"], inputs["pooled"], inputs["time_ids"], tokens, 1.0, kv
             )
         loss = F.mse_loss(eps.float(), noise.float()) * config.diffusion.weight
@@ -246,7 +250,7 @@ class Trainer:
         with self.accelerator.autocast():
             kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
             cond, _ = self.model.adapter(inputs["clip"][:count])
-            eps = self.model.lcm_denoiser(
+            eps = self.networks.lcm_denoiser(
                 target, timesteps, inputs["text"][:count], inputs["pooled"][:count], inputs["time_ids"][:count],
                 cond, 1.0, kv,
             )  # fmt: skip
