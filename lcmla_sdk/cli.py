@@ -89,6 +89,49 @@ def generate(
 
 # --------------------------------------------------------------------------- export
 @app.command()
+def bench(
+    preset: str = typer.Option("sdxl", help="Embedded preset whose random weights are timed ('sdxl': full size)."),
+    size: int = typer.Option(1024, help="Image side in pixels."),
+    batch: int = typer.Option(8, help="Batch of the throughput runs (fast mode)."),
+    quality_steps: int = typer.Option(50, help="Steps of quality mode."),
+    iters: int = typer.Option(3, help="Timed calls per run, after the first."),
+    modes: str = typer.Option("fast,quality", help="Comma-separated modes."),
+    ways: str = typer.Option("all", help="Comma-separated: authors, diffusers, eager, graphs, kv_cache, tiny_vae."),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where the results go (JSON)."),
+    markdown: Optional[Path] = typer.Option(None, help="Also write the table as Markdown here."),
+) -> None:
+    """Time generation end to end: lcmla (eager, CUDA graphs, K/V cache, tiny VAE) against the authors' way and
+    plain diffusers, in one process (run it on a GPU)."""
+    from .bench import WAYS, BenchConfig, planned_runs, run_bench, table
+
+    try:
+        chosen = WAYS if ways == "all" else tuple(ways.split(","))
+        config = BenchConfig(preset, size, batch, 4, quality_steps, iters, tuple(modes.split(",")), chosen, device)
+        unknown = set(config.ways) - set(WAYS)
+        if unknown or not set(config.modes) <= {"fast", "quality"}:
+            raise ValueError(f"ways/modes: unknown {sorted(unknown) or config.modes}")
+        total = len(planned_runs(config))
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as progress:  # fmt: skip
+            task = progress.add_task("bench", total=total)
+
+            def report(line: str) -> None:
+                progress.console.print(line, highlight=False, markup=False)
+                if " b1:" in line:
+                    progress.advance(task)
+
+            results = run_bench(config, report, json_path)
+    except (ValueError, OSError) as error:
+        raise fail(error) from None
+    text = table(results)
+    print(text)
+    if markdown is not None:
+        markdown.write_text(text + "\n")
+    console.print(f"wrote {json_path}")
+
+
+@app.command()
 def export(
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
     out: Optional[Path] = typer.Option(None, help="Output folder (default: engines/<model name>)."),

@@ -141,6 +141,7 @@ class Personalizer:
         self._networks: dict[str, Any] = {"adapter": _place(ImageAdapter(components.image_encoder, components.resampler), device, dtype)}
         self._networks_version = 0
         self._graphs = StepGraphs(GRAPH_MEMORY_BYTES)
+        self._uncapturable: set[tuple] = set()
         self._kv_cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
 
     # ------------------------------------------------------------------ networks
@@ -175,6 +176,7 @@ class Personalizer:
             self._networks = {"adapter": adapter, **replacements}
             self._networks_version += 1
             self._graphs.clear()
+            self._uncapturable.clear()
             self._kv_cache.clear()
 
     # ------------------------------------------------------------------ loading
@@ -562,17 +564,15 @@ class Personalizer:
             lcm_denoiser=self.lcm_denoiser if request.mode == "fast" else None,
             adapter=None,
         )
-        graphs = self._graphs if self._can_capture(networks) else None
         key = shape_key(spec, values, (self._networks_version,))
+        graphs = self._graphs if self._can_capture(networks) and key not in self._uncapturable else None
         try:
             return sample(networks, spec, values, table, noise.steps, kv_cache, graphs, key, callback)
-        except torch.OutOfMemoryError:
-            raise
         except RuntimeError as error:
-            if graphs is None or callback is not None:
-                raise
-            say_once(f"CUDA graph capture failed ({error}); the sampling loop runs eagerly for this shape")
-            self.cuda_graphs = False
+            if graphs is None or isinstance(error, torch.OutOfMemoryError) or key in self._graphs.keys():
+                raise  # not a capture failure
+            say_once(f"CUDA graph capture failed for this shape ({error}); its sampling loop runs eagerly")
+            self._uncapturable.add(key)
             return sample(networks, spec, values, table, noise.steps, kv_cache, None, key, callback)
 
     def _can_capture(self, networks: Networks) -> bool:

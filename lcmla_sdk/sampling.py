@@ -152,7 +152,8 @@ class CapturedStep:
                 run_step(networks, spec, buffers)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        # thread_local: other threads may keep the GPU busy (eager work) while this one captures.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             run_step(networks, spec, buffers)
         self.bytes = 0
 
