@@ -247,7 +247,7 @@ def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int) -> dict[s
     step = list(model._graphs._entries.items())[-1]
     (spec, *_), captured = step
     buffers = captured.buffers
-    step_ms = _graph_ms(device, captured.graph.replay)
+    step_ms = _measure(device, captured.graph.replay, 10)[1]
     face = noise_reference(buffers["coefficients"], buffers["face_latents"], buffers["face_noise"])
     timestep = buffers["timestep"].expand(face.shape[0])
     encoder_args = (face, timestep, buffers["encoder_text"], buffers["encoder_pooled"], buffers["encoder_time_ids"])
