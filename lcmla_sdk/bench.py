@@ -10,7 +10,9 @@ the device, with the VAE in fp16 (the fp16-fix SDXL VAE the authors decode with)
 * ``diffusers``: what a user would pick instead: diffusers' ``StableDiffusionXLPipeline`` with IP-Adapter Plus-Face
   (no K/V: the method's identity path is missing), LCM-LoRA merged for fast mode, CFG 5.0 for quality mode.
 * ``eager``: lcmla with ``cuda_graphs=False``; ``graphs``: the default; ``kv_cache``: graphs + the per-identity K/V
-  cache; ``tiny_vae``: the latter decoded by the tiny VAE.
+  cache; ``tiny_vae``: the latter decoded by the tiny VAE; ``compiled`` and ``compiled_kv``: ``graphs`` and
+  ``kv_cache`` with the VAE decode compiled (:meth:`~lcmla_sdk.Personalizer.compile_decoder`; its compile time is
+  reported, and with ``compile_cache`` Inductor's artefacts are loaded from and saved to that file).
 
 Per mode and way: latency at batch 1 (median, after the first call, whose time is reported as first-call time),
 throughput at ``--batch`` (fast mode), the memory the way holds (its UNet weights) and its peak extra memory during a
@@ -39,7 +41,8 @@ from .sampling import join_references
 from .schedule import noise_reference
 from .text import time_ids
 
-WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae")
+WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv")
+FAST_ONLY = ("kv_cache", "tiny_vae", "compiled", "compiled_kv")
 PROMPT = "An oil painting of a face"
 
 
@@ -54,6 +57,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("fast", "quality")
     ways: tuple[str, ...] = WAYS
     device: str | None = None
+    compile_cache: str | None = None
 
 
 @dataclass
@@ -225,7 +229,7 @@ class DiffusersWay:
 
 
 def _lcmla(model: Personalizer, way: str, mode: str):
-    options = {"kv_cache": way in ("kv_cache", "tiny_vae"), "vae": "tiny" if way == "tiny_vae" else "full"}
+    options = {"kv_cache": way in ("kv_cache", "tiny_vae", "compiled_kv"), "vae": "tiny" if way == "tiny_vae" else "full"}
 
     def run(x: Inputs, batch: int, steps: int) -> torch.Tensor:
         model.cuda_graphs = way != "eager"
@@ -306,10 +310,26 @@ def network_rows(model: Personalizer, x: Inputs) -> dict[str, float]:
     return rows
 
 
+def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) -> dict[str, float]:
+    """Memory of one identity's cached K/V, and how far cached images move from the authors' noise pairing: mean
+    absolute difference of 8-bit pixels over the same seeds (random weights: a measure of the mechanism, not of the
+    faces a trained model would give)."""
+    kwargs = {"seed": list(range(seeds)), "num_images": seeds, "mode": "fast", "steps": steps, "output": "pt"}
+    kwargs.update(height=x.size, width=x.size)
+    cached = model.generate(x.identity, PROMPT, kv_cache=True, **kwargs)
+    paired = model.generate(x.identity, PROMPT, **kwargs)
+    entry = next(reversed(model._kv_cache.values()))[0]
+    return {
+        "gib_per_identity": entry.numel() * entry.element_size() / 2**30,
+        "mean_abs_pixel_difference": ((cached - paired).abs().mean() * 255).item(),
+        "mean_abs_pixel_difference_other_seeds": ((paired - paired.roll(1, 0)).abs().mean() * 255).item(),
+    }
+
+
 def planned_runs(config: BenchConfig) -> list[tuple[str, str]]:
     """(mode, way) pairs to run. No K/V cache in quality mode: 50 steps x [uncond, cond] of K/V are tens of GiB per
     identity at 1024^2 (docs/PERFORMANCE.md)."""
-    return [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in ("kv_cache", "tiny_vae"))]
+    return [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in FAST_ONLY)]
 
 
 def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: Path | None = None) -> dict[str, Any]:
@@ -338,6 +358,13 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             steps = config.fast_steps if mode == "fast" else config.quality_steps
             if way == "tiny_vae" and model.tiny_vae is None:
                 continue
+            eager_decode = model._vae_decode
+            if way.startswith("compiled"):
+                if "compiled_decode" not in results:
+                    results["compile_s"] = model.compile_decoder(config.compile_cache)
+                    results["compiled_decode"] = model._vae_decode
+                    report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
+                model._vae_decode = results["compiled_decode"]
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -351,8 +378,11 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 if path is not None:
                     save(results, path)
                 report(f"{mode:8s} {way:10s} b{batch}: {ms:9.1f} ms (first {first:.0f} ms), peak +{peak:.2f} GiB")
+            if way == "kv_cache":
+                results["kv_cache"] = kv_cache_effect(model, x, steps)
+                report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs = True
+            model.cuda_graphs, model._vae_decode = True, eager_decode
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
@@ -375,4 +405,4 @@ def table(results: dict[str, Any]) -> str:
 
 def save(results: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps({k: v for k, v in results.items() if not callable(v)}, indent=1))

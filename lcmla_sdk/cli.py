@@ -96,7 +96,9 @@ def bench(
     quality_steps: int = typer.Option(50, help="Steps of quality mode."),
     iters: int = typer.Option(3, help="Timed calls per run, after the first."),
     modes: str = typer.Option("fast,quality", help="Comma-separated modes."),
-    ways: str = typer.Option("all", help="Comma-separated: authors, diffusers, eager, graphs, kv_cache, tiny_vae."),
+    ways: str = typer.Option("all", help="Comma-separated: authors, diffusers, eager, graphs, kv_cache, tiny_vae, "
+                             "compiled, compiled_kv."),  # fmt: skip
+    compile_cache: Optional[Path] = typer.Option(None, help="File that keeps torch.compile's artefacts across runs."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where the results go (JSON)."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the table as Markdown here."),
@@ -107,7 +109,8 @@ def bench(
 
     try:
         chosen = WAYS if ways == "all" else tuple(ways.split(","))
-        config = BenchConfig(preset, size, batch, 4, quality_steps, iters, tuple(modes.split(",")), chosen, device)
+        config = BenchConfig(preset, size, batch, 4, quality_steps, iters, tuple(modes.split(",")), chosen, device,
+                             str(compile_cache) if compile_cache else None)  # fmt: skip
         unknown = set(config.ways) - set(WAYS)
         if unknown or not set(config.modes) <= {"fast", "quality"}:
             raise ValueError(f"ways/modes: unknown {sorted(unknown) or config.modes}")

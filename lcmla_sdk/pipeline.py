@@ -143,6 +143,8 @@ class Personalizer:
         self._graphs = StepGraphs(GRAPH_MEMORY_BYTES)
         self._uncapturable: set[tuple] = set()
         self._kv_cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
+        self._encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._vae_decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: self.vae.decode(z).sample
 
     # ------------------------------------------------------------------ networks
     def _network(self, name: str):
@@ -604,8 +606,48 @@ class Personalizer:
             self._kv_cache.clear()
 
     def encoder_prompt_embeds(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-        (text, pooled), _ = self.encode_prompt([self.encoder_prompt], None)
+        """The K/V-encoder's prompt, encoded once (it never changes)."""
+        with self._lock:
+            if self._encoder_prompt is None:
+                (text, pooled), _ = self.encode_prompt([self.encoder_prompt], None)
+                self._encoder_prompt = (text, pooled)
+        text, pooled = self._encoder_prompt
         return text.expand(rows, -1, -1), pooled.expand(rows, -1)
+
+    def compile_decoder(self, cache: str | Path | None = None) -> float:
+        """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,
+        the bulk of its time at 1024^2) and run it once; return the seconds that took.
+
+        ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
+        ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
+        time. The batch dimension is compiled dynamic: one compilation serves every batch size.
+        """
+        import time
+
+        path = Path(cache).expanduser() if cache is not None else None
+        if path is not None and path.is_file():
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+        vae = self.vae
+        compiled = torch.compile(lambda z: vae.decode(z).sample)
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            torch._dynamo.mark_dynamic(latents, 0)
+            return compiled(latents)
+
+        begin = time.perf_counter()
+        side = self.default_size // self.vae_scale
+        with torch.inference_mode():
+            decode(torch.zeros(2, 4, side, side, device=self.device, dtype=vae.dtype))
+        seconds = time.perf_counter() - begin
+        if path is not None:
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_name(path.name + ".tmp")
+                temporary.write_bytes(artifacts[0])
+                temporary.replace(path)
+        self._vae_decode = decode
+        return seconds
 
     def identity_kv(self, identity: Identity, request: _Request, table: StepTable, neg_text, neg_pooled):
         """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, computed once with its
@@ -653,7 +695,7 @@ class Personalizer:
         if vae == "tiny":  # TAESD decodes the scaled latents directly
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
         else:
-            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
+            images = self._vae_decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if request_output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
         pil = to_pil(images)
