@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -51,6 +52,10 @@ def generate(
     width: Optional[int] = typer.Option(None),
     no_kv: bool = typer.Option(False, "--no-kv", help="IP-Adapter only (plain CFG with scale no_kv + full)."),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
+    kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
+    vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
+    tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
+    warmup: bool = typer.Option(False, "--warmup", help="Capture the sampling step first and say how long it took."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Generate images of the person in FACE."""
@@ -61,8 +66,14 @@ def generate(
         if out.exists() and not out.is_dir():  # before minutes of work, not after
             raise ValueError(f"out: {out} is a file, not a folder")
         with console.status(f"Loading {model}..."):
-            personalizer = Personalizer.from_pretrained(model, device=device)
+            personalizer = Personalizer.from_pretrained(model, device=device, tiny_vae=tiny_vae)
         face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
+        if warmup:
+            with console.status("Capturing the sampling step..."):
+                begin = time.perf_counter()
+                personalizer.warmup(mode, len(prompt) * num_images, height, width, use_kv=not no_kv,
+                                    kv_cache=kv_cache, steps=steps)  # fmt: skip
+            console.print(f"warm-up: {time.perf_counter() - begin:.1f} s", highlight=False)
         with Progress(
             TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
         ) as progress:
@@ -76,7 +87,7 @@ def generate(
             images = personalizer.generate(
                 face_input, prompt, negative_prompt=negative_prompt, num_images=num_images, seed=seed, mode=mode,
                 steps=steps, guidance=guidance, height=height, width=width, use_kv=not no_kv,
-                adapter_scale=adapter_scale, callback=on_step,
+                adapter_scale=adapter_scale, callback=on_step, kv_cache=kv_cache, vae=vae,
             )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):

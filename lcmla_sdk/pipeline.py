@@ -590,8 +590,12 @@ class Personalizer:
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
                references: int = 1, use_kv: bool = True, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
-        """Capture the sampling step for one shape ahead of the first real call (on a GPU; no-op work elsewhere)
-        by generating once from a random identity."""
+        """Capture the sampling step of one shape (images per call, size, references, K/V options) ahead of the
+        first real call, by generating once from a blank identity. Only where the loop is graphed (a CUDA device,
+        ``cuda_graphs=True``); elsewhere it returns at once."""
+        if self.device.type != "cuda" or not self.cuda_graphs:
+            say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
+            return
         latent = self.face_size // self.vae_scale
         tokens = self.adapter.resampler.latents.shape[1]
         cross = self.unet.config.cross_attention_dim
