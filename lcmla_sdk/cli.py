@@ -16,6 +16,10 @@ console = Console(stderr=True)
 
 # Set by --debug: errors then raise with their traceback instead of printing one line.
 SETTINGS = {"debug": False}
+FACES_HELP = (
+    "Face backend: 'auto' (the model's insightface pack, else dlib), 'dlib[:cnn][,68]', 'insightface:DIR' or DIR, "
+    "'none' (no detection)."
+)
 # Errors a user can fix (bad arguments, bad or unreadable files); every LcmlaError derives from ValueError.
 USER_ERRORS = (ValueError, TypeError, OSError)
 
@@ -51,6 +55,7 @@ def generate(
     width: Optional[int] = typer.Option(None),
     no_kv: bool = typer.Option(False, "--no-kv", help="IP-Adapter only (plain CFG with scale no_kv + full)."),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
+    faces: str = typer.Option("auto", help=FACES_HELP),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Generate images of the person in FACE."""
@@ -61,7 +66,7 @@ def generate(
         if out.exists() and not out.is_dir():  # before minutes of work, not after
             raise ValueError(f"out: {out} is a file, not a folder")
         with console.status(f"Loading {model}..."):
-            personalizer = Personalizer.from_pretrained(model, device=device)
+            personalizer = Personalizer.from_pretrained(model, device=device, faces=faces)
         face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
         with Progress(
             TextColumn("[bold]denoising"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console
@@ -178,7 +183,7 @@ def identity_create(
     face: list[Path] = typer.Option(..., "--face", help="Photo of the person; repeat for several (combined)."),
     out: Path = typer.Option(..., help="Identity file to write (.safetensors)."),
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
-    faces: Optional[Path] = typer.Option(None, help="insightface pack folder (default: the model's faces/)."),
+    faces: str = typer.Option("auto", help=FACES_HELP),
     crop: str = typer.Option("none", help="'none' (whole photo, as the authors) or 'face' (aligned face crop)."),
     on_multiple: str = typer.Option("largest", help="'largest' face, or 'error' when a photo shows several."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
