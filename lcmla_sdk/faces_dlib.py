@@ -45,6 +45,9 @@ FILES = {
     68: "shape_predictor_68_face_landmarks.dat",
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
 }
+# Photos smaller than this are doubled before detection (HOG's smallest face is 80 px; doubled, 40 px); larger ones
+# are not, which keeps detection on a 1024-px image near 0.1 s on one CPU core instead of 0.35 s.
+UPSAMPLE_BELOW = 1024
 INSTALL = "pip install 'lcmla[faces]' (dlib-bin and face_recognition_models)"
 
 
@@ -97,7 +100,8 @@ def five_points(shape: np.ndarray) -> np.ndarray:
 class DlibFaceAnalyzer(FaceAnalyzer):
     """dlib detection (``detector="hog"`` or ``"cnn"``), landmarks (``landmarks=5`` or ``68``) and ResNet embedding.
 
-    ``upsample``: times the image is doubled before detection (1 finds faces down to about 40 px). ``det_thresh``:
+    ``upsample``: times the image is doubled before detection; ``None``: once below :data:`UPSAMPLE_BELOW` px on the
+    shorter side (faces down to about 40 px), never above (faces down to about 80 px). ``det_thresh``:
     the lowest detector score kept (HOG scores and CNN confidences; on the astronaut photo, HOG at upsampling 1 gives
     the face 1.16 and a false box on the suit 0.12). ``model_dir``: a folder holding dlib's ``.dat`` files instead of
     the ``face_recognition_models`` package.
@@ -107,7 +111,7 @@ class DlibFaceAnalyzer(FaceAnalyzer):
         self,
         detector: str = "hog",
         landmarks: int = 5,
-        upsample: int = 1,
+        upsample: int | None = None,
         det_thresh: float = 0.5,
         model_dir: str | Path | None = None,
     ) -> None:
@@ -115,8 +119,8 @@ class DlibFaceAnalyzer(FaceAnalyzer):
             raise ValueError(f"detector: {detector!r} is not one of {DETECTORS}")
         if landmarks not in LANDMARKS:
             raise ValueError(f"landmarks: {landmarks!r} is not one of {LANDMARKS}")
-        if not isinstance(upsample, int) or upsample < 0:
-            raise ValueError(f"upsample: must be a non-negative integer, got {upsample!r}")
+        if upsample is not None and (not isinstance(upsample, int) or upsample < 0):
+            raise ValueError(f"upsample: must be None or a non-negative integer, got {upsample!r}")
         try:
             import dlib
         except ImportError as error:
@@ -148,10 +152,11 @@ class DlibFaceAnalyzer(FaceAnalyzer):
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
         rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+        upsample = self.upsample if self.upsample is not None else int(min(image.size) < UPSAMPLE_BELOW)
         if self.detector == "cnn":
-            found = [(d.rect, d.confidence) for d in self._detector(rgb, self.upsample)]
+            found = [(d.rect, d.confidence) for d in self._detector(rgb, upsample)]
         else:
-            rects, scores, _ = self._detector.run(rgb, self.upsample, self.det_thresh)
+            rects, scores, _ = self._detector.run(rgb, upsample, self.det_thresh)
             found = list(zip(rects, scores))
         faces = []
         for rect, score in found:
