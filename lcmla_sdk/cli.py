@@ -146,6 +146,65 @@ def export(
         raise typer.Exit(code=3) from None
 
 
+# ---------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def evaluate(
+    faces: Path = typer.Option(..., "--faces", help="Folder of input face photos (one person each)."),
+    out: Path = typer.Option(..., help="Evaluation folder; a run continues what an earlier one left there."),
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file, one per line (default: the list shipped with lcmla)."),
+    modes: str = typer.Option("quality,fast,nokv", help="Comma-separated: quality, fast, nokv (quality without K/V)."),
+    seeds: int = typer.Option(1, help="Seeds per face and prompt: 0 .. N-1."),
+    recognizer: list[str] = typer.Option(["dlib"], help="Face recognizer for ID: 'dlib[:cnn][,68]' or 'insightface:DIR'; repeat to add one."),
+    clip: Optional[Path] = typer.Option(None, help="Local CLIP folder (transformers CLIPModel + tokenizer) for CLIP-T/CLIP-I."),
+    label: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's name)."),
+    steps: Optional[int] = typer.Option(None, help="Number of steps (default: by mode)."),
+    height: Optional[int] = typer.Option(None),
+    width: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+) -> None:
+    """Generate each face x prompt x seed x mode, then score ID similarity, CLIP-T and CLIP-I (docs/EVALUATION.md)."""
+    from . import evaluation
+    from .pipeline import Personalizer
+
+    try:
+        plan = evaluation.EvalPlan(
+            faces=evaluation.find_faces(faces),
+            prompts=evaluation.read_prompts(prompts) if prompts else evaluation.default_prompts(),
+            seeds=list(range(seeds)), modes=[m.strip() for m in modes.split(",") if m.strip()],
+            steps=steps, height=height, width=width,
+        )  # fmt: skip
+        with console.status(f"Loading {model} and the scorers..."):
+            personalizer = Personalizer.from_pretrained(model, device=device)
+            cuda = personalizer.device.type == "cuda"
+            recognizers = evaluation.make_recognizers(
+                recognizer, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+            )
+            scorer = evaluation.ClipScorer(clip, personalizer.device) if clip is not None else None
+            references = evaluation.reference_embeddings(plan, recognizers)  # every input photo shows a face
+        with Progress(
+            TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[skipped]} kept"),
+            TimeElapsedColumn(), console=console,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("generate", total=len(plan.jobs()), skipped=0)
+
+            def on_image(job, skipped: bool) -> None:
+                kept = progress.tasks[task].fields["skipped"] + int(skipped)
+                progress.update(task, advance=1, skipped=kept)
+
+            evaluation.evaluate(
+                personalizer, plan, out, label or Path(model).name, recognizers, scorer, on_image, console.print,
+                references,
+            )
+    except USER_ERRORS as error:
+        raise fail(error) from None
+    except KeyboardInterrupt:
+        message = f"interrupted: finished images are kept in {out}; run the same command again to continue"
+        console.print(message, soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(code=130) from None
+    typer.echo((out / "table.md").read_text(), nl=False)
+
+
 # ---------------------------------------------------------------------------- training
 # The trainer lives in lcmla_sdk.train (accelerate, tensorboard, pyyaml: the [train] extra); it is imported inside
 # the command so that generating never needs it.
