@@ -40,7 +40,7 @@ from .images import clip_pixels, load_rgb, pixel_sha256
 EVAL_MODES = {"quality": ("quality", True), "fast": ("fast", True), "nokv": ("quality", False)}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 # What every image of a folder depends on besides its face, prompt, seed and mode; a continued run must match.
-FROZEN = ("model", "prompts", "faces", "steps", "height", "width")
+FROZEN = ("model", "prompts", "steps", "height", "width")
 
 
 def default_prompts() -> list[str]:
@@ -164,7 +164,8 @@ def generate_images(
 def check_run_file(out: Path, plan: EvalPlan, fingerprint: str, face_hashes: dict[str, str]) -> None:
     """Write ``run.json``, or refuse to continue a folder whose images depend on other settings.
 
-    Modes and seeds may change between runs (they only add or leave out images); the rest is :data:`FROZEN`.
+    Modes, seeds and faces may change between runs (they add or leave out images), as long as a face name keeps its
+    picture (``face_hashes``: name -> pixel hash); the rest is :data:`FROZEN`.
     """
     if out.exists() and not out.is_dir():
         raise ValueError(f"out: {out} is a file, not a folder")
@@ -179,6 +180,11 @@ def check_run_file(out: Path, plan: EvalPlan, fingerprint: str, face_hashes: dic
         except json.JSONDecodeError as error:
             raise ValueError(f"out: {run_file} is not JSON ({error}); use another folder") from None
         changed = [key for key in FROZEN if previous.get(key) != settings[key]]
+        old_faces = previous.get("faces", {})
+        changed += [
+            f"picture for face {name!r}" for name, digest in face_hashes.items() if old_faces.get(name, digest) != digest
+        ]
+        settings["faces"] = {**old_faces, **face_hashes}
         if changed:
             raise ValueError(
                 f"out: {out} holds an evaluation with other {', '.join(changed)}; its images would not match these "

@@ -173,11 +173,12 @@ def test_eval_on_tiny_writes_every_file_and_resumes_after_an_interruption(
 def test_a_folder_of_other_settings_is_refused(tmp_path, photos):
     plan = EvalPlan(faces={"sample": photos / "sample.jpg"}, prompts=["a"], seeds=[0], steps=2)
     check_run_file(tmp_path, plan, "model-a", {"sample": "hash"})
-    plan.seeds, plan.modes = [0, 1], ["fast"]  # seeds and modes may change
-    check_run_file(tmp_path, plan, "model-a", {"sample": "hash"})
+    plan.seeds, plan.modes = [0, 1], ["fast"]  # seeds, modes and faces may change
+    check_run_file(tmp_path, plan, "model-a", {"other": "hash2"})
+    assert json.loads((tmp_path / "run.json").read_text())["faces"] == {"sample": "hash", "other": "hash2"}
     plan.steps = 4
-    with pytest.raises(ValueError, match=r"^out: .* holds an evaluation with other model, steps"):
-        check_run_file(tmp_path, plan, "model-b", {"sample": "hash"})
+    with pytest.raises(ValueError, match=r"^out: .* holds an evaluation with other model, steps, picture for face 'sample'"):
+        check_run_file(tmp_path, plan, "model-b", {"sample": "another picture"})
 
 
 def test_an_input_without_a_face_fails_before_generating(tmp_path, photos):
