@@ -3,7 +3,7 @@
 Figures measured with dlib-bin 20.0.1 and face_recognition_models 0.3.0 (cosine of L2-normalised 128-d
 embeddings, sample face against): its mirror image 0.990, a crop resized to 200 px 0.999, the astronaut photo it
 was cut from 0.998, the cameraman of ``camera()`` 0.822. (dlib's own rule, Euclidean distance of the raw
-descriptors below 0.6 = same person, gives 0.21 for the mirror and 0.85 for the cameraman.)
+descriptors below 0.6 = same person, gives 0.20 for the mirror and 0.83 for the cameraman.)
 """
 
 import sys
