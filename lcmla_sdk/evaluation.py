@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .errors import InvalidImageError, ModelFilesError, NoFaceError
 from . import evaluation_reports as reports
+from .errors import InvalidImageError, ModelFilesError, NoFaceError
 from .faces import FaceAnalyzer, FaceBackend
 from .images import clip_pixels, load_rgb, pixel_sha256
 
@@ -253,7 +253,8 @@ class ClipScorer:
 
 
 def make_recognizers(specs: Sequence[str], providers: list[str] | None = None) -> list[Recognizer]:
-    """One :class:`Recognizer` per spec, labelled by backend (``dlib``, ``insightface``; ``-2``, ... when repeated)."""
+    """One :class:`Recognizer` per spec, labelled by backend: ``dlib``, ``insightface``, or ``dlib-1``, ``dlib-2``, ...
+    when one backend is given more than once."""
     kinds = [FaceBackend.parse(spec).kind for spec in specs]
     return [
         Recognizer(spec, kind if kinds.count(kind) == 1 else f"{kind}-{kinds[: i + 1].count(kind)}", providers)
