@@ -17,6 +17,10 @@ console = Console(stderr=True)
 
 # Set by --debug: errors then raise with their traceback instead of printing one line.
 SETTINGS = {"debug": False}
+FACES_HELP = (
+    "Face backend: 'auto' (the model's insightface pack, else dlib), 'dlib[:cnn][,68]', 'insightface:DIR' or DIR, "
+    "'none' (no detection)."
+)
 # Errors a user can fix (bad arguments, bad or unreadable files); every LcmlaError derives from ValueError.
 USER_ERRORS = (ValueError, TypeError, OSError)
 
@@ -56,6 +60,7 @@ def generate(
     vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
     tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
     warmup: bool = typer.Option(False, "--warmup", help="Capture the sampling step first and say how long it took."),
+    faces: str = typer.Option("auto", help=FACES_HELP),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
     """Generate images of the person in FACE."""
@@ -66,7 +71,7 @@ def generate(
         if out.exists() and not out.is_dir():  # before minutes of work, not after
             raise ValueError(f"out: {out} is a file, not a folder")
         with console.status(f"Loading {model}..."):
-            personalizer = Personalizer.from_pretrained(model, device=device, tiny_vae=tiny_vae)
+            personalizer = Personalizer.from_pretrained(model, device=device, faces=faces, tiny_vae=tiny_vae)
         face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
         if warmup:
             with console.status("Capturing the sampling step..."):
@@ -198,6 +203,65 @@ def export(
         raise typer.Exit(code=3) from None
 
 
+# ---------------------------------------------------------------------------- evaluation
+@app.command("eval")
+def evaluate(
+    faces: Path = typer.Option(..., "--faces", help="Folder of input face photos (one person each)."),
+    out: Path = typer.Option(..., help="Evaluation folder; a run continues what an earlier one left there."),
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
+    prompts: Optional[Path] = typer.Option(None, help="Prompt file, one per line (default: the list shipped with lcmla)."),
+    modes: str = typer.Option("quality,fast,nokv", help="Comma-separated: quality, fast, nokv (quality without K/V)."),
+    seeds: int = typer.Option(1, help="Seeds per face and prompt: 0 .. N-1."),
+    recognizer: list[str] = typer.Option(["dlib"], help="Face recognizer for ID: 'dlib[:cnn][,68]' or 'insightface:DIR'; repeat to add one."),
+    clip: Optional[Path] = typer.Option(None, help="Local CLIP folder (transformers CLIPModel + tokenizer) for CLIP-T/CLIP-I."),
+    label: Optional[str] = typer.Option(None, help="Method name in the table (default: the model's name)."),
+    steps: Optional[int] = typer.Option(None, help="Number of steps (default: by mode)."),
+    height: Optional[int] = typer.Option(None),
+    width: Optional[int] = typer.Option(None),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+) -> None:
+    """Generate each face x prompt x seed x mode, then score ID similarity, CLIP-T and CLIP-I (docs/EVALUATION.md)."""
+    from . import evaluation
+    from .pipeline import Personalizer
+
+    try:
+        plan = evaluation.EvalPlan(
+            faces=evaluation.find_faces(faces),
+            prompts=evaluation.read_prompts(prompts) if prompts else evaluation.default_prompts(),
+            seeds=list(range(seeds)), modes=[m.strip() for m in modes.split(",") if m.strip()],
+            steps=steps, height=height, width=width,
+        )  # fmt: skip
+        with console.status(f"Loading {model} and the scorers..."):
+            personalizer = Personalizer.from_pretrained(model, device=device)
+            cuda = personalizer.device.type == "cuda"
+            recognizers = evaluation.make_recognizers(
+                recognizer, ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+            )
+            scorer = evaluation.ClipScorer(clip, personalizer.device) if clip is not None else None
+            references = evaluation.reference_embeddings(plan, recognizers)  # every input photo shows a face
+        with Progress(
+            TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[skipped]} kept"),
+            TimeElapsedColumn(), console=console,
+        ) as progress:  # fmt: skip
+            task = progress.add_task("generate", total=len(plan.jobs()), skipped=0)
+
+            def on_image(job, skipped: bool) -> None:
+                kept = progress.tasks[task].fields["skipped"] + int(skipped)
+                progress.update(task, advance=1, skipped=kept)
+
+            evaluation.evaluate(
+                personalizer, plan, out, label or Path(model).name, recognizers, scorer, on_image, console.print,
+                references,
+            )
+    except USER_ERRORS as error:
+        raise fail(error) from None
+    except KeyboardInterrupt:
+        message = f"interrupted: finished images are kept in {out}; run the same command again to continue"
+        console.print(message, soft_wrap=True, highlight=False, markup=False)
+        raise typer.Exit(code=130) from None
+    typer.echo((out / "table.md").read_text(), nl=False)
+
+
 # ---------------------------------------------------------------------------- training
 # The trainer lives in lcmla_sdk.train (accelerate, tensorboard, pyyaml: the [train] extra); it is imported inside
 # the command so that generating never needs it.
@@ -235,7 +299,7 @@ def identity_create(
     face: list[Path] = typer.Option(..., "--face", help="Photo of the person; repeat for several (combined)."),
     out: Path = typer.Option(..., help="Identity file to write (.safetensors)."),
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
-    faces: Optional[Path] = typer.Option(None, help="insightface pack folder (default: the model's faces/)."),
+    faces: str = typer.Option("auto", help=FACES_HELP),
     crop: str = typer.Option("none", help="'none' (whole photo, as the authors) or 'face' (aligned face crop)."),
     on_multiple: str = typer.Option("largest", help="'largest' face, or 'error' when a photo shows several."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),

@@ -1,12 +1,22 @@
-"""Face detection, 5-point alignment and ArcFace embeddings through insightface, from a local pack only.
+"""Face detection, 5-point landmarks and face-recognition embeddings: one interface, two backends.
 
-A *face pack* is a folder of insightface ONNX models, e.g. the contents of the ``buffalo_l`` pack: a detector
-(``det_10g.onnx``) and an ArcFace recognition model (``w600k_r50.onnx``); other models in it are ignored.
-insightface's :class:`FaceAnalysis` is handed the folder itself, so it never looks for, nor downloads, a named pack.
+:class:`FaceAnalyzer` is the interface (``detect`` -> every face, largest first; ``find_face`` -> the one to use).
+Backends, both offline:
+
+* ``dlib`` (:mod:`lcmla_sdk.faces_dlib`): dlib's HOG or CNN detector, shape predictor and 128-d ResNet embedding,
+  with the model files of the ``face_recognition_models`` package (the ``faces`` extra). The default.
+* ``insightface`` (:class:`InsightFaceAnalyzer`): a local pack of insightface ONNX models, e.g. the contents of
+  ``buffalo_l``: a detector (``det_10g.onnx``) and an ArcFace recognition model (``w600k_r50.onnx``); other models
+  in it are ignored. insightface's ``FaceAnalysis`` is handed the folder itself, so it never looks for, nor
+  downloads, a named pack.
+
+:class:`FaceBackend` turns the ``faces`` argument of :meth:`~lcmla_sdk.Personalizer.from_pretrained` into one.
 """
 
 from __future__ import annotations
 
+import warnings
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,8 +27,12 @@ from .errors import ModelFilesError, MultipleFacesError, NoFaceError
 
 PACK_CONTENTS = "a detector such as det_10g.onnx and an ArcFace recognition model such as w600k_r50.onnx"
 ON_MULTIPLE = ("largest", "error")
+AUTO = "auto"
+_no_check_said = False  # the warning below is given once per process
+FACES_FORMS = "'auto', 'dlib' (or 'dlib:cnn', 'dlib:68', 'dlib:cnn,68'), 'insightface:DIR', a pack folder, or None"
 
-# insightface's ArcFace landmark template (eyes, nose, mouth corners) in a 112 x 112 crop.
+# insightface's ArcFace landmark template in a 112 x 112 crop: the centres of the image-left and image-right eyes,
+# the nose tip, the image-left and image-right mouth corners. Every backend reports its landmarks in this order.
 ARCFACE_TEMPLATE = np.array(
     [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
     dtype=np.float32,
@@ -27,8 +41,9 @@ ARCFACE_TEMPLATE = np.array(
 
 @dataclass
 class DetectedFace:
-    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks``, ``score`` and the L2-normalised
-    512-d ArcFace ``embedding``."""
+    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks`` in :data:`ARCFACE_TEMPLATE`'s
+    order, the detector's ``score`` and the L2-normalised ``embedding`` of the backend's recogniser (512-d ArcFace
+    for insightface, 128-d ResNet for dlib)."""
 
     box: np.ndarray
     landmarks: np.ndarray
@@ -40,8 +55,33 @@ class DetectedFace:
         return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
 
 
-class FaceAnalyzer:
-    """insightface ``FaceAnalysis`` (detection + recognition) over the ONNX files of ``pack_dir``."""
+class FaceAnalyzer(ABC):
+    """Detection + landmarks + recognition. ``name`` is the backend as a ``faces=`` value (recorded in identities
+    and evaluation reports); ``det_thresh`` the detector score below which a box is no face."""
+
+    name: str
+    det_thresh: float
+
+    @abstractmethod
+    def detect(self, image: Image.Image) -> list[DetectedFace]:
+        """Every face above the threshold, largest first."""
+
+    def find_face(self, image: Image.Image, on_multiple: str = "largest") -> DetectedFace:
+        """The one face to use: the largest, or :class:`MultipleFacesError` when ``on_multiple="error"``."""
+        if on_multiple not in ON_MULTIPLE:
+            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
+        faces = self.detect(image)
+        where = f"the {image.width}x{image.height} image (detector threshold {self.det_thresh}, {self.name})"
+        if not faces:
+            raise NoFaceError(f"face: no face found in {where}")
+        if len(faces) > 1 and on_multiple == "error":
+            boxes = ", ".join(str([round(float(v)) for v in face.box]) for face in faces)
+            raise MultipleFacesError(f"face: {len(faces)} faces found in {where} at {boxes}; on_multiple='error'")
+        return faces[0]
+
+
+class InsightFaceAnalyzer(FaceAnalyzer):
+    """insightface ``FaceAnalysis`` (detection + ArcFace recognition) over the ONNX files of ``pack_dir``."""
 
     def __init__(
         self,
@@ -51,6 +91,7 @@ class FaceAnalyzer:
         providers: list[str] | None = None,
     ) -> None:
         self.pack_dir = Path(pack_dir).expanduser().resolve()
+        self.name = f"insightface:{self.pack_dir}"
         self.det_thresh = det_thresh
         check_face_pack(self.pack_dir)
         try:
@@ -78,7 +119,6 @@ class FaceAnalyzer:
         self.app = app
 
     def detect(self, image: Image.Image) -> list[DetectedFace]:
-        """Every face above the threshold, largest first."""
         bgr = np.ascontiguousarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
         faces = [
             DetectedFace(
@@ -91,18 +131,61 @@ class FaceAnalyzer:
         ]
         return sorted(faces, key=lambda face: face.area, reverse=True)
 
-    def find_face(self, image: Image.Image, on_multiple: str = "largest") -> DetectedFace:
-        """The one face to use: the largest, or :class:`MultipleFacesError` when ``on_multiple="error"``."""
-        if on_multiple not in ON_MULTIPLE:
-            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
-        faces = self.detect(image)
-        where = f"the {image.width}x{image.height} image (detector threshold {self.det_thresh}, pack {self.pack_dir})"
-        if not faces:
-            raise NoFaceError(f"face: no face found in {where}")
-        if len(faces) > 1 and on_multiple == "error":
-            boxes = ", ".join(str([round(float(v)) for v in face.box]) for face in faces)
-            raise MultipleFacesError(f"face: {len(faces)} faces found in {where} at {boxes}; on_multiple='error'")
-        return faces[0]
+
+@dataclass(frozen=True)
+class FaceBackend:
+    """Which face analysis a model uses, parsed from a ``faces=`` value (:data:`FACES_FORMS`).
+
+    ``"auto"``: the model directory's insightface pack if it has one, else dlib when it is installed, else no
+    detection (said once, with how to install it). ``None`` (or ``"none"``): no detection, explicitly.
+    ``"dlib[:options]"``: options ``hog`` (default) or ``cnn`` detector, ``5`` (default) or ``68``-point landmarks.
+    ``"insightface:DIR"``, or any other string or path: an insightface pack folder.
+    """
+
+    kind: str  # "auto", "off", "dlib" or "insightface"
+    pack_dir: Path | None = None
+    options: tuple[str, ...] = ()
+
+    @classmethod
+    def parse(cls, faces: str | Path | None) -> FaceBackend:
+        if faces is None:
+            return cls("off")
+        if isinstance(faces, Path):
+            return cls("insightface", faces.expanduser())
+        if not isinstance(faces, str) or not faces.strip():
+            raise ValueError(f"faces: expected {FACES_FORMS}; got {faces!r}")
+        text = faces.strip()
+        if text in (AUTO, "none"):
+            return cls("auto" if text == AUTO else "off")
+        if text == "dlib" or text.startswith("dlib:"):
+            from .faces_dlib import parse_options
+
+            return cls("dlib", options=parse_options(text.partition(":")[2]))
+        pack = text.removeprefix("insightface:")
+        if not pack:
+            raise ValueError("faces: 'insightface:' needs a pack folder, e.g. 'insightface:models/buffalo_l'")
+        return cls("insightface", Path(pack).expanduser())
+
+    def open(self, providers: list[str] | None = None) -> FaceAnalyzer | None:
+        """The analyzer (model files are read now), or ``None`` for no detection."""
+        from . import faces_dlib
+
+        global _no_check_said
+        if self.kind == "insightface":
+            return InsightFaceAnalyzer(self.pack_dir, providers=providers)
+        if self.kind == "dlib":
+            return faces_dlib.DlibFaceAnalyzer.from_options(self.options)
+        if self.kind == "auto":
+            if faces_dlib.is_installed():
+                return faces_dlib.DlibFaceAnalyzer()
+            if not _no_check_said:
+                _no_check_said = True
+                warnings.warn(
+                    "faces: no face check was made (the photo may show no face, or several): dlib is not installed. "
+                    "Install the face backend with pip install 'lcmla[faces]', or pass faces=None to silence this.",
+                    stacklevel=4,
+                )
+        return None
 
 
 def check_face_pack(pack_dir: Path) -> None:

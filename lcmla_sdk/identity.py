@@ -10,39 +10,49 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from .errors import IdentityMismatchError, ModelFilesError
 
+if TYPE_CHECKING:
+    from .faces import DetectedFace, FaceAnalyzer
+
 FORMAT = "lcmla-identity"
-FORMAT_VERSION = 1
-TENSORS = ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std", "arcface")
+FORMAT_VERSION = 2  # 2: face embeddings of any backend (version 1 stored insightface's as "arcface")
+TENSORS = ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std", "face_embeddings")
 
 
 @dataclass
 class Identity:
-    """Image tokens, face latents and (with a face pack) ArcFace embeddings of one person.
+    """Image tokens, face latents and (with face detection) the detections of one person.
 
     ``cond_tokens``/``uncond_tokens``: ``(1, tokens, cross_attention_dim)``; ``latent_mean``/``latent_std``:
-    ``(references, 4, face_size / 8, face_size / 8)``, unscaled; ``arcface``: ``(references, 512)``, L2-normalised,
-    or ``None`` without a face pack. ``sources`` holds the SHA-256 of each reference's decoded RGB pixels;
-    ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it.
+    ``(references, 4, face_size / 8, face_size / 8)``, unscaled. ``sources`` holds the SHA-256 of each reference's
+    decoded RGB pixels; ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it.
+    Detections, one per reference (``None``/empty with detection off): ``face_embeddings`` ``(references, D)``,
+    L2-normalised (D = 512 for insightface's ArcFace, 128 for dlib), ``boxes`` (x1, y1, x2, y2), ``landmarks``
+    (5 points, :data:`~lcmla_sdk.faces.ARCFACE_TEMPLATE`'s order), and ``face_backend``, the analyzer's name.
     """
 
     cond_tokens: torch.Tensor
     uncond_tokens: torch.Tensor
     latent_mean: torch.Tensor
     latent_std: torch.Tensor
-    arcface: torch.Tensor | None = None
+    face_embeddings: torch.Tensor | None = None
     sources: list[str] = field(default_factory=list)
     model_fingerprint: str = ""
     crop: str = "none"
     boxes: list[list[float] | None] = field(default_factory=list)
+    landmarks: list[list[list[float]] | None] = field(default_factory=list)
+    face_backend: str = ""
 
     @property
     def num_references(self) -> int:
@@ -50,10 +60,10 @@ class Identity:
 
     @property
     def embedding(self) -> torch.Tensor | None:
-        """One 512-d ArcFace embedding for the person: the normalised mean over the references."""
-        if self.arcface is None:
+        """One face-recognition embedding for the person: the normalised mean over the references."""
+        if self.face_embeddings is None:
             return None
-        return torch.nn.functional.normalize(self.arcface.float().mean(0), dim=0)
+        return torch.nn.functional.normalize(self.face_embeddings.float().mean(0), dim=0)
 
     def digest(self) -> str:
         """SHA-256 of the tensors a generation reads and of the model that made them (a cache key)."""
@@ -78,7 +88,8 @@ class Identity:
         tensors = {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
         header = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint,
-            "sources": self.sources, "crop": self.crop, "boxes": self.boxes,
+            "sources": self.sources, "crop": self.crop, "boxes": self.boxes, "landmarks": self.landmarks,
+            "face_backend": self.face_backend,
         }  # fmt: skip
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), {"lcmla": json.dumps(header)})
         return path
@@ -100,11 +111,26 @@ class Identity:
         missing = [name for name in TENSORS[:4] if name not in tensors]
         if missing:
             raise ModelFilesError(f"identity: {path} lacks tensors {missing}")
+        if "arcface" in tensors:  # version 1: insightface was the only backend
+            tensors["face_embeddings"] = tensors.pop("arcface")
+            header.setdefault("face_backend", "insightface")
         identity = cls(
             **{name: tensors.get(name) for name in TENSORS},
             sources=header["sources"], model_fingerprint=header["model_fingerprint"], crop=header["crop"],
-            boxes=header["boxes"],
+            boxes=header["boxes"], landmarks=header.get("landmarks", []), face_backend=header.get("face_backend", ""),
         )  # fmt: skip
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)
         return identity
+
+
+def detection_fields(detections: Sequence[DetectedFace | None], analyzer: FaceAnalyzer | None) -> dict[str, Any]:
+    """:class:`Identity` fields recording one detection per reference (``None`` entries with detection off)."""
+    if analyzer is None:
+        return {"boxes": [None] * len(detections), "landmarks": [None] * len(detections)}
+    return {
+        "face_embeddings": torch.from_numpy(np.stack([d.embedding for d in detections])),
+        "boxes": [[float(v) for v in d.box] for d in detections],
+        "landmarks": [np.asarray(d.landmarks, dtype=float).tolist() for d in detections],
+        "face_backend": analyzer.name,
+    }

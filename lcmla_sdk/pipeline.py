@@ -18,9 +18,9 @@ from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 from . import model_dir
 from .attention import install_lookahead_processors
 from .errors import InvalidImageError, ModelFilesError
-from .faces import ON_MULTIPLE, FaceAnalyzer, align_face
+from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
 from .guidance import DEFAULT_GUIDANCE, Guidance
-from .identity import Identity
+from .identity import Identity, detection_fields
 from .images import FaceInput, clip_pixels, load_rgb, pixel_sha256, to_pil, vae_pixels
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
 from .manifest import sha256_json
@@ -101,7 +101,7 @@ class Personalizer:
         device: torch.device,
         dtype: torch.dtype,
         fingerprint: str | None = None,
-        faces: str | Path | None = None,
+        faces: str | Path | None = AUTO,
         source: model_dir.ModelLayout | None = None,
         cuda_graphs: bool = True,
     ) -> None:
@@ -111,7 +111,8 @@ class Personalizer:
         self.components = components
         # Identifies the weights an Identity (or an exported engine) was made with.
         self.fingerprint: str = fingerprint or sha256_json({"config": config})
-        self.faces_dir = Path(faces).expanduser() if faces is not None else None
+        self.faces = FaceBackend.parse(faces)
+        self.faces_dir = self.faces.pack_dir  # an insightface pack, written by save_pretrained
         self._face_analyzer: FaceAnalyzer | None = None
         self.device, self.dtype = device, dtype
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
@@ -189,17 +190,18 @@ class Personalizer:
         device: str | torch.device | None = None,
         dtype: torch.dtype | None = None,
         seed: int = 0,
-        faces: str | Path | None = None,
+        faces: str | Path | None = AUTO,
         tiny_vae: str | Path | None = None,
         cuda_graphs: bool = True,
     ) -> Personalizer:
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
         A directory is validated (files, keys, shapes, dtypes) before any weight is read; nothing is downloaded.
-        ``faces`` overrides the directory's face pack. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder
-        (TAESD-XL) for ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights,
-        drawn directly on ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export
-        and benchmarks.
+        ``faces`` picks the face backend (:class:`~lcmla_sdk.faces.FaceBackend`): ``"auto"`` is the directory's
+        insightface pack if it has one, else dlib; ``"dlib"``, ``"insightface:DIR"`` (or ``DIR``), ``None`` for no
+        detection. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder (TAESD-XL) for
+        ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights, drawn directly on
+        ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
         """
         device, dtype = default_device_and_dtype(device, dtype)
         if str(name) in PRESETS:
@@ -208,7 +210,7 @@ class Personalizer:
             if not model_dir.is_model_dir(name):
                 raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
             layout = model_dir.validate(name)
-            if faces is None and "faces" in layout.components:
+            if faces == AUTO and "faces" in layout.components:
                 faces = layout.components["faces"].path
             components = model_dir.load(layout, dtype)
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
@@ -224,7 +226,7 @@ class Personalizer:
         dtype: torch.dtype | None = None,
         seed: int = 0,
         label: str = "custom",
-        faces: str | Path | None = None,
+        faces: str | Path | None = AUTO,
         cuda_graphs: bool = True,
     ) -> Personalizer:
         """Random weights for an architecture given as constructor arguments (the presets' JSON format).
@@ -265,10 +267,10 @@ class Personalizer:
 
     @property
     def face_analyzer(self) -> FaceAnalyzer | None:
-        """insightface detection + ArcFace over the face pack, started on first use; ``None`` without a pack."""
-        if self._face_analyzer is None and self.faces_dir is not None:
+        """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
+        if self._face_analyzer is None:
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
-            self._face_analyzer = FaceAnalyzer(self.faces_dir, providers=providers)
+            self._face_analyzer = self.faces.open(providers)
         return self._face_analyzer
 
     # ------------------------------------------------------------------ steps of a generation
@@ -365,10 +367,11 @@ class Personalizer:
     ) -> Identity:
         """Encode one or several photos of one person into an :class:`Identity` (reusable for any prompt).
 
-        With a face pack, every photo goes through detection (the largest face, or :class:`MultipleFacesError`
-        with ``on_multiple="error"``) and gets an ArcFace embedding. ``crop="face"`` feeds the 5-point-aligned face
-        crop to the image encoder and VAE; ``crop="none"`` (the authors' setting) the whole photo. Several photos
-        are combined as :mod:`lcmla_sdk.identity` describes.
+        Unless detection is off (``faces=None``), every photo goes through the face backend: the largest face, or
+        :class:`NoFaceError` when there is none, or :class:`MultipleFacesError` with ``on_multiple="error"``; the
+        identity records each detection (box, landmarks, embedding, backend). ``crop="face"`` feeds the
+        5-point-aligned face crop to the image encoder and VAE; ``crop="none"`` (the authors' setting) the whole
+        photo. Several photos are combined as :mod:`lcmla_sdk.identity` describes.
         """
         faces = list(images) if isinstance(images, (list, tuple)) else [images]
         if not faces:
@@ -380,8 +383,9 @@ class Personalizer:
         analyzer = self.face_analyzer
         if analyzer is None and (crop == "face" or on_multiple == "error"):
             raise ModelFilesError(
-                "faces: face detection needs an insightface pack: pass faces=DIR to from_pretrained, or add a "
-                "'faces' component to the model directory"
+                "faces: crop='face' and on_multiple='error' need face detection, which is off for this model: "
+                "install the dlib backend (pip install 'lcmla[faces]') or pass faces='dlib' or an insightface pack "
+                "folder to from_pretrained"
             )
         pictures, sources, detections = [], [], []
         for face in faces:
@@ -394,11 +398,10 @@ class Personalizer:
         cond, uncond = self.adapter(clip)
         pixels = torch.cat([vae_pixels(p, self.face_size) for p in pictures]).to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
-        arcface = torch.from_numpy(np.stack([d.embedding for d in detections])) if analyzer is not None else None
         return Identity(
             cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
-            latent_std=dist.std.float(), arcface=arcface, sources=sources, model_fingerprint=self.fingerprint,
-            crop=crop, boxes=[[float(v) for v in d.box] if d is not None else None for d in detections],
+            latent_std=dist.std.float(), sources=sources, model_fingerprint=self.fingerprint, crop=crop,
+            **detection_fields(detections, analyzer),
         )  # fmt: skip
 
     def load_identity(self, path: str | Path) -> Identity:

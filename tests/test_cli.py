@@ -51,7 +51,8 @@ def test_identity_create_then_generate_from_the_identity(tmp_path, astronaut, as
     assert result.exit_code == 0, result.output
     assert result.stdout.strip() == str(identity_file)
     identity = Identity.load(identity_file, expected_fingerprint=tiny.fingerprint)
-    assert identity.crop == "face" and identity.arcface.shape == (1, 512) and identity.boxes[0] is not None
+    assert identity.crop == "face" and identity.face_embeddings.shape == (1, 512) and identity.boxes[0] is not None
+    assert identity.face_backend == f"insightface:{astronaut_pack.resolve()}"
 
     out = tmp_path / "out"
     result = CliRunner().invoke(

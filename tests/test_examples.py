@@ -37,15 +37,17 @@ def test_reuse_identity_saves_loads_and_generates(tmp_path, monkeypatch, capsys,
     assert len(list(tmp_path.glob("sketch-seed*.png"))) == 2
 
 
-def test_batch_folder_skips_unreadable_photos(tmp_path, monkeypatch, capsys, astronaut, face):
+def test_batch_folder_skips_unreadable_and_faceless_photos(tmp_path, monkeypatch, capsys, astronaut, face):
     faces = tmp_path / "faces"
     faces.mkdir()
     Image.fromarray(astronaut).save(faces / "astronaut.png")
     face.save(faces / "sample.jpg")
     (faces / "broken.jpg").write_bytes(b"not an image")
     (faces / "notes.txt").write_text("not a photo")
+    Image.fromarray(pytest.importorskip("skimage.data").coffee()).save(faces / "coffee.png")  # no face in it
     out = tmp_path / "out"
     run_example("batch_folder.py", monkeypatch, str(faces), "--out", str(out))
     printed = capsys.readouterr().out
-    assert "skipped broken.jpg" in printed and "2 of 3 photos personalized" in printed
+    assert "skipped broken.jpg" in printed and "skipped coffee.png: face: no face found" in printed
+    assert "2 of 4 photos personalized" in printed
     assert sorted(p.name for p in out.glob("*.png")) == ["astronaut.png", "sample.png"]

@@ -17,7 +17,10 @@ def test_save_load_round_trip_is_bit_exact(tiny, face, tmp_path):
     for name in ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std"):
         assert torch.equal(getattr(loaded, name), getattr(identity, name).cpu()), name
     assert loaded.sources == identity.sources and len(loaded.sources[0]) == 64
-    assert loaded.model_fingerprint == tiny.fingerprint and loaded.arcface is None
+    assert loaded.model_fingerprint == tiny.fingerprint
+    # The detection is recorded: the default dlib backend found the sample face.
+    assert loaded.face_backend == "dlib:hog,5" and torch.equal(loaded.face_embeddings, identity.face_embeddings)
+    assert loaded.boxes == identity.boxes and loaded.landmarks == identity.landmarks and len(loaded.landmarks[0]) == 5
     # Generating from the stored identity equals generating from the photo, and skips the face work.
     assert torch.equal(_latents(tiny, loaded), _latents(tiny, face))
 
@@ -60,3 +63,20 @@ def test_several_references_average_tokens_and_concatenate_kv(tiny, face, astron
     tiny.generate(both, "a face", seed=1, steps=1, output="latent", num_images=2)
     single_tokens = tiny.kv_encoder(*unet_inputs(tiny, batch=1, side=16))[0].shape[1]
     assert seen == [(4, (4, 2 * single_tokens, 64))]  # [uncond, cond] x 2 images; 2 references' tokens
+
+
+def test_version_1_files_keep_their_arcface_embeddings(tiny, face, tmp_path):
+    """Files written before the dlib backend stored insightface's embeddings as ``arcface``."""
+    import json
+
+    from safetensors.torch import save_file
+
+    identity = tiny.encode_face(face)
+    arcface = torch.nn.functional.normalize(torch.randn(1, 512), dim=1)
+    tensors = {n: getattr(identity, n) for n in ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std")}
+    header = {"format": "lcmla-identity", "format_version": 1, "model_fingerprint": tiny.fingerprint,
+              "sources": identity.sources, "crop": "none", "boxes": [[1.0, 2.0, 3.0, 4.0]]}  # fmt: skip
+    save_file({**tensors, "arcface": arcface}, str(tmp_path / "v1.safetensors"), {"lcmla": json.dumps(header)})
+    loaded = tiny.load_identity(tmp_path / "v1.safetensors")
+    assert torch.equal(loaded.face_embeddings, arcface) and loaded.face_backend == "insightface"
+    assert loaded.boxes == [[1.0, 2.0, 3.0, 4.0]] and loaded.landmarks == []

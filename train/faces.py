@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lcmla_sdk.faces import ARCFACE_TEMPLATE, FaceAnalyzer, check_face_pack
+from lcmla_sdk.faces import ARCFACE_TEMPLATE, InsightFaceAnalyzer, check_face_pack
 
 ARCFACE_SIZE = 112  # ARCFACE_TEMPLATE's crop side
 
@@ -30,7 +30,7 @@ class TemplateLandmarks:
 
 
 class DetectorLandmarks:
-    """Landmarks of the largest face found by the SDK's :class:`~lcmla_sdk.faces.FaceAnalyzer` on a local
+    """Landmarks of the largest face found by the SDK's :class:`~lcmla_sdk.faces.InsightFaceAnalyzer` on a local
     insightface pack (never downloads); ``None`` when there is no face.
 
     The analyzer is built on first use, so the object can be sent to data-loader workers before that; the pack is
@@ -45,7 +45,7 @@ class DetectorLandmarks:
 
     def __call__(self, image: np.ndarray) -> np.ndarray | None:
         if self._analyzer is None:
-            self._analyzer = FaceAnalyzer(self.pack, self.det_thresh, (self.det_size, self.det_size))
+            self._analyzer = InsightFaceAnalyzer(self.pack, self.det_thresh, (self.det_size, self.det_size))
         faces = self._analyzer.detect(Image.fromarray(image))
         return faces[0].landmarks if faces else None  # largest first
 
