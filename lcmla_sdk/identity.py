@@ -30,7 +30,9 @@ class Identity:
     ``cond_tokens``/``uncond_tokens``: ``(1, tokens, cross_attention_dim)``; ``latent_mean``/``latent_std``:
     ``(references, 4, face_size / 8, face_size / 8)``, unscaled; ``arcface``: ``(references, 512)``, L2-normalised,
     or ``None`` without a face pack. ``sources`` holds the SHA-256 of each reference's decoded RGB pixels;
-    ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it.
+    ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it; ``crop`` and
+    ``face_resize`` how the photos were prepared (:meth:`Personalizer.encode_face`). Files written before
+    ``face_resize`` existed load as ``"crop"``, the only preprocessing there was.
     """
 
     cond_tokens: torch.Tensor
@@ -41,6 +43,7 @@ class Identity:
     sources: list[str] = field(default_factory=list)
     model_fingerprint: str = ""
     crop: str = "none"
+    face_resize: str = "squash"
     boxes: list[list[float] | None] = field(default_factory=list)
 
     @property
@@ -68,7 +71,7 @@ class Identity:
         tensors = {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
         header = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint,
-            "sources": self.sources, "crop": self.crop, "boxes": self.boxes,
+            "sources": self.sources, "crop": self.crop, "face_resize": self.face_resize, "boxes": self.boxes,
         }  # fmt: skip
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), {"lcmla": json.dumps(header)})
         return path
@@ -93,7 +96,7 @@ class Identity:
         identity = cls(
             **{name: tensors.get(name) for name in TENSORS},
             sources=header["sources"], model_fingerprint=header["model_fingerprint"], crop=header["crop"],
-            boxes=header["boxes"],
+            face_resize=header.get("face_resize", "crop"), boxes=header["boxes"],
         )  # fmt: skip
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)
