@@ -313,6 +313,8 @@ def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, fa
     torch.testing.assert_close(model.generate(identity, "a face", steps=2, seed=0, output="latent"), explicit)
     with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
         model.generate(identity, "a face", steps=2, use_kv=True)
+    with pytest.raises(ValueError, match="^use_kv: expected True, False or None"):
+        model.generate(identity, "a face", steps=2, use_kv="no")
     # The mark survives saving, and the CLI generates with the model's default.
     assert Personalizer.from_pretrained(model.save_pretrained(tmp_path / "copy"), device="cpu").has_kv_encoder is False
     generated = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt", "a face", "--steps", "1",
