@@ -49,7 +49,9 @@ def generate(
     guidance: tuple[float, float, float] = typer.Option((3.0, 2.0, 2.0), help="Weights no_kv full kv."),
     height: Optional[int] = typer.Option(None),
     width: Optional[int] = typer.Option(None),
-    no_kv: bool = typer.Option(False, "--no-kv", help="IP-Adapter only (plain CFG, scale no_kv + full); no-K/V models' default."),
+    no_kv: bool = typer.Option(
+        False, "--no-kv", help="IP-Adapter only (plain CFG, scale no_kv + full); no-K/V models' default."
+    ),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
@@ -209,7 +211,7 @@ def convert(
     dtype: str = typer.Option("float16", help="Stored dtype: float16, bfloat16 or float32."),
     variant: Optional[str] = typer.Option(None, help="Weight variant of the SDXL files, e.g. fp16."),
     kv_encoder: Optional[bool] = typer.Option(
-        None, "--kv-encoder/--no-kv-encoder", help="Whether the checkpoint's K/V-encoder is trained (default: not for *no_kv*)."
+        None, "--kv-encoder/--no-kv-encoder", help="Is the checkpoint's K/V-encoder trained? (default: not for *no_kv*)"
     ),
 ) -> None:
     """Convert the authors' weights (or SDXL + IP-Adapter) into an lcmla model directory."""

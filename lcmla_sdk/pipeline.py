@@ -313,7 +313,8 @@ class Personalizer:
         return Identity(
             cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
             latent_std=dist.std.float(), arcface=arcface, sources=sources, model_fingerprint=self.fingerprint,
-            crop=crop, face_resize=face_resize, boxes=[[float(v) for v in d.box] if d is not None else None for d in detections],
+            crop=crop, face_resize=face_resize,
+            boxes=[[float(v) for v in d.box] if d is not None else None for d in detections],
         )  # fmt: skip
 
     def load_identity(self, path: str | Path) -> Identity:

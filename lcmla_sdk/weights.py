@@ -66,7 +66,8 @@ def load_error_reason(error: Exception) -> str:
     if not found:
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
         blocked = [line.strip() for line in text.splitlines()[1:] if "GLOBAL" in line]
-        detail = next((p for p in blocked + paragraphs[1:] if not p.startswith("Check the documentation")), "unknown reason")
+        candidates = [p for p in blocked + paragraphs[1:] if not p.startswith("Check the documentation")]
+        detail = candidates[0] if candidates else "unknown reason"
     detail = re.split(r"\.\s|\n", detail.strip())[0]  # its first sentence
     if "global" in detail.lower():
         return f"it holds objects other than tensors, which are never unpickled ({detail})"

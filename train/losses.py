@@ -82,7 +82,8 @@ class DreamSimLoss(nn.Module):
     @staticmethod
     def prepare(images: torch.Tensor) -> torch.Tensor:
         unit = (images.float() + 1.0) / 2.0
-        return F.interpolate(unit, size=(DREAMSIM_SIZE, DREAMSIM_SIZE), mode="bicubic", align_corners=False, antialias=True)
+        size = (DREAMSIM_SIZE, DREAMSIM_SIZE)
+        return F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
 
     def forward(self, preview: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

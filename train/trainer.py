@@ -299,8 +299,8 @@ class Trainer:
 
     def optimise(self, loss: torch.Tensor, clipped: list[torch.nn.Parameter] | None = None) -> float | None:
         """Backward, average over processes, clip the norm of ``clipped``'s gradients (default: all trainables'),
-        step; returns that norm. Skipped on every rank when no rank has a gradient (e.g. no face in any preview), so the processes stay in
-        lockstep."""
+        step; returns that norm. Skipped on every rank when no rank has a gradient (e.g. no face in any preview), so
+        the processes stay in lockstep."""
         accelerator = self.accelerator
         has_grad = loss.requires_grad
         if accelerator.num_processes > 1:
