@@ -54,7 +54,9 @@ def generate(
     guidance: tuple[float, float, float] = typer.Option((3.0, 2.0, 2.0), help="Weights no_kv full kv."),
     height: Optional[int] = typer.Option(None),
     width: Optional[int] = typer.Option(None),
-    no_kv: bool = typer.Option(False, "--no-kv", help="IP-Adapter only (plain CFG with scale no_kv + full)."),
+    no_kv: bool = typer.Option(
+        False, "--no-kv", help="IP-Adapter only (plain CFG, scale no_kv + full); no-K/V models' default."
+    ),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
     kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
     vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
@@ -76,7 +78,7 @@ def generate(
         if warmup:
             with console.status("Capturing the sampling step..."):
                 begin = time.perf_counter()
-                personalizer.warmup(mode, len(prompt) * num_images, height, width, use_kv=not no_kv,
+                personalizer.warmup(mode, len(prompt) * num_images, height, width, use_kv=False if no_kv else None,
                                     kv_cache=kv_cache, steps=steps)  # fmt: skip
             console.print(f"warm-up: {time.perf_counter() - begin:.1f} s", highlight=False)
         with Progress(
@@ -91,7 +93,7 @@ def generate(
             progress.update(task, total=total)
             images = personalizer.generate(
                 face_input, prompt, negative_prompt=negative_prompt, num_images=num_images, seed=seed, mode=mode,
-                steps=steps, guidance=guidance, height=height, width=width, use_kv=not no_kv,
+                steps=steps, guidance=guidance, height=height, width=width, use_kv=False if no_kv else None,
                 adapter_scale=adapter_scale, callback=on_step, kv_cache=kv_cache, vae=vae,
             )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
@@ -300,7 +302,8 @@ def identity_create(
     out: Path = typer.Option(..., help="Identity file to write (.safetensors)."),
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name."),
     faces: str = typer.Option("auto", help=FACES_HELP),
-    crop: str = typer.Option("none", help="'none' (whole photo, as the authors) or 'face' (aligned face crop)."),
+    crop: str = typer.Option("none", help="'none' (the photo) or 'face' (aligned face crop)."),
+    face_resize: str = typer.Option("squash", help="'squash' (whole photo, as the authors) or 'crop' (centre square)."),
     on_multiple: str = typer.Option("largest", help="'largest' face, or 'error' when a photo shows several."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
 ) -> None:
@@ -309,7 +312,7 @@ def identity_create(
 
     try:
         personalizer = Personalizer.from_pretrained(model, device=device, faces=faces)
-        identity = personalizer.encode_face(face, crop=crop, on_multiple=on_multiple)
+        identity = personalizer.encode_face(face, crop=crop, on_multiple=on_multiple, face_resize=face_resize)
         typer.echo(str(identity.save(out)))
     except USER_ERRORS as error:
         raise fail(error) from None
@@ -323,28 +326,37 @@ def convert(
     checkpoint: Optional[Path] = typer.Option(None, help="The authors' encoder_plus_adapter_ckpt.bin (or _no_kv), or a folder of their files."),
     ip_adapter: Optional[Path] = typer.Option(None, help="Without --checkpoint: ip-adapter-plus-face_sdxl_vit-h (.bin/.safetensors)."),
     lcm_lora: Optional[Path] = typer.Option(None, help="SDXL LCM-LoRA file (enables --mode fast)."),
-    vae: Optional[Path] = typer.Option(None, help="VAE override folder, e.g. the fp16-fix VAE."),
+    vae: Optional[Path] = typer.Option(None, help="The fp16-fix SDXL VAE folder (the authors' VAE; replaces SDXL's)."),
     faces: Optional[Path] = typer.Option(None, help="insightface pack folder to copy in (det + ArcFace ONNX)."),
     fuse_kv_lora: bool = typer.Option(False, help="Fuse the K/V projections' LoRA into their weights."),
     dtype: str = typer.Option("float16", help="Stored dtype: float16, bfloat16 or float32."),
     variant: Optional[str] = typer.Option(None, help="Weight variant of the SDXL files, e.g. fp16."),
+    kv_encoder: Optional[bool] = typer.Option(
+        None, "--kv-encoder/--no-kv-encoder", help="Is the checkpoint's K/V-encoder trained? (default: not for *no_kv*)"
+    ),
 ) -> None:
     """Convert the authors' weights (or SDXL + IP-Adapter) into an lcmla model directory."""
     import torch
 
     from .convert import convert as run_convert
+    from .model_dir import read_json
 
     try:
         if dtype not in ("float16", "bfloat16", "float32"):
             raise ValueError(f"dtype: {dtype!r} is not one of float16, bfloat16, float32")
         counts = run_convert(
             out, sdxl, image_encoder, checkpoint=checkpoint, ip_adapter=ip_adapter, lcm_lora=lcm_lora, vae=vae,
-            faces=faces, fuse_kv_lora=fuse_kv_lora, dtype=getattr(torch, dtype), variant=variant,
+            faces=faces, fuse_kv_lora=fuse_kv_lora, dtype=getattr(torch, dtype), variant=variant, kv_encoder=kv_encoder,
         )  # fmt: skip
     except USER_ERRORS as error:
         raise fail(error) from None
     for what, count in counts.items():
         typer.echo(f"{count:6d}  {what}")
+    if read_json(out / "sdxl" / "vae" / "config.json").get("force_upcast", True):
+        console.print(
+            "note: this VAE decodes in float32 (force_upcast); the authors decode with the fp16-fix SDXL VAE in "
+            "float16: pass its folder as --vae", highlight=False, soft_wrap=True,
+        )  # fmt: skip
     typer.echo(str(out))
 
 

@@ -18,6 +18,10 @@ their adapter wrapper; every key is accounted for:
 
 Anything else (after an optional ``module.`` prefix) is an error that lists the keys. The attention LoRA cannot be
 fused: the encoder and the denoiser share one UNet, and the denoiser must not see it.
+
+The no-K/V checkpoint has the same keys (its ``extract_kv1`` weights exist but their pipeline never reads them), so
+only its file name tells it apart: a model converted from it is marked ``"has_kv_encoder": false`` in ``lcmla.json``
+and generates with the IP-Adapter only (``Personalizer.has_kv_encoder``).
 """
 
 from __future__ import annotations
@@ -172,6 +176,13 @@ def _fuse_kv_lora(mapped: MappedCheckpoint) -> None:
         mapped.fused_lora += 2
 
 
+def is_no_kv_checkpoint(path: str | Path) -> bool:
+    """Whether ``path`` is the authors' ``encoder_plus_adapter_no_kv.bin`` (or a folder holding it, or named so)."""
+    path = Path(path).expanduser()
+    names = [path.name] + ([f.name for f in path.iterdir()] if path.is_dir() else [])
+    return any("no_kv" in name.lower() for name in names)
+
+
 def check_base_equal(base: dict[str, torch.Tensor], unet_state: dict[str, torch.Tensor]) -> None:
     """The encoder's frozen base must be the SDXL base: compared exactly, in the lower precision of the two."""
     plain = {k.replace(".base_layer", ""): v for k, v in unet_state.items() if "lora_" not in k and ".processor." not in k}
@@ -201,12 +212,15 @@ def convert(
     fuse_kv_lora: bool = False,
     dtype: torch.dtype = torch.float16,
     variant: str | None = None,
+    kv_encoder: bool | None = None,
 ) -> dict[str, int]:
     """Write an lcmla model directory at ``out``; return how many keys went where.
 
     With ``checkpoint`` (the authors' file or folder) the adapter and KV-encoder come from it, and
     ``image_encoder`` needs only its ``config.json``. Without it, ``ip_adapter`` (an original IP-Adapter Plus-Face
     file) and the image encoder's weights start an untrained KV-encoder (initialised as the authors do).
+    ``kv_encoder=False`` marks the checkpoint as the authors' no-K/V one; ``None`` decides by its name
+    (:func:`is_no_kv_checkpoint`).
     """
     if (checkpoint is None) == (ip_adapter is None):
         raise ModelFilesError("convert: give exactly one of --checkpoint (the authors' weights) or --ip-adapter")
@@ -247,7 +261,10 @@ def convert(
     if lcm_lora is not None:
         load_lcm_lora(unet, Path(lcm_lora).expanduser())
     scheduler = model_dir.read_json(sdxl / "scheduler" / "scheduler_config.json")
-    config = model_dir.components_config(unet, scheduler, resampler_config, kv_config, {})
+    if kv_encoder is None:
+        kv_encoder = checkpoint is None or not is_no_kv_checkpoint(checkpoint)
+    pipeline = {} if kv_encoder else {"has_kv_encoder": False}
+    config = model_dir.components_config(unet, scheduler, resampler_config, kv_config, pipeline)
     vae_module = parts.pop("vae")
     for module in (*(m for m in parts.values() if isinstance(m, torch.nn.Module)), clip, resampler):
         torch.nn.Module.to(module, dtype=dtype)

@@ -36,7 +36,9 @@ class Identity:
 
     ``cond_tokens``/``uncond_tokens``: ``(1, tokens, cross_attention_dim)``; ``latent_mean``/``latent_std``:
     ``(references, 4, face_size / 8, face_size / 8)``, unscaled. ``sources`` holds the SHA-256 of each reference's
-    decoded RGB pixels; ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it.
+    decoded RGB pixels; ``model_fingerprint`` the :attr:`Personalizer.fingerprint` of the model that made it;
+    ``crop`` and ``face_resize`` how the photos were prepared (:meth:`Personalizer.encode_face`; files written
+    before ``face_resize`` existed load as ``"crop"``, the only preprocessing there was).
     Detections, one per reference (``None``/empty with detection off): ``face_embeddings`` ``(references, D)``,
     L2-normalised (D = 512 for insightface's ArcFace, 128 for dlib), ``boxes`` (x1, y1, x2, y2), ``landmarks``
     (5 points, :data:`~lcmla_sdk.faces.ARCFACE_TEMPLATE`'s order), and ``face_backend``, the analyzer's name.
@@ -50,6 +52,7 @@ class Identity:
     sources: list[str] = field(default_factory=list)
     model_fingerprint: str = ""
     crop: str = "none"
+    face_resize: str = "squash"
     boxes: list[list[float] | None] = field(default_factory=list)
     landmarks: list[list[list[float]] | None] = field(default_factory=list)
     face_backend: str = ""
@@ -88,8 +91,8 @@ class Identity:
         tensors = {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
         header = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint,
-            "sources": self.sources, "crop": self.crop, "boxes": self.boxes, "landmarks": self.landmarks,
-            "face_backend": self.face_backend,
+            "sources": self.sources, "crop": self.crop, "face_resize": self.face_resize, "boxes": self.boxes,
+            "landmarks": self.landmarks, "face_backend": self.face_backend,
         }  # fmt: skip
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), {"lcmla": json.dumps(header)})
         return path
@@ -117,7 +120,8 @@ class Identity:
         identity = cls(
             **{name: tensors.get(name) for name in TENSORS},
             sources=header["sources"], model_fingerprint=header["model_fingerprint"], crop=header["crop"],
-            boxes=header["boxes"], landmarks=header.get("landmarks", []), face_backend=header.get("face_backend", ""),
+            face_resize=header.get("face_resize", "crop"), boxes=header["boxes"], landmarks=header.get("landmarks", []),
+            face_backend=header.get("face_backend", ""),
         )  # fmt: skip
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)

@@ -23,6 +23,9 @@ FaceInput = Union[str, os.PathLike, bytes, BinaryIO, Image.Image, np.ndarray]
 
 # Below this side there is no face to see; above MAX_PIXELS Pillow's decompression-bomb guard applies.
 MIN_SIDE = 16
+# How a reference photo becomes the model's square: "squash" (the authors') resizes the whole photo, "crop" cuts the
+# centre square.
+FACE_RESIZES = ("squash", "crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
@@ -117,6 +120,12 @@ def pixel_sha256(image: Image.Image) -> str:
     return digest.hexdigest()
 
 
+def squash(image: Image.Image, size: int) -> Image.Image:
+    """The whole photo resized to ``size`` x ``size`` without keeping its aspect ratio: the authors' reference
+    preprocessing (``Image.resize((1024, 1024))``, Pillow's default bicubic filter), before the VAE and CLIP see it."""
+    return image.resize((size, size), Image.Resampling.BICUBIC)
+
+
 def _square_crop(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
     """Resize the shorter side to ``size`` and centre-crop a ``size`` x ``size`` square."""
     width, height = image.size
@@ -131,14 +140,17 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def clip_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """CLIPImageProcessor's preprocessing: bicubic shorter-side resize, centre crop, normalise. ``(1, 3, s, s)``."""
+    """CLIPImageProcessor's preprocessing: bicubic shorter-side resize, centre crop, normalise. ``(1, 3, s, s)``.
+
+    A square image (e.g. from :func:`squash`) is only resized."""
     pixels = _to_tensor(_square_crop(image, size, Image.Resampling.BICUBIC))
     mean, std = torch.tensor(CLIP_MEAN).view(3, 1, 1), torch.tensor(CLIP_STD).view(3, 1, 1)
     return ((pixels - mean) / std).unsqueeze(0)
 
 
 def vae_pixels(image: Image.Image, size: int) -> torch.Tensor:
-    """The face as the VAE sees it: a ``size`` square in [-1, 1], ``(1, 3, size, size)``."""
+    """The face as the VAE sees it: a ``size`` square in [-1, 1], ``(1, 3, size, size)``; a photo that is not
+    square is centre-cropped (use :func:`squash` first for the authors' whole-photo resize)."""
     return (_to_tensor(_square_crop(image, size, Image.Resampling.LANCZOS)) * 2.0 - 1.0).unsqueeze(0)
 
 

@@ -3,7 +3,8 @@
 A manifest names each component by a path relative to the directory (or absolute, to use files where they are)::
 
     {"format": "lcmla-model", "format_version": 1,
-     "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024},
+     "pipeline": {"encoder_prompt": "A photo of a face", "face_size": 1024},   # + "has_kv_encoder": false for
+                                                                              # the authors' no-K/V checkpoint
      "components": {
         "sdxl": "sdxl",                      # diffusers layout: unet, vae, text_encoder(_2), tokenizer(_2), scheduler
         "image_encoder": "image_encoder",    # transformers CLIPVisionModelWithProjection folder
@@ -485,7 +486,7 @@ def save(
         for onnx_file in Path(faces_dir).glob("*.onnx"):
             shutil.copy2(onnx_file, root / "faces" / onnx_file.name)
         names["faces"] = "faces"
-    pipeline = {key: config["pipeline"][key] for key in ("encoder_prompt", "face_size")}
+    pipeline = {k: v for k, v in config["pipeline"].items() if k in ("encoder_prompt", "face_size", "has_kv_encoder")}
     write_manifest(root, names, pipeline, _linked_records(linked, links.values()))
     return validate(root)
 

@@ -21,7 +21,7 @@ from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
 from .guidance import DEFAULT_GUIDANCE, Guidance
 from .identity import Identity, detection_fields
-from .images import FaceInput, clip_pixels, load_rgb, pixel_sha256, to_pil, vae_pixels
+from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, to_pil, vae_pixels
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
 from .manifest import sha256_json
 from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -266,6 +266,12 @@ class Personalizer:
         return Path(path)
 
     @property
+    def has_kv_encoder(self) -> bool:
+        """``False`` for a model converted from the authors' no-K/V checkpoint (``encoder_plus_adapter_no_kv.bin``,
+        made for their IP-Adapter-only pipeline): it generates without encoder K/V and refuses ``use_kv=True``."""
+        return bool(self.config["pipeline"].get("has_kv_encoder", True))
+
+    @property
     def face_analyzer(self) -> FaceAnalyzer | None:
         """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
         if self._face_analyzer is None:
@@ -285,7 +291,7 @@ class Personalizer:
         guidance: Sequence[float],
         height: int | None,
         width: int | None,
-        use_kv: bool,
+        use_kv: bool | None,
         adapter_scale: float,
         output: str,
         callback: StepCallback | None,
@@ -326,6 +332,14 @@ class Personalizer:
         for name, size in (("height", height), ("width", width)):
             if not isinstance(size, int) or size < self.size_multiple or size % self.size_multiple:
                 raise ValueError(f"{name}: {size!r} is not allowed; use a positive multiple of {self.size_multiple}")
+        use_kv = self.has_kv_encoder if use_kv is None else use_kv
+        if not isinstance(use_kv, bool):
+            raise ValueError(f"use_kv: expected True, False or None (the model's default), got {use_kv!r}")
+        if use_kv and not self.has_kv_encoder:
+            raise ValueError(
+                "use_kv: this model was converted from the authors' no-K/V checkpoint, whose K/V-encoder was not "
+                "trained for generation; use use_kv=False (its default: IP-Adapter only, plain CFG)"
+            )
         if not np.isfinite(adapter_scale) or adapter_scale < 0:
             raise ValueError(f"adapter_scale: must be a non-negative number, got {adapter_scale!r}")
         if output not in OUTPUTS:
@@ -363,15 +377,20 @@ class Personalizer:
 
     @torch.inference_mode()
     def encode_face(
-        self, images: FaceInput | Sequence[FaceInput], crop: str = "none", on_multiple: str = "largest"
+        self,
+        images: FaceInput | Sequence[FaceInput],
+        crop: str = "none",
+        on_multiple: str = "largest",
+        face_resize: str = "squash",
     ) -> Identity:
         """Encode one or several photos of one person into an :class:`Identity` (reusable for any prompt).
 
         Unless detection is off (``faces=None``), every photo goes through the face backend: the largest face, or
         :class:`NoFaceError` when there is none, or :class:`MultipleFacesError` with ``on_multiple="error"``; the
         identity records each detection (box, landmarks, embedding, backend). ``crop="face"`` feeds the
-        5-point-aligned face crop to the image encoder and VAE; ``crop="none"`` (the authors' setting) the whole
-        photo. Several photos are combined as :mod:`lcmla_sdk.identity` describes.
+        5-point-aligned face crop to the image encoder and VAE; ``crop="none"`` the photo. ``face_resize="squash"``
+        (the authors') resizes the whole photo to the face size without keeping its aspect ratio; ``"crop"`` takes
+        its centre square. Several photos are combined as :mod:`lcmla_sdk.identity` describes.
         """
         faces = list(images) if isinstance(images, (list, tuple)) else [images]
         if not faces:
@@ -380,6 +399,8 @@ class Personalizer:
             raise ValueError(f"crop: {crop!r} is not one of {CROPS}")
         if on_multiple not in ON_MULTIPLE:
             raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
+        if face_resize not in FACE_RESIZES:
+            raise ValueError(f"face_resize: {face_resize!r} is not one of {FACE_RESIZES}")
         analyzer = self.face_analyzer
         if analyzer is None and (crop == "face" or on_multiple == "error"):
             raise ModelFilesError(
@@ -393,7 +414,8 @@ class Personalizer:
             sources.append(pixel_sha256(image))
             found = analyzer.find_face(image, on_multiple) if analyzer is not None else None
             detections.append(found)
-            pictures.append(align_face(image, found.landmarks, self.face_size) if crop == "face" else image)
+            picture = align_face(image, found.landmarks, self.face_size) if crop == "face" else image
+            pictures.append(squash(picture, self.face_size) if face_resize == "squash" else picture)
         clip = torch.cat([clip_pixels(p, self.clip_size) for p in pictures]).to(self.device, self.dtype)
         cond, uncond = self.adapter(clip)
         pixels = torch.cat([vae_pixels(p, self.face_size) for p in pictures]).to(self.device, self.vae.dtype)
@@ -401,7 +423,7 @@ class Personalizer:
         return Identity(
             cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
             latent_std=dist.std.float(), sources=sources, model_fingerprint=self.fingerprint, crop=crop,
-            **detection_fields(detections, analyzer),
+            face_resize=face_resize, **detection_fields(detections, analyzer),
         )  # fmt: skip
 
     def load_identity(self, path: str | Path) -> Identity:
@@ -479,7 +501,7 @@ class Personalizer:
         guidance: Sequence[float] = DEFAULT_GUIDANCE,
         height: int | None = None,
         width: int | None = None,
-        use_kv: bool = True,
+        use_kv: bool | None = None,
         adapter_scale: float = 1.0,
         output: str = "pil",
         callback: StepCallback | None = None,
@@ -492,10 +514,11 @@ class Personalizer:
 
         ``mode="quality"``: DPM-Solver++ (50 steps) with three-branch guidance ``guidance`` =
         (no_kv, full, kv). ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, 4 steps, conditional
-        branch only. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``.
-        ``kv_cache=True``: the K/V-encoder's output for this schedule is computed once per identity, with the
-        identity's fixed reference noise (``face_noise="fixed"``) instead of each image's initial noise (the
-        authors' pairing), and reused by later calls. ``vae="tiny"``: decode with the tiny VAE (previews).
+        branch only. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``; ``None``: the
+        model's default (:attr:`has_kv_encoder`). ``kv_cache=True``: the K/V-encoder's output for this schedule is
+        computed once per identity, with the identity's fixed reference noise (``face_noise="fixed"``) instead of
+        each image's initial noise (the authors' pairing), and reused by later calls. ``vae="tiny"``: decode with
+        the tiny VAE (previews).
         ``callback(step_index, timestep, latents)`` runs after every step.
         """
         # 1. Check inputs
@@ -592,7 +615,7 @@ class Personalizer:
         return True
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
-               references: int = 1, use_kv: bool = True, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
+               references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
         """Capture the sampling step of one shape (images per call, size, references, K/V options) ahead of the
         first real call, by generating once from a blank identity. Only where the loop is graphed (a CUDA device,
         ``cuda_graphs=True``); elsewhere it returns at once."""

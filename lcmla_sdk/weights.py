@@ -60,11 +60,14 @@ def load_error_reason(error: Exception) -> str:
     text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
     if not text.startswith("Weights only load failed"):
         return text.splitlines()[0] if text else type(error).__name__
-    # Two shapes: "... WeightsUnpickler error: <reason>" or the reason as the paragraph after the advice.
+    # Three shapes: "... WeightsUnpickler error: <reason>", the reason as the paragraph after the advice, or (torch 2.6)
+    # a line naming the blocked GLOBAL right under it.
     _, found, detail = text.partition("WeightsUnpickler error:")
     if not found:
         paragraphs = [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
-        detail = next((p for p in paragraphs[1:] if not p.startswith("Check the documentation")), "unknown reason")
+        blocked = [line.strip() for line in text.splitlines()[1:] if "GLOBAL" in line]
+        candidates = [p for p in blocked + paragraphs[1:] if not p.startswith("Check the documentation")]
+        detail = candidates[0] if candidates else "unknown reason"
     detail = re.split(r"\.\s|\n", detail.strip())[0]  # its first sentence
     if "global" in detail.lower():
         return f"it holds objects other than tensors, which are never unpickled ({detail})"

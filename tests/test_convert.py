@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from conftest import unet_inputs
 from lcmla_sdk import Personalizer
 from lcmla_sdk.cli import app
-from lcmla_sdk.convert import convert, read_checkpoint
+from lcmla_sdk.convert import convert, is_no_kv_checkpoint, read_checkpoint
 from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
 from lcmla_sdk.weights import base_linear, load_lcm_lora, read_ip_adapter
@@ -296,6 +296,66 @@ def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, face):
     assert images[0].shape == (1, 3, model.default_size, model.default_size)
     assert torch.isfinite(images[0]).all()
     assert not torch.allclose(images[0], images[1])  # the converted IP-Adapter weights steer the image
+
+
+def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, face, monkeypatch, tmp_path):
+    _, out, result = no_kv_by_cli
+    assert json.loads((out / "lcmla.json").read_text())["pipeline"]["has_kv_encoder"] is False
+    model = Personalizer.from_pretrained(out, device="cpu")
+    assert model.has_kv_encoder is False
+    identity = model.encode_face(face)
+    explicit = model.generate(identity, "a face", steps=2, seed=0, use_kv=False, output="latent")
+
+    def untrained(*args):
+        raise AssertionError("the K/V-encoder of a no-K/V model ran")
+
+    monkeypatch.setattr(model, "kv_encoder", untrained)
+    torch.testing.assert_close(model.generate(identity, "a face", steps=2, seed=0, output="latent"), explicit)
+    with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
+        model.generate(identity, "a face", steps=2, use_kv=True)
+    with pytest.raises(ValueError, match="^use_kv: expected True, False or None"):
+        model.generate(identity, "a face", steps=2, use_kv="no")
+    # The mark survives saving, and the CLI generates with the model's default.
+    assert Personalizer.from_pretrained(model.save_pretrained(tmp_path / "copy"), device="cpu").has_kv_encoder is False
+    generated = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt", "a face", "--steps", "1",
+                                         "--seed", "0", "--out", str(tmp_path / "images")])  # fmt: skip
+    assert generated.exit_code == 0, generated.output
+
+
+def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_file, tiny_dir, tmp_path):
+    model = converted[2]
+    assert model.has_kv_encoder is True and "has_kv_encoder" not in model.config["pipeline"]
+    checkpoint = authors_file[1]
+    assert not is_no_kv_checkpoint(checkpoint)
+    assert is_no_kv_checkpoint(checkpoint.parent / "encoder_plus_adapter_no_kv.bin")
+    (tmp_path / "run_no_kv").mkdir()
+    assert is_no_kv_checkpoint(tmp_path / "run_no_kv")  # a folder of their files, named so
+    # --no-kv-encoder marks a checkpoint whatever its name.
+    args = [*convert_args(tiny_dir, tmp_path / "model", checkpoint), "--no-kv-encoder", "--dtype", "float32"]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert Personalizer.from_pretrained(tmp_path / "model", device="cpu").has_kv_encoder is False
+
+
+# ------------------------------------------------------------------ the fp16-fix VAE (issue 11, item 5)
+def test_vae_is_the_given_fp16_fix_one_and_decodes_in_half(authors_file, tiny_dir, tmp_path):
+    fix = tmp_path / "sdxl-vae-fp16-fix"
+    fix.mkdir()
+    config = json.loads((tiny_dir / "sdxl" / "vae" / "config.json").read_text())
+    (fix / "config.json").write_text(json.dumps({**config, "force_upcast": False}))  # as the fp16-fix VAE's config
+    state = load_file(tiny_dir / "sdxl" / "vae" / "diffusion_pytorch_model.safetensors")
+    state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"] + 0.25
+    save_file(state, fix / "diffusion_pytorch_model.safetensors")
+    result = CliRunner().invoke(app, [*convert_args(tiny_dir, tmp_path / "model", authors_file[1]), "--vae", str(fix)])
+    assert result.exit_code == 0, result.output
+    assert "note: this VAE decodes in float32" not in result.output
+    model = Personalizer.from_pretrained(tmp_path / "model", device="cpu", dtype=torch.float16)
+    assert model.vae.dtype == torch.float16  # SDXL's own VAE would be kept in float32 (force_upcast)
+    found = model.components.vae.state_dict()["decoder.conv_out.bias"]
+    torch.testing.assert_close(found.float(), state["decoder.conv_out.bias"].half().float(), rtol=0, atol=0)
+
+
+def test_without_vae_the_cli_says_what_is_lost(no_kv_by_cli):
+    assert "note: this VAE decodes in float32 (force_upcast); the authors decode with the fp16-fix" in no_kv_by_cli[2].output
 
 
 # ------------------------------------------------------------------ 3. keys that do not fit

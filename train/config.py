@@ -95,6 +95,10 @@ class LookaheadConfig:
     max_timestep: int = 1000
     importance_alpha: float = 0.2
     identity_weight: float = 1e-3
+    # DreamSim (the authors' second lookahead loss, weight 1e-3): a local folder of its weights; without one the
+    # trainer warns and trains without it. dreamsim_weight 0 turns it off knowingly.
+    dreamsim: Optional[str] = None
+    dreamsim_weight: float = 1e-3
     perceptual: Optional[str] = None  # "package.module:factory" building a loss(preview, reference) -> (B,)
     perceptual_kwargs: dict = field(default_factory=dict)
     perceptual_weight: float = 1e-3
@@ -286,6 +290,7 @@ def _validate(config: TrainConfig) -> None:
         ("optim.lr_encoder", config.optim.lr_encoder > 0, "must be positive"),
         ("optim.lr_adapter", config.optim.lr_adapter >= 0, "must not be negative"),
         ("optim.max_grad_norm", config.optim.max_grad_norm > 0, "must be positive"),
+        ("lookahead.dreamsim_weight", config.lookahead.dreamsim_weight >= 0, "must not be negative"),
         ("checkpoint.every", config.checkpoint.every >= 1, "must be at least 1"),
         ("checkpoint.keep", config.checkpoint.keep >= 0, "must not be negative"),
         ("logging.every", config.logging.every >= 1, "must be at least 1"),

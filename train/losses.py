@@ -1,9 +1,10 @@
-"""The lookahead objective: a one-step LCM preview, and identity (and optional perceptual) losses on it."""
+"""The lookahead objective: a one-step LCM preview, and identity, DreamSim (and optional perceptual) losses on it."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,17 @@ from .config import ConfigError
 from .faces import align_faces
 
 PerceptualLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+DREAMSIM_SIZE = 224  # the side DreamSim's ViTs take
+# What ``dreamsim(pretrained=True, cache_dir=FOLDER)`` (dreamsim 0.2, its default "ensemble" model, the authors')
+# reads from FOLDER. Its loader downloads whatever is missing, so they are checked first: nothing is ever downloaded.
+DREAMSIM_FILES = (
+    "ensemble_lora/adapter_config.json",  # the LoRA that DreamSim trained on its three ViTs
+    "dino_vitb16_pretrain.pth",  # DINO's projection head
+    "clip_vitb16_pretrain.pth.tar",
+    "open_clip_vitb16_pretrain.pth.tar",
+    "facebookresearch_dino_main/hubconf.py",  # DINO ViT-B/16 comes through torch.hub, with the folder as hub dir
+    "checkpoints/dino_vitbase16_pretrain.pth",
+)
 
 
 def lcm_preview(
@@ -53,6 +65,58 @@ class IdentityLoss(nn.Module):
         with torch.no_grad():
             target = self.embed(reference, reference_landmarks)
         return 1.0 - F.cosine_similarity(self.embed(preview, preview_landmarks).float(), target.float(), dim=1)
+
+
+class DreamSimLoss(nn.Module):
+    """The authors' ``DreamSIMLoss``: DreamSim distance between preview and reference, one value per sample.
+
+    Images in [-1, 1] go to [0, 1] and are resized to 224x224 bicubic (antialiased, as torchvision's ``Resize`` on
+    tensors), then ``model(a, b)`` gives ``1 - cos`` of DreamSim's embeddings. Gradients reach the preview; the
+    model is frozen.
+    """
+
+    def __init__(self, model: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.model = model
+
+    @staticmethod
+    def prepare(images: torch.Tensor) -> torch.Tensor:
+        unit = (images.float() + 1.0) / 2.0
+        size = (DREAMSIM_SIZE, DREAMSIM_SIZE)
+        return F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
+
+    def forward(self, preview: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = self.prepare(reference)
+        return self.model(self.prepare(preview), target).reshape(-1)
+
+
+def load_dreamsim(folder: str | Path, device: torch.device) -> DreamSimLoss:
+    """DreamSim from a local folder (``lookahead.dreamsim``), through the ``dreamsim`` package's own loader.
+
+    The folder is what ``dreamsim(pretrained=True, cache_dir=FOLDER)`` leaves after one run with network access:
+    its checkpoints and torch.hub's copy of DINO. Missing files or a missing package are a :class:`ConfigError`.
+    """
+    folder = Path(folder).expanduser()
+    missing = [name for name in DREAMSIM_FILES if not (folder / name).exists()]
+    if missing:
+        raise ConfigError(
+            f"lookahead.dreamsim: {folder} lacks {missing}; fill it once where there is network with "
+            "`dreamsim(pretrained=True, cache_dir=FOLDER)` from the dreamsim package"
+        )
+    try:
+        from dreamsim import dreamsim
+    except ImportError as error:
+        raise ConfigError(
+            f"lookahead.dreamsim: the dreamsim package cannot be imported ({error}); install lcmla[dreamsim] with a "
+            "torchvision built for your torch"
+        ) from None
+    hub_dir = torch.hub.get_dir()
+    try:  # dreamsim points torch.hub at the folder (DINO is cached there); put it back afterwards
+        model, _ = dreamsim(pretrained=True, device=str(device), cache_dir=str(folder))
+    finally:
+        torch.hub.set_dir(hub_dir)
+    return DreamSimLoss(model.eval().requires_grad_(False))
 
 
 def load_perceptual(spec: str, kwargs: dict[str, Any], device: torch.device) -> PerceptualLoss:

@@ -9,13 +9,15 @@ Per step (``official_method_facts.md`` sections 7-11):
    (dropped to unconditional per sample); MSE; backward, clip, optimiser step.
 3. Lookahead step (every ``lookahead.every`` steps, first ``lookahead.batch_size`` samples): t ~ p(t) (alpha 0.2);
    the LCM-LoRA denoiser (scale lambda) with the same kind of encoder K/V gives a one-step preview, decoded by the
-   tiny VAE; identity loss against the reference (weight 1e-3, times lambda); backward, clip, optimiser step.
-   ``combined_step`` sums both losses into one backward/optimiser step instead.
+   tiny VAE; identity and DreamSim losses against the reference (weights 1e-3, times lambda); backward, clip,
+   optimiser step. As in the authors' code, the diffusion step clips the KV-encoder's gradients only, the lookahead
+   step all trainables' together. ``combined_step`` sums both losses into one backward/optimiser step instead.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -42,7 +44,7 @@ from .arcface import build_arcface, load_arcface
 from .config import ConfigError, TrainConfig
 from .data import DataSummary, PairDataset, PairIndex, StepBatches, collate
 from .faces import DetectorLandmarks, TemplateLandmarks
-from .losses import IdentityLoss, lcm_preview, load_perceptual
+from .losses import DreamSimLoss, IdentityLoss, lcm_preview, load_dreamsim, load_perceptual
 from .sampling import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
 from .trainables import (
     SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters, training_networks,
@@ -88,6 +90,7 @@ class Trainer:
         )
         self.tiny_vae = self._load_tiny_vae()
         self.identity_loss = IdentityLoss(self._load_arcface().to(self.device))
+        self.dreamsim = self._load_dreamsim()
         perceptual = config.lookahead.perceptual
         self.perceptual = load_perceptual(perceptual, config.lookahead.perceptual_kwargs, self.device) if perceptual else None
 
@@ -96,6 +99,7 @@ class Trainer:
         self.networks = training_networks(self.model)
         self.groups = trainable_parameters(self.model)
         self.params = make_trainable(self.groups)
+        self.encoder_params = [param for _, param in self.groups["encoder"]]
         if config.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self.lora.checkpoint)
             self.tiny_vae.enable_gradient_checkpointing()
@@ -140,6 +144,8 @@ class Trainer:
             )
         if config.data.resolution % model.size_multiple:
             raise ConfigError(f"data.resolution: must be a multiple of {model.size_multiple}, got {config.data.resolution}")
+        # Training trains the K/V-encoder, so checkpoints of a no-K/V model (lcmla convert) generate with K/V.
+        model.config["pipeline"].pop("has_kv_encoder", None)
         return model
 
     def _preset_part(self, part: str, key: str, core: bool = False) -> Any:
@@ -159,6 +165,21 @@ class Trainer:
                 vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae", core=True))
                 responsive_decoder_init(vae)
         return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
+
+    def _load_dreamsim(self) -> DreamSimLoss | None:
+        lookahead = self.config.lookahead
+        if not lookahead.dreamsim_weight or not lookahead.every:
+            return None
+        if lookahead.dreamsim is None:
+            warnings.warn(
+                "\n" + "!" * 100 + "\nlookahead.dreamsim_weight is "
+                f"{lookahead.dreamsim_weight:g} (the authors' DreamSim loss) but no DreamSim folder is given "
+                "(lookahead.dreamsim): training WITHOUT it, unlike the authors. Give the folder, or set "
+                "lookahead.dreamsim_weight=0 to train without it on purpose.\n" + "!" * 100,
+                MissingLossWarning, stacklevel=3,
+            )  # fmt: skip
+            return None
+        return load_dreamsim(lookahead.dreamsim, self.device)
 
     def _load_arcface(self) -> torch.nn.Module:
         arcface = self.config.arcface
@@ -269,6 +290,10 @@ class Trainer:
             ).mean()
             total = total + lookahead.identity_weight * identity
             result["identity"] = identity.detach()
+        if self.dreamsim is not None:
+            dreamsim = self.dreamsim(preview, references).mean()
+            total = total + lookahead.dreamsim_weight * dreamsim
+            result["dreamsim"] = dreamsim.detach()
         if self.perceptual is not None:
             perceptual = self.perceptual(preview, references).mean()
             total = total + lookahead.perceptual_weight * perceptual
@@ -276,9 +301,10 @@ class Trainer:
         result["loss"] = scale * total
         return result
 
-    def optimise(self, loss: torch.Tensor) -> float | None:
-        """Backward, average over processes, clip, step. Skipped on every rank when no rank has a gradient (e.g. no
-        face in any preview), so the processes stay in lockstep."""
+    def optimise(self, loss: torch.Tensor, clipped: list[torch.nn.Parameter] | None = None) -> float | None:
+        """Backward, average over processes, clip the norm of ``clipped``'s gradients (default: all trainables'),
+        step; returns that norm. Skipped on every rank when no rank has a gradient (e.g. no face in any preview), so
+        the processes stay in lockstep."""
         accelerator = self.accelerator
         has_grad = loss.requires_grad
         if accelerator.num_processes > 1:
@@ -293,7 +319,7 @@ class Trainer:
             accelerator.backward(loss)
         if accelerator.num_processes > 1:
             average_gradients(self.params, accelerator.reduce)
-        norm = accelerator.clip_grad_norm_(self.params, self.config.optim.max_grad_norm)
+        norm = accelerator.clip_grad_norm_(self.params if clipped is None else clipped, self.config.optim.max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(norm)
@@ -313,7 +339,7 @@ class Trainer:
             logs["grad_norm"] = self.optimise(total) if torch.is_tensor(total) else None
         else:
             if diffusion is not None:
-                logs["grad_norm/diffusion"] = self.optimise(diffusion["loss"])
+                logs["grad_norm/diffusion"] = self.optimise(diffusion["loss"], self.encoder_params)  # as the authors
             lookahead = self.lookahead_loss(inputs, step) if lookahead_due else None
             if lookahead is not None:
                 logs["grad_norm/lookahead"] = self.optimise(lookahead["loss"])
@@ -324,7 +350,7 @@ class Trainer:
             logs["lcm_scale"] = lookahead["lcm_scale"]
             logs["lookahead/faces_missing"] = lookahead["faces_missing"]
             logs["preview"] = lookahead["preview"]
-            for key in ("identity", "perceptual"):
+            for key in ("identity", "dreamsim", "perceptual"):
                 if key in lookahead:
                     logs[f"loss/{key}"] = float(lookahead[key])
         for group in self.optimizer.param_groups:
@@ -463,6 +489,10 @@ class Trainer:
         self.step = state["step"]
         self.summary.restore(state)
         return path
+
+
+class MissingLossWarning(UserWarning):
+    """A loss of the authors' training that this run cannot compute (its weights were not given)."""
 
 
 def responsive_decoder_init(vae: AutoencoderTiny) -> None:
