@@ -32,18 +32,19 @@ def wide_photo(astronaut) -> Image.Image:
 def _inputs_seen(model, photo, monkeypatch, **kwargs):
     """The CLIP pixels and VAE pixels ``encode_face`` passes to the networks."""
     seen = {}
-    adapter, encode = type(model.adapter).forward, type(model.vae).encode
+    adapter, encode = model.adapter.forward, model.vae.encode
 
-    def spy_adapter(self, pixels):
+    def spy_adapter(pixels):
         seen["clip"] = pixels.clone()
-        return adapter(self, pixels)
+        return adapter(pixels)
 
-    def spy_encode(self, pixels, *args, **kw):
+    def spy_encode(pixels, *args, **kw):
         seen["vae"] = pixels.clone()
-        return encode(self, pixels, *args, **kw)
+        return encode(pixels, *args, **kw)
 
-    monkeypatch.setattr(type(model.adapter), "forward", spy_adapter)
-    monkeypatch.setattr(type(model.vae), "encode", spy_encode)
+    # On the instances: an earlier test may have left a bound method there, which a class patch would not reach.
+    monkeypatch.setattr(model.adapter, "forward", spy_adapter)
+    monkeypatch.setattr(model.vae, "encode", spy_encode)
     identity = model.encode_face(photo, **kwargs)
     return identity, seen
 
