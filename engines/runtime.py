@@ -87,7 +87,8 @@ class GraphKVEncoder(_GraphNetwork):
 
 
 class GraphDenoiser(_GraphNetwork):
-    def __call__(self, latent, timestep, text, pooled_text, time_ids, image_tokens=None, adapter_scale=1.0, kv=None):
+    def __call__(self, latent, timestep, text, pooled_text, time_ids, image_tokens=None, adapter_scale=1.0, kv=None,
+                 freeu=None):  # fmt: skip
         batch = latent.shape[0]
         if kv is not None and kv[0].shape[0] < batch:
             # K/V for the last rows only (the torch Denoiser's contract): the graph takes K/V for every row, so run
@@ -97,17 +98,19 @@ class GraphDenoiser(_GraphNetwork):
             parts = [(slice(0, plain), None), (slice(plain, batch), kv)]
             return torch.cat([
                 self(latent[rows], timestep[rows], text[rows], pooled_text[rows], time_ids[rows],
-                     None if image_tokens is None else image_tokens[rows], scale[rows], part_kv)
+                     None if image_tokens is None else image_tokens[rows], scale[rows], part_kv, freeu)
                 for rows, part_kv in parts
             ])  # fmt: skip
-        tokens_info, kv_info = self.entry.inputs[5], self.entry.inputs[7:]
+        tokens_info, kv_info = self.entry.inputs[5], self.entry.inputs[8:]
         if image_tokens is None:  # zero scale over any tokens is exactly "no IP-Adapter"
             image_tokens = torch.zeros(batch, *tokens_info.dims[1:], device=latent.device)
             adapter_scale = 0.0
         scale = torch.as_tensor(adapter_scale, dtype=torch.float32, device=latent.device).reshape(-1).expand(batch)
+        if freeu is None:  # b = s = 1 is exactly "no FreeU"
+            freeu = torch.ones(2, device=latent.device)
         if kv is None:  # zero appended tokens is plain self-attention
             kv = [torch.zeros(batch, 0, t.dims[2], device=latent.device) for t in kv_info]
-        return self._run([latent, timestep, text, pooled_text, time_ids, image_tokens, scale, *kv])[0]
+        return self._run([latent, timestep, text, pooled_text, time_ids, image_tokens, scale, freeu, *kv])[0]
 
 
 class GraphAdapter(_GraphNetwork):

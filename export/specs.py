@@ -81,8 +81,8 @@ class _DenoiserGraph(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, latent, timestep, text, pooled_text, time_ids, image_tokens, adapter_scale, *kv):
-        return self.denoiser(latent, timestep, text, pooled_text, time_ids, image_tokens, adapter_scale, kv)
+    def forward(self, latent, timestep, text, pooled_text, time_ids, image_tokens, adapter_scale, freeu, *kv):
+        return self.denoiser(latent, timestep, text, pooled_text, time_ids, image_tokens, adapter_scale, kv, freeu)
 
 
 class _VAEDecoderGraph(nn.Module):
@@ -184,8 +184,10 @@ def build_specs(model: Personalizer, ranges: ShapeRanges) -> dict[str, NetworkSp
     denoiser_inputs = _unet_conditioning(model, dtype, ("height", "width")) + [
         TensorInfo("image_tokens", dtype, ("batch", tokens, cross)),
         TensorInfo("adapter_scale", "float32", ("batch",)),
+        TensorInfo("freeu", "float32", (2,)),  # FreeU's (b, s); (1, 1) is no FreeU
     ] + kv  # fmt: skip
-    denoiser_kinds = {**_UNET_KINDS, "image_tokens": "normal", "adapter_scale": "unit", **{t.name: "normal" for t in kv}}
+    denoiser_kinds = {**_UNET_KINDS, "image_tokens": "normal", "adapter_scale": "unit", "freeu": "unit",
+                      **{t.name: "normal" for t in kv}}  # fmt: skip
     eps = [TensorInfo("eps", dtype, ("batch", 4, "height", "width"))]
     unet_tolerance = {"float32": 1e-4, "float16": 3e-2}
 

@@ -73,6 +73,7 @@ class AppendedKVAttnProcessor(nn.Module):
         kv_sink: MutableMapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         ip_tokens: torch.Tensor | None = None,
         adapter_scale: torch.Tensor | None = None,
+        freeu: torch.Tensor | None = None,  # read by the FreeU up-block (lcmla_sdk.freeu), not here
     ) -> torch.Tensor:
         _check_plain_sdxl_attention(attn, attention_mask)
         if kv_sink is not None:
@@ -118,6 +119,7 @@ class IPAdapterAttnProcessor(nn.Module):
         kv_sink: MutableMapping[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
         ip_tokens: torch.Tensor | None = None,
         adapter_scale: torch.Tensor | None = None,
+        freeu: torch.Tensor | None = None,  # read by the FreeU up-block (lcmla_sdk.freeu), not here
     ) -> torch.Tensor:
         _check_plain_sdxl_attention(attn, attention_mask)
         query = attn.to_q(hidden_states)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
+from .freeu import AUTHORS_FREEU, stage_values
 from .guidance import three_branch
 from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
@@ -165,6 +166,7 @@ class AuthorsWay:
         tokens = torch.cat([x.identity.uncond_tokens, x.identity.cond_tokens]).to(device, dtype).repeat_interleave(batch, 0)
         ids = time_ids(x.size, x.size, rows, dtype, device)
         scale = torch.ones(rows, device=device)
+        freeu = stage_values(AUTHORS_FREEU, device)  # their README's inference enables FreeU on the decoder
         for t in scheduler.timesteps:
             # The reference is VAE-encoded (sampled) again at every step, then noised with the initial noise at t.
             face = model.vae.encode(x.face_pixels).latent_dist.sample(generator) * model.vae.config.scaling_factor
@@ -172,11 +174,11 @@ class AuthorsWay:
             t_rows = t.reshape(1).expand(rows)
             kv = self.encoder(torch.cat([face, face]), t_rows, enc_text, enc_pooled, ids)
             latent_in = torch.cat([latents, latents])
-            full = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, kv)
+            full = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, kv, freeu)
             if self.mode == "fast":
                 eps = full.chunk(2)[1]
             else:
-                nokv = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, None)
+                nokv = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, None, freeu)
                 eps = three_branch(*nokv.chunk(2), *full.chunk(2), (3.0, 2.0, 2.0))
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return model.decode(latents, "pt")

@@ -59,6 +59,8 @@ def generate(
     ),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
     kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
+    freeu: tuple[float, float, float, float] = typer.Option((1.0, 1.1, 0.9, 0.2), help="FreeU b1 b2 s1 s2."),
+    no_freeu: bool = typer.Option(False, "--no-freeu", help="Turn FreeU off."),
     vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
     tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
     warmup: bool = typer.Option(False, "--warmup", help="Capture the sampling step first and say how long it took."),
@@ -95,6 +97,7 @@ def generate(
                 face_input, prompt, negative_prompt=negative_prompt, num_images=num_images, seed=seed, mode=mode,
                 steps=steps, guidance=guidance, height=height, width=width, use_kv=False if no_kv else None,
                 adapter_scale=adapter_scale, callback=on_step, kv_cache=kv_cache, vae=vae,
+                freeu=None if no_freeu else freeu,
             )  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):

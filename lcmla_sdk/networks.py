@@ -1,6 +1,6 @@
 """The three LCM-Lookahead networks as plain-tensor modules over one shared diffusers UNet.
 
-* :class:`Denoiser`  ``(latent, t, text, pooled_text, time_ids, image_tokens, adapter_scale, kv) -> eps``
+* :class:`Denoiser`  ``(latent, t, text, pooled_text, time_ids, image_tokens, adapter_scale, kv, freeu) -> eps``
 * :class:`KVEncoder` ``(latent, t, text, pooled_text, time_ids) -> (k_0, v_0, ..., k_69, v_69)``
 * :class:`ImageAdapter` ``(pixel_values) -> (cond_tokens, uncond_tokens)``
 
@@ -36,7 +36,8 @@ class Denoiser(nn.Module):
 
     ``unet`` is the authors' frozen decoder (no adapter) or, for fast mode, the same with the LCM-LoRA merged.
     ``kv=None`` and ``image_tokens=None`` give plain SDXL; K/V with fewer rows than ``latent`` are appended to its
-    last rows only (see :class:`~lcmla_sdk.attention.AppendedKVAttnProcessor`).
+    last rows only (see :class:`~lcmla_sdk.attention.AppendedKVAttnProcessor`). ``freeu`` = (b, s) applies FreeU's
+    second stage as the authors do (:mod:`lcmla_sdk.freeu`; only on a UNet prepared with ``install_freeu``).
     """
 
     def __init__(self, unet: UNet2DConditionModel) -> None:
@@ -53,8 +54,11 @@ class Denoiser(nn.Module):
         image_tokens: torch.Tensor | None = None,
         adapter_scale: torch.Tensor | float = 1.0,
         kv: Sequence[torch.Tensor] | None = None,
+        freeu: torch.Tensor | None = None,
     ) -> torch.Tensor:
         kwargs = {"kv": kv, "ip_tokens": image_tokens}
+        if freeu is not None:
+            kwargs["freeu"] = freeu
         if image_tokens is not None:
             kwargs["adapter_scale"] = _batch_vector(adapter_scale, latent.shape[0], latent)
         return self.unet(

@@ -19,6 +19,7 @@ from . import model_dir
 from .attention import install_lookahead_processors
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
+from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE, Guidance
 from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, to_pil, vae_pixels
@@ -63,6 +64,7 @@ class _Request:
     face_noise: str
     vae: str
     output: str
+    freeu: tuple[float, float, float, float] | None
 
 
 @dataclass
@@ -157,10 +159,12 @@ class Personalizer:
     def _build_network(self, name: str):
         if name == "kv_encoder":
             return KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
-        if name == "denoiser":
-            return Denoiser(materialize(self.unet, ()))
-        if name == "lcm_denoiser":
-            return Denoiser(materialize(self.unet, (LCM_ADAPTER,))) if self.has_lcm else None
+        if name in ("denoiser", "lcm_denoiser"):
+            if name == "lcm_denoiser" and not self.has_lcm:
+                return None
+            unet = materialize(self.unet, (LCM_ADAPTER,) if name == "lcm_denoiser" else ())
+            install_freeu(unet)  # on the denoisers' own copies: the K/V-encoder's stage stays plain
+            return Denoiser(unet)
         raise KeyError(name)
 
     kv_encoder = property(lambda self: self._network("kv_encoder"), doc="The K/V-encoder (kv_encoder LoRA merged).")
@@ -298,6 +302,7 @@ class Personalizer:
         kv_cache: bool = False,
         face_noise: str | None = None,
         vae: str = "full",
+        freeu: Sequence[float] | None = AUTHORS_FREEU,
     ) -> _Request:
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts or not all(isinstance(p, str) for p in prompts):
@@ -361,9 +366,13 @@ class Personalizer:
             raise ValueError(f"vae: {vae!r} is not one of {VAES}")
         if vae == "tiny" and self.tiny_vae is None:
             raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
+        if freeu is not None:
+            if len(freeu) != 4 or any(not np.isfinite(v) or v < 0 for v in freeu):
+                raise ValueError(f"freeu: expected None or four non-negative numbers (b1, b2, s1, s2), got {freeu!r}")
+            freeu = tuple(map(float, freeu))
         return _Request(
             prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
-            float(adapter_scale), kv_cache, face_noise, vae, output,
+            float(adapter_scale), kv_cache, face_noise, vae, output, freeu,
         )  # fmt: skip
 
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
@@ -508,6 +517,7 @@ class Personalizer:
         kv_cache: bool = False,
         face_noise: str | None = None,
         vae: str = "full",
+        freeu: Sequence[float] | None = AUTHORS_FREEU,
     ):
         """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
         from :meth:`encode_face`, which skips all face work).
@@ -518,13 +528,15 @@ class Personalizer:
         model's default (:attr:`has_kv_encoder`). ``kv_cache=True``: the K/V-encoder's output for this schedule is
         computed once per identity, with the identity's fixed reference noise (``face_noise="fixed"``) instead of
         each image's initial noise (the authors' pairing), and reused by later calls. ``vae="tiny"``: decode with
-        the tiny VAE (previews).
+        the tiny VAE (previews). ``freeu``: (b1, b2, s1, s2) of FreeU on the denoiser, as the authors' README
+        enables it (their code changes the second up-stage only, with b2 and s2; :mod:`lcmla_sdk.freeu`); ``None``
+        turns it off.
         ``callback(step_index, timestep, latents)`` runs after every step.
         """
         # 1. Check inputs
         request = self.check_inputs(
             prompt, negative_prompt, num_images, seed, mode, steps, guidance, height, width, use_kv,
-            adapter_scale, output, callback, kv_cache, face_noise, vae,
+            adapter_scale, output, callback, kv_cache, face_noise, vae, freeu,
         )  # fmt: skip
 
         # 2. Encode prompts (one row per image) and the K/V-encoder's prompt
@@ -572,6 +584,8 @@ class Personalizer:
                 "guidance": torch.tensor(request.guidance, dtype=torch.float32, device=self.device),
             }  # fmt: skip
         values["latents"] = noise.latents
+        if request.freeu is not None:
+            values["freeu"] = stage_values(request.freeu, self.device)
         if request.use_kv and kv_cache is None:
             enc_text, enc_pooled = self.encoder_prompt_embeds(batch * refs)
             if request.mode == "quality":

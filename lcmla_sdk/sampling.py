@@ -12,7 +12,8 @@ Buffers (``B`` images, ``R`` references, ``G`` = 1 in fast mode and 2 (uncond, c
 denoiser rows ``text``, ``pooled``, ``time_ids``, ``image_tokens``, ``adapter_scale`` (fast: B rows; quality: [uncond,
 cond] or, with K/V, [uncond, cond, uncond, cond] of B rows each), ``guidance`` (3,) fp32;
 K/V-encoder rows (G x B x R) ``face_latents``, ``face_noise``, ``encoder_text``, ``encoder_pooled``,
-``encoder_time_ids``; or, with a per-identity K/V cache, ``kv`` (G, R x K/V elements of all layers).
+``encoder_time_ids``; or, with a per-identity K/V cache, ``kv`` (G, R x K/V elements of all layers); with FreeU,
+``freeu`` (2,) fp32.
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ def run_step(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor
         timestep = buffers["timestep"].expand(latents.shape[0])
         eps = networks.lcm_denoiser(
             latents, timestep, buffers["text"], buffers["pooled"], buffers["time_ids"], buffers["image_tokens"],
-            buffers["adapter_scale"], kv,
+            buffers["adapter_scale"], kv, buffers.get("freeu"),
         )  # fmt: skip
     else:
         # One denoiser pass over [uncond, cond] without K/V and, with K/V, [uncond, cond] with them.
@@ -118,7 +119,7 @@ def run_step(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor
         rows = latents.repeat(branches, 1, 1, 1)
         out = networks.denoiser(
             rows, buffers["timestep"].expand(rows.shape[0]), buffers["text"], buffers["pooled"], buffers["time_ids"],
-            buffers["image_tokens"], buffers["adapter_scale"], kv,
+            buffers["image_tokens"], buffers["adapter_scale"], kv, buffers.get("freeu"),
         ).float().chunk(branches)  # fmt: skip
         full = out[2:] if spec.use_kv else out[:2]
         eps = three_branch(out[0], out[1], full[0], full[1], buffers["guidance"])

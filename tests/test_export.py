@@ -44,9 +44,9 @@ def test_manifest_is_the_contract_names_dtypes_profiles_hashes(exported):
     assert manifest.versions["onnx_opset"] == "17" and manifest.tensorrt is None
     denoiser = manifest.networks["denoiser"]
     names = [t.name for t in denoiser.inputs]
-    assert names[:7] == ["latent", "timestep", "text", "pooled_text", "time_ids", "image_tokens", "adapter_scale"]
-    assert names[7:] == [f"{kind}_{i:02d}" for i in range(70) for kind in "kv"]
-    assert [t.name for t in manifest.networks["kv_encoder"].outputs] == names[7:]
+    assert names[:8] == ["latent", "timestep", "text", "pooled_text", "time_ids", "image_tokens", "adapter_scale", "freeu"]
+    assert names[8:] == [f"{kind}_{i:02d}" for i in range(70) for kind in "kv"]
+    assert [t.name for t in manifest.networks["kv_encoder"].outputs] == names[8:]
     assert denoiser.input_shapes("min")["k_00"] == (1, 0, 64)  # K/V may be absent
     assert denoiser.input_shapes("max")["latent"] == (4, 4, 16, 20)  # 2 x 2 images for CFG, 128 x 160 px
     for name, entry in manifest.networks.items():

@@ -144,3 +144,12 @@ def test_unknown_model_name_is_a_clear_error():
 
     with pytest.raises(ValueError, match="^name:"):
         Personalizer.from_pretrained("no-such-model")
+
+
+def test_the_kv_encoder_gets_the_generation_size_micro_conditioning_as_the_authors_give_it(tiny, face, counted):
+    seen = []
+    encoder = counted["kv_encoder"].network
+    tiny.rebuild_networks(kv_encoder=lambda *args: seen.append(args[4]) or encoder(*args))
+    tiny.generate(face, "a face", seed=0, steps=1, height=64, width=96)
+    (ids,) = seen
+    assert ids.tolist() == [[64, 96, 0, 0, 64, 96]] * 2  # [uncond, cond], not the face's 128 x 128
