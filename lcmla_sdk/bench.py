@@ -246,9 +246,10 @@ def _lcmla_weights(model: Personalizer, mode: str) -> float:
     return _gib(model.kv_encoder, denoiser)
 
 
-def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int) -> dict[str, float]:
-    """Share of a graph-mode call (batch 1) in the K/V pass, the denoiser, guidance + scheduler, and decode: each
-    network captured alone at the step's shapes, the step as the sampling loop captured it, the decode eagerly."""
+def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: float) -> dict[str, float]:
+    """Share of a graph-mode call (batch 1, ``call_ms`` end to end) in the K/V pass, the denoiser, guidance +
+    scheduler, decode, and the rest (host work: text encoders, noise, copies): each network captured alone at the
+    step's shapes, the step as the sampling loop captured it, the decode eagerly."""
     device = model.device
     step = list(model._graphs._entries.items())[-1]
     (spec, *_), captured = step
@@ -264,10 +265,11 @@ def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int) -> dict[s
     rest = [buffers[n] for n in ("text", "pooled", "time_ids", "image_tokens", "adapter_scale")]
     denoise_ms = _graph_ms(device, lambda: network(latents, buffers["timestep"].expand(latents.shape[0]), *rest, kv))
     decode_ms = _measure(device, lambda: model.decode(buffers["latents"], "pt"), 3)[1]
-    total = steps * step_ms + decode_ms
+    total = call_ms
     return {
         "kv_encoder": steps * kv_ms / total, "denoiser": steps * denoise_ms / total,
         "guidance_scheduler": steps * max(0.0, step_ms - kv_ms - denoise_ms) / total, "decode": decode_ms / total,
+        "rest": max(0.0, total - steps * step_ms - decode_ms) / total,
         "step_ms": step_ms, "kv_encoder_ms": kv_ms, "denoiser_ms": denoise_ms, "decode_ms": decode_ms,
     }  # fmt: skip
 
@@ -375,7 +377,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 first, ms, peak = _measure(device, lambda: run(x, batch, steps), config.iters)
                 row = Row(mode, way, batch, first, ms, 1000 * batch / ms, weights, peak)
                 if way == "graphs" and batch == 1 and device.type == "cuda":
-                    row.shares = step_shares(model, x, mode, steps)
+                    row.shares = step_shares(model, x, mode, steps, ms)
                 results["rows"].append(asdict(row))
                 if path is not None:
                     save(results, path)

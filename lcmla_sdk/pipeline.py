@@ -31,7 +31,7 @@ from .sampling import (
     Networks, StepGraphs, StepSpec, flatten_kv, join_references, sample, say_once, shape_key,
 )  # fmt: skip
 from .schedule import StepTable, build_table, noise_reference
-from .text import encode_prompts, time_ids
+from .text import GraphedTextEncoders, encode_prompts, time_ids
 
 MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -147,6 +147,8 @@ class Personalizer:
         self._uncapturable: set[tuple] = set()
         self._kv_cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
         self._encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._text_graphs = GraphedTextEncoders(self.tokenizers, self.text_encoders)
+        self._tables: dict[tuple[str, int], StepTable] = {}
         self._vae_decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: self.vae.decode(z).sample
 
     # ------------------------------------------------------------------ networks
@@ -375,13 +377,18 @@ class Personalizer:
             float(adapter_scale), kv_cache, face_noise, vae, output, freeu,
         )  # fmt: skip
 
+    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.device.type == "cuda" and self.cuda_graphs:
+            return self._text_graphs(prompts)
+        return encode_prompts(prompts, self.tokenizers, self.text_encoders)
+
     def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
         """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
-        text, pooled = encode_prompts(prompts, self.tokenizers, self.text_encoders)
+        text, pooled = self._encode_text(prompts)
         if negatives is None:
             neg_text, neg_pooled = torch.zeros_like(text), torch.zeros_like(pooled)
         else:
-            neg_text, neg_pooled = encode_prompts(negatives, self.tokenizers, self.text_encoders)
+            neg_text, neg_pooled = self._encode_text(negatives)
         return (text, pooled), (neg_text, neg_pooled)
 
     @torch.inference_mode()
@@ -448,10 +455,14 @@ class Personalizer:
         return DPMSolverMultistepScheduler.from_config(config, final_sigmas_type="sigma_min")
 
     def step_table(self, mode: str, steps: int) -> StepTable:
-        """Per-step timesteps and coefficients of a mode's schedule, on the device (:mod:`lcmla_sdk.schedule`)."""
-        scheduler = self.make_scheduler(mode)
-        scheduler.set_timesteps(steps)
-        return build_table(scheduler, self.device)
+        """Per-step timesteps and coefficients of a mode's schedule, on the device (:mod:`lcmla_sdk.schedule`);
+        built once per (mode, steps)."""
+        key = (mode, steps)
+        if key not in self._tables:
+            scheduler = self.make_scheduler(mode)
+            scheduler.set_timesteps(steps)
+            self._tables[key] = build_table(scheduler, self.device)
+        return self._tables[key]
 
     def prepare_noise(self, request: _Request, face: Identity, table: StepTable) -> _Noise:
         """Draw every random tensor of the generation ahead, from each image's own CPU generator, in the order the

@@ -2,26 +2,82 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
+
+
+def tokenize(prompts: list[str], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]) -> list[torch.Tensor]:
+    """Each tokenizer's ``(N, 77)`` ids, padded and truncated as diffusers' SDXL pipeline does."""
+    return [
+        tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids
+        for tokenizer in tokenizers
+    ]  # fmt: skip
+
+
+def run_encoders(ids: list[torch.Tensor], encoders: TextEncoders) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(text (N, 77, d1 + d2), pooled (N, d2_proj))``: penultimate hidden states of both encoders, and the last
+    encoder's projected pooled output (text_embeds). Device tensors only: it can be captured in a CUDA graph."""
+    hidden = []
+    for tokens, encoder in zip(ids, encoders):
+        out = encoder(tokens, output_hidden_states=True)
+        hidden.append(out.hidden_states[-2])
+    return torch.cat(hidden, dim=-1), out[0]
 
 
 @torch.no_grad()
 def encode_prompts(
-    prompts: list[str],
-    tokenizers: tuple[CLIPTokenizer, CLIPTokenizer],
-    encoders: tuple[CLIPTextModel, CLIPTextModelWithProjection],
+    prompts: list[str], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], encoders: TextEncoders
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(text (N, 77, d1 + d2), pooled (N, d2_proj))`` as diffusers' SDXL pipeline computes them."""
-    hidden, pooled = [], None
-    for tokenizer, encoder in zip(tokenizers, encoders):
-        ids = tokenizer(
-            prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(encoder.device)
-        out = encoder(ids, output_hidden_states=True)
-        hidden.append(out.hidden_states[-2])
-        pooled = out[0]  # the last encoder's projected pooled output (text_embeds)
-    return torch.cat(hidden, dim=-1), pooled
+    device = encoders[0].device
+    return run_encoders([x.to(device) for x in tokenize(prompts, tokenizers)], encoders)
+
+
+class GraphedTextEncoders:
+    """Both text encoders captured in a CUDA graph per batch size (at 77 tokens they are launch-bound), replayed on
+    new ids; a batch size whose capture fails runs eagerly from then on. One lock: the buffers are shared."""
+
+    def __init__(self, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], encoders: TextEncoders) -> None:
+        self.tokenizers, self.encoders = tokenizers, encoders
+        self.lock = threading.Lock()
+        self._graphs: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.cuda.CUDAGraph]] = {}
+        self._eager: set[int] = set()
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.encoders[0].device
+        ids = [x.to(device) for x in tokenize(prompts, self.tokenizers)]
+        batch = len(prompts)
+        with self.lock:
+            if batch not in self._graphs and batch not in self._eager:
+                try:
+                    self._graphs[batch] = self._capture(ids)
+                except RuntimeError:
+                    self._eager.add(batch)
+            if batch in self._eager:
+                return run_encoders(ids, self.encoders)
+            static_ids, (text, pooled), graph = self._graphs[batch]
+            for buffer, value in zip(static_ids, ids):
+                buffer.copy_(value)
+            graph.replay()
+            return text.clone(), pooled.clone()
+
+    def _capture(self, ids: list[torch.Tensor]):
+        static_ids = [x.clone() for x in ids]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            run_encoders(static_ids, self.encoders)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            outputs = run_encoders(static_ids, self.encoders)
+        return static_ids, outputs, graph
 
 
 def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

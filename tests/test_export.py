@@ -205,3 +205,19 @@ def test_manifest_loading_errors(tmp_path):
     (tmp_path / "manifest.json").write_text(json.dumps({"schema": 99}))
     with pytest.raises(ModelFilesError, match="schema 99"):
         Manifest.load(Path(tmp_path))
+
+
+@torch.no_grad()
+def test_exported_networks_hand_out_outputs_that_the_next_call_does_not_touch(exported, fresh_tiny):
+    fresh_tiny.use_exported(exported.folder, backend="onnxruntime")
+    from conftest import unet_inputs
+
+    first_inputs, second_inputs = unet_inputs(fresh_tiny, seed=1), unet_inputs(fresh_tiny, seed=2)
+    for network in (fresh_tiny.denoiser, fresh_tiny.kv_encoder):
+        first = network(*first_inputs)
+        kept = [x.clone() for x in first] if isinstance(first, tuple) else first.clone()
+        second = network(*second_inputs)
+        if isinstance(first, tuple):
+            assert all(torch.equal(a, b) for a, b in zip(first, kept)) and not torch.equal(first[0], second[0])
+        else:
+            assert torch.equal(first, kept) and not torch.equal(first, second)

@@ -160,3 +160,15 @@ def test_gpu_presets_are_drawn_on_the_gpu_reproducibly():
     assert first.fingerprint == second.fingerprint != Personalizer.from_pretrained("tiny", device="cpu", seed=4).fingerprint
     for a, b in zip(first.unet.parameters(), second.unet.parameters()):
         assert a.device.type == "cuda" and torch.equal(a, b)
+
+
+@torch.no_grad()
+def test_graphed_text_encoders_equal_the_eager_ones(model):
+    from lcmla_sdk.text import encode_prompts
+
+    for prompts in (["a face"], ["an oil painting of a face", "x"], ["a photo of a face, studio light"]):
+        graphed = model._encode_text(prompts)
+        eager = encode_prompts(prompts, model.tokenizers, model.text_encoders)
+        for a, b in zip(graphed, eager):
+            torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
+    assert 1 in model._text_graphs._graphs and 2 in model._text_graphs._graphs  # captured, not fallen back
