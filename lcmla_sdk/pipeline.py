@@ -141,6 +141,7 @@ class Personalizer:
 
         self.cuda_graphs = cuda_graphs
         self._lock = threading.Lock()  # guards the lazily built networks and the K/V cache
+        self._face_lock = threading.RLock()  # the face analyzer: started once, one detection at a time
         self._networks: dict[str, Any] = {"adapter": _place(ImageAdapter(components.image_encoder, components.resampler), device, dtype)}
         self._networks_version = 0
         self._graphs = StepGraphs(GRAPH_MEMORY_BYTES)
@@ -280,10 +281,11 @@ class Personalizer:
     @property
     def face_analyzer(self) -> FaceAnalyzer | None:
         """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
-        if self._face_analyzer is None:
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
-            self._face_analyzer = self.faces.open(providers)
-        return self._face_analyzer
+        with self._face_lock:
+            if self._face_analyzer is None:
+                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
+                self._face_analyzer = self.faces.open(providers)
+            return self._face_analyzer
 
     # ------------------------------------------------------------------ steps of a generation
     def check_inputs(
@@ -428,7 +430,8 @@ class Personalizer:
         for face in faces:
             image = load_rgb(face)
             sources.append(pixel_sha256(image))
-            found = analyzer.find_face(image, on_multiple) if analyzer is not None else None
+            with self._face_lock:  # the detectors keep per-call state: one photo at a time
+                found = analyzer.find_face(image, on_multiple) if analyzer is not None else None
             detections.append(found)
             picture = align_face(image, found.landmarks, self.face_size) if crop == "face" else image
             pictures.append(squash(picture, self.face_size) if face_resize == "squash" else picture)

@@ -133,6 +133,24 @@ def test_graph_backed_networks_copy_outputs_out_of_reused_engine_buffers():
     assert torch.equal(first, torch.full((2, 3), 2.0))
 
 
+def test_concurrent_encode_face_calls_equal_the_calls_made_one_at_a_time(fresh_tiny, face, astronaut):
+    photos = [face, astronaut, face, astronaut]
+    alone = [fresh_tiny.encode_face(p) for p in photos]
+    model = type(fresh_tiny).from_pretrained("tiny", device="cpu")  # the face analyzer not started yet
+    together = [None] * len(photos)
+
+    def work(index):
+        together[index] = model.encode_face(photos[index])
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(photos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for a, b in zip(alone, together):
+        assert a.digest() == b.digest() and a.boxes == b.boxes
+
+
 def test_concurrent_generate_calls_give_the_images_of_the_same_calls_made_one_at_a_time(tiny, face):
     identity = tiny.encode_face(face)
     calls = [
