@@ -309,8 +309,8 @@ def network_rows(model: Personalizer, x: Inputs) -> dict[str, float]:
     rows["VAE decode fp16"] = _measure(device, lambda: vae.decode(big.to(vae.dtype)).sample, 3)[1]
     rows["VAE decode fp32"] = _measure(device, lambda: vae.float().decode(big).sample, 3)[1]
     vae.to(dtype)
-    if model.tiny_vae is not None:
-        rows["tiny VAE decode fp16"] = _measure(device, lambda: model.tiny_vae.decode(big.to(dtype)).sample, 3)[1]
+    if model.decoder.tiny_vae is not None:
+        rows["tiny VAE decode fp16"] = _measure(device, lambda: model.decoder.tiny_vae.decode(big.to(dtype)).sample, 3)[1]
     return rows
 
 
@@ -322,7 +322,7 @@ def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) 
     kwargs.update(height=x.size, width=x.size)
     cached = model.generate(x.identity, PROMPT, kv_cache=True, **kwargs)
     paired = model.generate(x.identity, PROMPT, **kwargs)
-    entry = next(reversed(model._kv_cache.values()))[0]
+    entry = model._kv_cache.entries()[-1][0]
     return {
         "gib_per_identity": entry.numel() * entry.element_size() / 2**30,
         "mean_abs_pixel_difference": ((cached - paired).abs().mean() * 255).item(),
@@ -360,15 +360,15 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             report("networks: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["networks"].items()))
         for mode, way in planned_runs(config):
             steps = config.fast_steps if mode == "fast" else config.quality_steps
-            if way == "tiny_vae" and model.tiny_vae is None:
+            if way == "tiny_vae" and model.decoder.tiny_vae is None:
                 continue
-            eager_decode = model._vae_decode
+            eager_decode = model.decoder._full
             if way.startswith("compiled"):
                 if "compiled_decode" not in results:
                     results["compile_s"] = model.compile_decoder(config.compile_cache)
-                    results["compiled_decode"] = model._vae_decode
+                    results["compiled_decode"] = model.decoder._full
                     report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
-                model._vae_decode = results["compiled_decode"]
+                model.decoder._full = results["compiled_decode"]
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -386,7 +386,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 results["kv_cache"] = kv_cache_effect(model, x, steps)
                 report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs, model._vae_decode = True, eager_decode
+            model.cuda_graphs, model.decoder._full = True, eager_decode
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

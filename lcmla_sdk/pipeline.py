@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,31 +16,27 @@ from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
 from . import model_dir
 from .attention import install_lookahead_processors
+from .decoding import OUTPUTS, VAES, Decoder
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
 from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE, Guidance
 from .identity import Identity, detection_fields
-from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, to_pil, vae_pixels
+from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
 from .manifest import sha256_json
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .presets import PRESETS, Components, build_random_components, preset_config
-from .sampling import (
-    Networks, StepGraphs, StepSpec, flatten_kv, join_references, sample, say_once, shape_key,
-)  # fmt: skip
-from .schedule import StepTable, build_table, noise_reference
+from .kv_cache import IdentityKVCache, compute_kv
+from .noise import FACE_NOISES, Noise, face_latents, fixed_face_noise
+from .noise import draw as draw_noise
+from .sampling import Networks, StepGraphs, StepSpec, sample, say_once, shape_key
+from .schedule import StepTable, build_table
 from .text import GraphedTextEncoders, encode_prompts, time_ids
 
 MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
-OUTPUTS = ("pil", "np", "pt", "latent")
 CROPS = ("none", "face")
-VAES = ("full", "tiny")
-FACE_NOISES = ("paired", "fixed")
-# Seed of the reference-face noise when it is fixed per identity (face_noise="fixed", and the K/V cache).
-FIXED_FACE_NOISE_SEED = 0
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
-KV_CACHE_BYTES = 16 * 2**30  # per-identity K/V kept per Personalizer (least recently used out)
 StepCallback = Callable[[int, int, torch.Tensor], Any]
 FaceEncoding = Identity  # the name of the first release
 
@@ -65,16 +60,6 @@ class _Request:
     vae: str
     output: str
     freeu: tuple[float, float, float, float] | None
-
-
-@dataclass
-class _Noise:
-    """Everything random in one generation, drawn ahead from each image's own generator."""
-
-    latents: torch.Tensor  # (B, 4, h, w): the initial latents
-    face_latents: torch.Tensor  # (B x R, 4, fh, fw): each image's sample of its reference latents, scaled
-    face_noise: torch.Tensor  # (B x R, 4, fh, fw): what noises them at every step
-    steps: torch.Tensor | None  # (noise_steps, B, 4, h, w): the scheduler's injected noise (LCM)
 
 
 def default_device_and_dtype(
@@ -132,7 +117,8 @@ class Personalizer:
         # The stock SDXL VAE overflows in fp16: keep it in fp32 when its config asks for upcasting.
         vae_dtype = torch.float32 if components.vae.config.force_upcast else dtype
         self.vae = _place(components.vae, device, vae_dtype)
-        self.tiny_vae = _place(components.tiny_vae, device, dtype) if components.tiny_vae is not None else None
+        tiny_vae = _place(components.tiny_vae, device, dtype) if components.tiny_vae is not None else None
+        self.decoder = Decoder(self.vae, tiny_vae)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Latent sides must survive every UNet downsampling.
         self.size_multiple = self.vae_scale * 2 ** (len(unet.config.block_out_channels) - 1)
@@ -146,11 +132,10 @@ class Personalizer:
         self._networks_version = 0
         self._graphs = StepGraphs(GRAPH_MEMORY_BYTES)
         self._uncapturable: set[tuple] = set()
-        self._kv_cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
+        self._kv_cache = IdentityKVCache()
         self._encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_graphs = GraphedTextEncoders(self.tokenizers, self.text_encoders)
         self._tables: dict[tuple[str, int], StepTable] = {}
-        self._vae_decode: Callable[[torch.Tensor], torch.Tensor] = lambda z: self.vae.decode(z).sample
 
     # ------------------------------------------------------------------ networks
     def _network(self, name: str):
@@ -222,7 +207,7 @@ class Personalizer:
             components = model_dir.load(layout, dtype)
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
         if tiny_vae is not None:
-            model.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
+            model.decoder.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
         return model
 
     @classmethod
@@ -368,7 +353,7 @@ class Personalizer:
             raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
         if vae not in VAES:
             raise ValueError(f"vae: {vae!r} is not one of {VAES}")
-        if vae == "tiny" and self.tiny_vae is None:
+        if vae == "tiny" and self.decoder.tiny_vae is None:
             raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
         if freeu is not None:
             if len(freeu) != 4 or any(not np.isfinite(v) or v < 0 for v in freeu):
@@ -467,48 +452,11 @@ class Personalizer:
             self._tables[key] = build_table(scheduler, self.device)
         return self._tables[key]
 
-    def prepare_noise(self, request: _Request, face: Identity, table: StepTable) -> _Noise:
-        """Draw every random tensor of the generation ahead, from each image's own CPU generator, in the order the
-        authors' loop draws them: initial noise, the reference latent sample, (its own noise when its shape differs
-        from the image's), then the scheduler's noise step by step. So a seed gives the same image eagerly and from
-        a CUDA graph, alone or in a batch."""
-        generators = [torch.Generator("cpu").manual_seed(s) for s in request.seeds]
+    def prepare_noise(self, request: _Request, face: Identity, table: StepTable) -> Noise:
+        """Every random tensor of the generation (:mod:`lcmla_sdk.noise`), on the device."""
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
-        noise = torch.cat([torch.randn(shape, generator=g) for g in generators])
-        refs = face.num_references
-        face_eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
-        # The authors noise the face with the generation's initial noise; a face latent of another shape gets its
-        # own draw from the same per-image generator.
-        if face.latent_mean.shape[1:] == noise.shape[1:]:
-            face_noise = noise.repeat_interleave(refs, 0)
-        else:
-            face_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
-        step_noise = None
-        if table.noise_steps:
-            step_noise = torch.stack([
-                torch.cat([torch.randn(shape, generator=g, dtype=self.dtype) for g in generators])
-                for _ in range(table.noise_steps)
-            ])  # fmt: skip
-        if request.face_noise == "fixed":
-            fixed_eps, face_noise = self.fixed_face_noise(face)
-            face_eps, face_noise = fixed_eps.repeat(len(generators), 1, 1, 1), face_noise.repeat(len(generators), 1, 1, 1)
-        face_latents = self.face_latents(face, face_eps)
-        to = {"device": self.device, "dtype": self.dtype}
-        return _Noise(
-            noise.to(**to), face_latents.to(**to), face_noise.to(**to),
-            step_noise.to(**to) if step_noise is not None else None,
-        )
-
-    def fixed_face_noise(self, face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
-        """The identity's own reference-latent sample noise and noising noise (``face_noise="fixed"``)."""
-        generator = torch.Generator("cpu").manual_seed(FIXED_FACE_NOISE_SEED)
-        return tuple(torch.randn(face.latent_mean.shape, generator=generator) for _ in range(2))
-
-    def face_latents(self, face: Identity, eps: torch.Tensor) -> torch.Tensor:
-        """Scaled samples of the reference latents, ``eps`` with ``images x references`` rows (image-major)."""
-        repeat = eps.shape[0] // face.num_references
-        mean, std = (x.cpu().float().repeat(repeat, 1, 1, 1) for x in (face.latent_mean, face.latent_std))
-        return (mean + std * eps) * self.vae.config.scaling_factor
+        return draw_noise(request.seeds, shape, face, table.noise_steps, request.face_noise,
+                          self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
 
     # ------------------------------------------------------------------ the call
     @torch.inference_mode()
@@ -574,7 +522,7 @@ class Personalizer:
         # 6. Decode
         return self.decode(latents, request.output, request.vae)
 
-    def denoise(self, request: _Request, identity: Identity, prompts: tuple, noise: _Noise, table: StepTable,
+    def denoise(self, request: _Request, identity: Identity, prompts: tuple, noise: Noise, table: StepTable,
                 callback: StepCallback | None = None) -> torch.Tensor:  # fmt: skip
         """The sampling loop from ``noise.latents``: buffers for :func:`lcmla_sdk.sampling.sample`, then its run."""
         text, pooled, neg_text, neg_pooled = prompts
@@ -673,91 +621,33 @@ class Personalizer:
         return text.expand(rows, -1, -1), pooled.expand(rows, -1)
 
     def compile_decoder(self, cache: str | Path | None = None) -> float:
-        """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,
-        the bulk of its time at 1024^2) and run it once; return the seconds that took.
-
-        ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
-        ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
-        time. The batch dimension is compiled dynamic: one compilation serves every batch size.
-        """
-        import time
-
-        path = Path(cache).expanduser() if cache is not None else None
-        if path is not None and path.is_file():
-            torch.compiler.load_cache_artifacts(path.read_bytes())
-        vae = self.vae
-        compiled = torch.compile(lambda z: vae.decode(z).sample)
-
-        def decode(latents: torch.Tensor) -> torch.Tensor:
-            torch._dynamo.mark_dynamic(latents, 0)
-            return compiled(latents)
-
-        begin = time.perf_counter()
-        side = self.default_size // self.vae_scale
-        with torch.inference_mode():
-            decode(torch.zeros(2, 4, side, side, device=self.device, dtype=vae.dtype))
-        seconds = time.perf_counter() - begin
-        if path is not None:
-            artifacts = torch.compiler.save_cache_artifacts()
-            if artifacts is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_name(path.name + ".tmp")
-                temporary.write_bytes(artifacts[0])
-                temporary.replace(path)
-        self._vae_decode = decode
-        return seconds
+        """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""
+        return self.decoder.compile(self.default_size // self.vae_scale, cache)
 
     def identity_kv(self, identity: Identity, request: _Request, table: StepTable, neg_text, neg_pooled):
-        """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, computed once with its
-        fixed reference noise (:func:`lcmla_sdk.sampling.flatten_kv`) and kept, least recently used out beyond
-        ``KV_CACHE_BYTES``."""
+        """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, from the cache
+        (:mod:`lcmla_sdk.kv_cache`) or computed with its fixed reference noise."""
         groups = 1 if request.mode == "fast" else 2
         key = (identity.digest(), request.mode, tuple(table.host_timesteps), request.height, request.width,
                str(request.negative_prompts[0]) if request.negative_prompts else None)  # fmt: skip
-        with self._lock:
-            if key in self._kv_cache:
-                self._kv_cache.move_to_end(key)
-                return self._kv_cache[key]
-        refs = identity.num_references
-        eps, face_noise = self.fixed_face_noise(identity)
-        to = {"device": self.device, "dtype": self.dtype}
-        face, face_noise = self.face_latents(identity, eps).to(**to), face_noise.to(**to)
-        enc_text, enc_pooled = self.encoder_prompt_embeds(refs)
-        if groups == 2:
-            enc_text = torch.cat([neg_text.expand(refs, -1, -1), enc_text])
-            enc_pooled = torch.cat([neg_pooled.expand(refs, -1), enc_pooled])
-            face, face_noise = face.repeat(2, 1, 1, 1), face_noise.repeat(2, 1, 1, 1)
-        ids = time_ids(request.height, request.width, face.shape[0], self.dtype, self.device)
-        encoder, steps = self.kv_encoder, []
-        for index in range(table.steps):
-            row = table.coefficients[index]
-            timestep = table.timesteps[index : index + 1].expand(face.shape[0])
-            kv = encoder(noise_reference(row, face, face_noise), timestep, enc_text, enc_pooled, ids)
-            flat, layout = flatten_kv(join_references(kv, groups))
-            if index == 0 and flat.numel() * flat.element_size() * table.steps > KV_CACHE_BYTES:
-                need = flat.numel() * flat.element_size() * table.steps / 2**30
-                raise ValueError(f"kv_cache: this identity's K/V for {table.steps} steps need {need:.1f} GiB, over "
-                                 f"the cache's {KV_CACHE_BYTES / 2**30:.0f} GiB; use fewer steps or kv_cache=False")  # fmt: skip
-            steps.append(flat)
-        entry = (torch.stack(steps), layout)
-        with self._lock:
-            self._kv_cache[key] = entry
-            while len(self._kv_cache) > 1 and sum(e[0].numel() * e[0].element_size() for e in self._kv_cache.values()) > KV_CACHE_BYTES:
-                self._kv_cache.popitem(last=False)
-        return entry
+
+        def compute():
+            refs = identity.num_references
+            eps, noise = fixed_face_noise(identity)
+            to = {"device": self.device, "dtype": self.dtype}
+            face = face_latents(identity, eps, self.vae.config.scaling_factor).to(**to).repeat(groups, 1, 1, 1)
+            text, pooled = self.encoder_prompt_embeds(refs)
+            if groups == 2:  # [uncond, cond]
+                text, pooled = torch.cat([neg_text.expand(refs, -1, -1), text]), torch.cat([neg_pooled.expand(refs, -1), pooled])
+            ids = time_ids(request.height, request.width, face.shape[0], self.dtype, self.device)
+            return compute_kv(self.kv_encoder, table, face, noise.to(**to).repeat(groups, 1, 1, 1), text, pooled, ids,
+                              groups, self._kv_cache.max_bytes)  # fmt: skip
+
+        return self._kv_cache.get(key, compute)
 
     def decode(self, latents: torch.Tensor, request_output: str, vae: str = "full"):
-        """Latents -> images: ``"pt"`` float in [0, 1] on the model's device, ``"np"`` uint8 arrays, PIL images."""
-        if request_output == "latent":
-            return latents
-        if vae == "tiny":  # TAESD decodes the scaled latents directly
-            images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
-        else:
-            images = self._vae_decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
-        if request_output == "pt":
-            return (images.float().clamp(-1, 1) + 1) / 2
-        pil = to_pil(images)
-        return [np.asarray(p) for p in pil] if request_output == "np" else pil
+        """Latents -> images (:class:`lcmla_sdk.decoding.Decoder`)."""
+        return self.decoder(latents, request_output, vae)
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):

@@ -179,4 +179,4 @@ def test_presets_are_drawn_where_they_live_and_reproducibly(tiny):
     assert again.fingerprint == tiny.fingerprint
     for (name, a), b in zip(tiny.unet.named_parameters(), again.unet.parameters()):
         assert torch.equal(a, b), name
-    assert tiny.tiny_vae is not None and tiny.tiny_vae.device.type == "cpu"
+    assert tiny.decoder.tiny_vae is not None and tiny.decoder.tiny_vae.device.type == "cpu"

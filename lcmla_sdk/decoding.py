@@ -1,0 +1,69 @@
+"""Latents to images: the full VAE (optionally compiled, with Inductor's artefacts kept in a file) or the tiny one."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, AutoencoderTiny
+
+from .images import to_pil
+
+VAES = ("full", "tiny")
+OUTPUTS = ("pil", "np", "pt", "latent")
+
+
+class Decoder:
+    """``vae`` (scaled latents divided by its scaling factor) or ``tiny_vae`` (TAESD decodes the scaled latents)."""
+
+    def __init__(self, vae: AutoencoderKL, tiny_vae: AutoencoderTiny | None) -> None:
+        self.vae, self.tiny_vae = vae, tiny_vae
+        self._full: Callable[[torch.Tensor], torch.Tensor] = lambda z: self.vae.decode(z).sample
+
+    def __call__(self, latents: torch.Tensor, output: str, which: str = "full"):
+        """``"pt"``: float in [0, 1] on the latents' device; ``"np"``: uint8 arrays; ``"pil"``; ``"latent"``: as is."""
+        if output == "latent":
+            return latents
+        if which == "tiny":
+            images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
+        else:
+            images = self._full(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
+        if output == "pt":
+            return (images.float().clamp(-1, 1) + 1) / 2
+        pil = to_pil(images)
+        return [np.asarray(p) for p in pil] if output == "np" else pil
+
+    def compile(self, latent_side: int, cache: str | Path | None = None) -> float:
+        """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,
+        the bulk of its time at 1024^2), run it once at ``latent_side``, and return the seconds that took.
+
+        ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
+        ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
+        time. The batch dimension is compiled dynamic; a batch of one is specialised (and compiled) on first use.
+        """
+        path = Path(cache).expanduser() if cache is not None else None
+        if path is not None and path.is_file():
+            torch.compiler.load_cache_artifacts(path.read_bytes())
+        vae = self.vae
+        compiled = torch.compile(lambda z: vae.decode(z).sample)
+
+        def decode(latents: torch.Tensor) -> torch.Tensor:
+            torch._dynamo.mark_dynamic(latents, 0)
+            return compiled(latents)
+
+        begin = time.perf_counter()
+        with torch.inference_mode():
+            decode(torch.zeros(2, vae.config.latent_channels, latent_side, latent_side, device=vae.device, dtype=vae.dtype))
+        seconds = time.perf_counter() - begin
+        if path is not None:
+            artifacts = torch.compiler.save_cache_artifacts()
+            if artifacts is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                temporary = path.with_name(path.name + ".tmp")
+                temporary.write_bytes(artifacts[0])
+                temporary.replace(path)
+        self._full = decode
+        return seconds

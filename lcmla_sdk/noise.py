@@ -1,0 +1,69 @@
+"""Every random tensor of one generation, drawn ahead on the CPU from each image's own generator.
+
+The draws follow the order of the authors' loop: initial noise, the reference latent sample, (the reference's own
+noise when its latent's shape differs from the image's), then the scheduler's noise step by step. So a seed gives
+the same image eagerly and from a CUDA graph, alone or in a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .identity import Identity
+
+FACE_NOISES = ("paired", "fixed")
+# Seed of the reference noise when it is fixed per identity (face_noise="fixed", and the per-identity K/V cache).
+FIXED_FACE_NOISE_SEED = 0
+
+
+@dataclass
+class Noise:
+    latents: torch.Tensor  # (B, 4, h, w): the initial latents
+    face_latents: torch.Tensor  # (B x R, 4, fh, fw): each image's sample of its reference latents, scaled
+    face_noise: torch.Tensor  # (B x R, 4, fh, fw): what noises them at every step
+    steps: torch.Tensor | None  # (noise_steps, B, 4, h, w): the scheduler's injected noise (LCM)
+
+
+def fixed_face_noise(face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
+    """The identity's own reference-latent sample noise and noising noise (``face_noise="fixed"``)."""
+    generator = torch.Generator("cpu").manual_seed(FIXED_FACE_NOISE_SEED)
+    return torch.randn(face.latent_mean.shape, generator=generator), torch.randn(face.latent_mean.shape, generator=generator)
+
+
+def face_latents(face: Identity, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
+    """Scaled samples of the reference latents; ``eps`` has ``images x references`` rows (image-major)."""
+    repeat = eps.shape[0] // face.num_references
+    mean, std = (x.cpu().float().repeat(repeat, 1, 1, 1) for x in (face.latent_mean, face.latent_std))
+    return (mean + std * eps) * scaling_factor
+
+
+def draw(
+    seeds: list[int], latent_shape: tuple[int, ...], face: Identity, noise_steps: int, face_noise: str,
+    scaling_factor: float, dtype: torch.dtype, device: torch.device,
+) -> Noise:  # fmt: skip
+    """:class:`Noise` for one image per seed; ``latent_shape`` is one image's ``(1, 4, h, w)``. The scheduler's
+    noise is drawn in ``dtype``, as diffusers' schedulers draw it."""
+    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
+    noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
+    eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+    # The authors noise the reference with the generation's initial noise.
+    if face.latent_mean.shape[1:] == noise.shape[1:]:
+        reference_noise = noise.repeat_interleave(face.num_references, 0)
+    else:
+        reference_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+    steps = None
+    if noise_steps:
+        steps = torch.stack([
+            torch.cat([torch.randn(latent_shape, generator=g, dtype=dtype) for g in generators])
+            for _ in range(noise_steps)
+        ])  # fmt: skip
+    if face_noise == "fixed":
+        fixed_eps, fixed_noise = fixed_face_noise(face)
+        eps, reference_noise = (x.repeat(len(generators), 1, 1, 1) for x in (fixed_eps, fixed_noise))
+    to = {"device": device, "dtype": dtype}
+    return Noise(
+        noise.to(**to), face_latents(face, eps, scaling_factor).to(**to), reference_noise.to(**to),
+        steps.to(**to) if steps is not None else None,
+    )
