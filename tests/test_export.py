@@ -14,7 +14,8 @@ from lcmla_sdk.cli import app
 from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRTUnavailable
 from lcmla_sdk.engines.engine import engine_cache_key
 from lcmla_sdk.export import ShapeRanges, build_specs, export_model
-from lcmla_sdk.manifest import Manifest, sha256_file
+from lcmla_sdk.integrity import sha256_file
+from lcmla_sdk.manifest import Manifest
 
 RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
 # denoiser_lcm comes from the same spec code as denoiser; leaving it out saves CI a minute.
