@@ -43,7 +43,6 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -55,6 +54,7 @@ from .faces import check_face_pack
 from .integrity import is_sha256, sha256_file, verify_file
 from .lora import add_kv_encoder_lora, has_adapter, LCM_ADAPTER
 from .presets import Components
+from .text import check_tokenizer_files, load_tokenizer
 from .schema import COUNT, NAME, OBJECT, POSITIVE, STRING, Check, Either, MapOf, Object, OneOf, check, nullable, parse_json, read_json
 from .weights import (
     PICKLE_SUFFIXES,
@@ -314,7 +314,7 @@ def validate(root: str | Path, verify: bool = True) -> ModelLayout:
         if not any(p.name == "tokenizer.json" for p in found) and len(found) < 2:
             raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
         layout.files += found
-        _check_tokenizer_files(sdxl.path / part)
+        check_tokenizer_files(sdxl.path / part)
 
     image_encoder = components["image_encoder"].path
     configs["image_encoder"] = read_json(image_encoder / "config.json")
@@ -360,17 +360,6 @@ def validate(root: str | Path, verify: bool = True) -> ModelLayout:
     return layout
 
 
-def _check_tokenizer_files(folder: Path) -> None:
-    """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
-    for path in sorted(folder.glob("*.json")):
-        read_json(path)
-    if (folder / "merges.txt").is_file():
-        try:
-            (folder / "merges.txt").read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ModelFilesError(f"{folder / 'merges.txt'}: not UTF-8 text: {error}") from None
-
-
 def _check_weights(layout: ModelLayout) -> None:
     configs, files = layout.configs, layout.weight_files
     unet_shapes = _unet_file_shapes(_canonical(configs["unet"]), _canonical(configs["kv_encoder"]))
@@ -401,16 +390,9 @@ def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
             folder / "text_encoder_2", variant=variant, dtype=dtype, **local
         ),
-        "tokenizer": _load_tokenizer(folder / "tokenizer"),
-        "tokenizer_2": _load_tokenizer(folder / "tokenizer_2"),
+        "tokenizer": load_tokenizer(folder / "tokenizer"),
+        "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
     }
-
-
-def _load_tokenizer(folder: Path) -> CLIPTokenizer:
-    try:
-        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
-    except Exception as error:  # the tokenizers library raises plain ``Exception`` for bad vocabularies and merges
-        raise ModelFilesError(f"{folder}: unusable CLIP tokenizer files: {str(error).splitlines()[0]}") from None
 
 
 def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
@@ -585,14 +567,15 @@ def write_manifest(
 
 
 def describe(root: str | Path) -> list[tuple[str, str, str, str]]:
-    """Rows ``(component, path, dtypes, size or problem)`` for ``lcmla info``; never raises for a missing part."""
+    """Rows ``(component, path, dtypes, size or problem)`` for ``lcmla info``; never raises for a missing file (the
+    manifest itself must fit :data:`MANIFEST_SCHEMA`)."""
     root = Path(root).expanduser()
     manifest = read_manifest(root)
     rows = []
     for name in REQUIRED + OPTIONAL:
-        entry = manifest.get("components", {}).get(name)
-        if not entry:
-            rows.append((name, "-", "-", "not present" if name in OPTIONAL else "MISSING (required)"))
+        entry = manifest["components"].get(name)
+        if not entry:  # an optional component (required ones are in every valid manifest)
+            rows.append((name, "-", "-", "not present"))
             continue
         path = _component_path(root, name, entry)
         if not path.exists():
