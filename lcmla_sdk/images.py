@@ -103,9 +103,9 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InvalidImageError("face: float array contains NaN or infinity")
-        low, high = float(array.min(initial=0.0)), float(array.max(initial=0.0))
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
         if low < -FLOAT_SLACK or high > 1.0 + FLOAT_SLACK:  # clipping would give a white (or black) face
-            hint = "; for values in 0..255 pass a uint8 array or divide by 255" if high <= 255.0 else ""
+            hint = "; for values in 0..255 pass a uint8 array or divide by 255" if low >= 0 and high <= 255 else ""
             raise InvalidImageError(f"face: a float array must hold values in [0, 1], found {low:g} .. {high:g}{hint}")
         array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     elif array.dtype != np.uint8:

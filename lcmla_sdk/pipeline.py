@@ -306,7 +306,6 @@ class Personalizer:
                 raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
         num_images = validation.integer(num_images, "num_images", 1)
         batch = len(prompts) * num_images
-        seeds = validation.seeds(seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
         mode = validation.choice(mode, "mode", tuple(MODES))
         if mode == "fast" and not self.has_lcm:
             raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
@@ -337,6 +336,7 @@ class Personalizer:
             f"num_images/height/width ({batch} images of {height}x{width}, {mode} mode)",
             "generate fewer or smaller images per call",
         )  # fmt: skip
+        seeds = validation.seeds(seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
         return _Request(
             prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
             float(adapter_scale), kv_cache, face_noise, vae, output,

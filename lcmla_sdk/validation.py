@@ -39,11 +39,13 @@ MAX_SEED = 2**64 - 1
 MAX_WEIGHT = 100.0
 MAX_SIDE = 8192  # pixels; eight times SDXL's training size
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-# Live activation tensors per latent pixel and first-level UNet channel (skip connections of every level, the
-# transformer blocks' feed-forward), and per image pixel and second-level VAE channel (its decoder upsamples that
-# level to full size); measured on the tiny preset, see tests/test_validation.py.
-UNET_ACTIVATIONS = 16
-VAE_ACTIVATIONS = 6
+# Live activation values per latent pixel and first-level UNet channel (skip connections of every level, the
+# transformer blocks' feed-forward and, on a CPU, attention scores), and per image pixel and second-level VAE channel
+# (its decoder upsamples that level to full size), for one more image than the batch (buffers every decode keeps).
+# Fitted to the peak memory of tiny-preset calls on a CPU, within 2x (tests/test_validation.py checks it); SDXL has
+# the same block layout.
+UNET_ACTIVATIONS = 40
+VAE_ACTIVATIONS = 4
 
 
 # ------------------------------------------------------------------ types
@@ -195,7 +197,7 @@ def vae_bytes(model: Any, images: int, height: int, width: int) -> int:
     """Estimated peak activation bytes of the VAE on ``images`` images of ``height`` x ``width`` pixels."""
     channels = model.vae.config.block_out_channels
     per_pixel = VAE_ACTIVATIONS * channels[min(1, len(channels) - 1)] * model.vae.dtype.itemsize
-    return images * height * width * per_pixel
+    return (images + 1) * height * width * per_pixel
 
 
 def _unet_pixel_bytes(model: Any) -> int:
