@@ -17,6 +17,7 @@ import errno
 import glob
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -32,11 +33,14 @@ TEMPORARY = ".tmp-"
 
 def write_error(path: str | os.PathLike, error: BaseException) -> WriteError:
     """``error`` (an ``OSError`` or a library's write failure) as a one-line :class:`WriteError` naming ``path``."""
-    reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
-    if isinstance(error, OSError) and error.errno == errno.EFBIG:
+    code = error.errno if isinstance(error, OSError) else None
+    found = re.search(r"os error (\d+)", str(error))  # how Rust writers (safetensors) report the OS error
+    code = code if code is not None or found is None else int(found.group(1))
+    reason = os.strerror(code) if code is not None else str(error).splitlines()[0]
+    if code == errno.EFBIG:
         reason += " (the file size limit was reached)"
     result = WriteError(f"{path}: cannot write: {reason}")
-    result.errno = getattr(error, "errno", None)
+    result.errno = code
     return result
 
 

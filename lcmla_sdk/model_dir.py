@@ -456,7 +456,7 @@ def save(
     if "faces" in links and (faces_dir is None or links["faces"].path.resolve() != Path(faces_dir).resolve()):
         del links["faces"]  # the model was given another face pack than its directory's
     target = root.resolve()
-    inside = [c.path for c in links.values() if c.path.resolve() == target or target in c.path.resolve().parents]
+    inside = sorted(c.path for c in links.values() if c.path.resolve() == target or target in c.path.resolve().parents)
     if inside:
         raise ValueError(f"path: {root} holds {inside[0]}, which a linked save names; replacing {root} would remove it: "
                          "save elsewhere, or without linking")  # fmt: skip
