@@ -10,7 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
-from lcmla_sdk.manifest import Manifest, sha256_file
+from lcmla_sdk.integrity import sha256_file
+from lcmla_sdk.manifest import Manifest
 
 from .engine import BuildOptions, EngineMismatchError, TensorRTUnavailable, build_engine, engine_cache_key, gpu_identity, import_tensorrt
 

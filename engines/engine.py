@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from lcmla_sdk.atomic import write_bytes
 from lcmla_sdk.errors import LcmlaError
 from lcmla_sdk.manifest import NetworkEntry, sha256_json
 
@@ -100,8 +101,8 @@ def build_engine(onnx_path: Path, entry: NetworkEntry, options: BuildOptions, en
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
-    engine_path.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_bytes(engine_path, bytes(serialized))
+    write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 class Engine:

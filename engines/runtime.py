@@ -15,7 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from lcmla_sdk.manifest import Manifest, NetworkEntry
+from lcmla_sdk.manifest import Manifest, NetworkEntry, check_graph_io
 
 from .engine import Engine, EngineMismatchError, gpu_identity, import_tensorrt
 
@@ -44,6 +44,7 @@ class OnnxRuntimeRunner:
 
         self.entry, self.device = entry, device
         self.session = onnxruntime.InferenceSession(str(folder / entry.onnx), providers=["CPUExecutionProvider"])
+        check_graph_io(entry, self.session, folder)
 
     def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         feed = {t.name: inputs[t.name].detach().cpu().numpy() for t in self.entry.inputs}
@@ -125,13 +126,17 @@ _NETWORK_CLASSES = {"kv_encoder": GraphKVEncoder, "denoiser": GraphDenoiser, "de
 ATTRIBUTES = {"kv_encoder": "kv_encoder", "denoiser": "denoiser", "denoiser_lcm": "lcm_denoiser", "adapter": "adapter"}
 
 
-def load_networks(folder: str | Path, model_fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype):
-    """``{personalizer attribute: network}`` for every exported network the sampling loop calls."""
+def load_networks(folder: str | Path, model_fingerprint: str, backend: str, device: torch.device, dtype: torch.dtype,
+                  verify: bool = True):  # fmt: skip
+    """``{personalizer attribute: network}`` for every exported network the sampling loop calls (``verify``: check
+    the hashes of the files the backend loads first, :meth:`Manifest.verify`)."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: {backend!r} is not one of {BACKENDS}")
     folder = Path(folder)
     manifest = Manifest.load(folder)
     check_compatible(folder, manifest, model_fingerprint, backend)
+    if verify:
+        manifest.verify(folder, backend)
     runner_class = EngineRunner if backend == "tensorrt" else OnnxRuntimeRunner
     networks = {}
     for name, network_class in _NETWORK_CLASSES.items():

@@ -18,9 +18,11 @@ from pathlib import Path
 
 import torch
 
-from lcmla_sdk.manifest import Manifest, NetworkEntry, sha256_file
+from lcmla_sdk.atomic import atomic_directory
+from lcmla_sdk.integrity import sha256_file
+from lcmla_sdk.manifest import Manifest, NetworkEntry, onnx_files
 
-from .graphs import OPSET, check_parity, export_onnx, onnx_files
+from .graphs import OPSET, check_parity, export_onnx
 from .specs import NetworkSpec, ShapeRanges, build_specs
 
 __all__ = ["ExportReport", "ShapeRanges", "build_specs", "export_model", "parse_range"]
@@ -90,7 +92,11 @@ def export_model(
     for name in wanted:
         spec = specs[name]
         start = time.perf_counter()
-        path = export_onnx(spec, folder / name / "model.onnx", spec.profile.opt, model.device)
+        # The network's folder is written beside and swapped in whole: an old graph (and the engine built from it)
+        # stays intact until the new one is complete.
+        with atomic_directory(folder / name) as staging:
+            export_onnx(spec, staging / "model.onnx", spec.profile.opt, model.device)
+        path = folder / name / "model.onnx"
         entry = _entry(spec, folder, path)
         report.seconds[name] = time.perf_counter() - start
         if check:

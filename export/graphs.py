@@ -12,11 +12,12 @@ import numpy as np
 import onnx
 import torch
 
+from lcmla_sdk.manifest import DATA_SUFFIX, onnx_files  # noqa: F401 (onnx_files: benchmarks import it from here)
+
 from .specs import NetworkSpec
 
 OPSET = 17  # LayerNormalization as one op; attention lowers to MatMul/Softmax (no SDPA op)
 PROTOBUF_LIMIT = 2 * 1024**3  # graphs above this keep their weights in one external data file
-DATA_SUFFIX = ".data"
 
 
 @torch.no_grad()
@@ -81,12 +82,6 @@ def _save(model: onnx.ModelProto, path: Path) -> None:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     else:
         onnx.save_model(model, str(path))
-
-
-def onnx_files(path: Path) -> list[Path]:
-    """The graph file and, for large graphs, its external data file."""
-    data = path.with_name(path.name + DATA_SUFFIX)
-    return [path, data] if data.exists() else [path]
 
 
 def parity_cases(spec: NetworkSpec) -> list[tuple[str, dict[str, int]]]:

@@ -4,17 +4,20 @@ from .guidance import Guidance
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .errors import (
     IdentityMismatchError,
+    IntegrityError,
     InvalidImageError,
     LcmlaError,
     ModelFilesError,
     MultipleFacesError,
     NoFaceError,
+    WriteError,
 )
 from .identity import Identity
 from .pipeline import FaceEncoding, Personalizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "Denoiser", "FaceEncoding", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "InvalidImageError",
-    "KVEncoder", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError", "Personalizer", "__version__",
+    "Denoiser", "FaceEncoding", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "IntegrityError",
+    "InvalidImageError", "KVEncoder", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
+    "Personalizer", "WriteError", "__version__",
 ]  # fmt: skip

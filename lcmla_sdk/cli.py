@@ -66,16 +66,28 @@ def generate(
     warmup: bool = typer.Option(False, "--warmup", help="Capture the sampling step first and say how long it took."),
     faces: str = typer.Option("auto", help=FACES_HELP),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
 ) -> None:
     """Generate images of the person in FACE."""
+    from . import validation
+    from .atomic import atomic_path
     from .images import sample_face
     from .pipeline import MODES, Personalizer
 
     try:
-        if out.exists() and not out.is_dir():  # before minutes of work, not after
+        # Everything that does not need the model is checked before minutes of loading, not after.
+        if out.exists() and not out.is_dir():
             raise ValueError(f"out: {out} is a file, not a folder")
+        validation.device(device)
+        validation.steps(steps, validation.choice(mode, "mode", tuple(MODES)), MODES[mode])
+        validation.seeds(seed, len(prompt) * validation.integer(num_images, "num_images", 1))
+        validation.guidance(guidance)
+        validation.number(adapter_scale, "adapter_scale", 0.0, validation.MAX_WEIGHT)
+        for name, side in (("height", height), ("width", width)):
+            validation.image_side(side, name, 0, 1)
         with console.status(f"Loading {model}..."):
-            personalizer = Personalizer.from_pretrained(model, device=device, faces=faces, tiny_vae=tiny_vae)
+            personalizer = Personalizer.from_pretrained(model, device=device, faces=faces, tiny_vae=tiny_vae,
+                                                        verify=not no_verify)  # fmt: skip
         face_input = personalizer.load_identity(identity) if identity else face if face is not None else sample_face()
         if warmup:
             with console.status("Capturing the sampling step..."):
@@ -99,10 +111,10 @@ def generate(
                 adapter_scale=adapter_scale, callback=on_step, kv_cache=kv_cache, vae=vae,
                 freeu=None if no_freeu else freeu,
             )  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
         for index, image in enumerate(images):
             path = out / f"{index:03d}.png"
-            image.save(path)
+            with atomic_path(path) as temporary:  # a full disk leaves the previous image, not a truncated one
+                image.save(temporary, format="PNG")
             typer.echo(str(path))
     except USER_ERRORS as error:
         raise fail(error) from None
@@ -169,10 +181,12 @@ def export(
     networks: Optional[str] = typer.Option(None, help="Comma-separated subset of networks to export."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level 0..5."),
     device: Optional[str] = typer.Option(None, help="Device to trace on (default: cuda if available)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
 ) -> None:
     """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network."""
     import torch
 
+    from . import validation
     from .engines import BuildOptions, TensorRTUnavailable, build_engines
     from .export import ShapeRanges, export_model, parse_range
     from .pipeline import Personalizer
@@ -180,7 +194,11 @@ def export(
     try:
         if static is not None and (height or width):
             raise ValueError("static: give either --static H W or --height/--width ranges, not both")
-        loaded = Personalizer.from_pretrained(model, device=device, dtype=torch.float16 if fp16 else torch.float32)
+        validation.device(device)
+        options = BuildOptions("fp16" if fp16 else "fp32", opt_level)  # checked before the export, not after
+        loaded = Personalizer.from_pretrained(
+            model, device=device, dtype=torch.float16 if fp16 else torch.float32, verify=not no_verify
+        )
         size = loaded.default_size
         heights = (static[0],) * 3 if static else parse_range(height or str(size), "height")
         widths = (static[1],) * 3 if static else parse_range(width or str(size), "width")
@@ -188,7 +206,6 @@ def export(
             if any(v % loaded.size_multiple for v in values):
                 raise ValueError(f"{name}: {values} must be multiples of {loaded.size_multiple}")
         ranges = ShapeRanges(parse_range(batch, "batch"), heights, widths)
-        options = BuildOptions("fp16" if fp16 else "fp32", opt_level)
         folder = out if out is not None else Path("engines") / Path(model).name
         report = export_model(
             loaded, folder, ranges, networks.split(",") if networks else None, check, log=console.print
@@ -309,12 +326,22 @@ def identity_create(
     face_resize: str = typer.Option("squash", help="'squash' (whole photo, as the authors) or 'crop' (centre square)."),
     on_multiple: str = typer.Option("largest", help="'largest' face, or 'error' when a photo shows several."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
 ) -> None:
     """Encode FACE photo(s) with MODEL into an identity file for `lcmla generate --identity`."""
-    from .pipeline import Personalizer
+    from . import validation
+    from .faces import ON_MULTIPLE
+    from .images import FACE_RESIZES
+    from .pipeline import CROPS, Personalizer
 
     try:
-        personalizer = Personalizer.from_pretrained(model, device=device, faces=faces)
+        validation.device(device)
+        validation.choice(crop, "crop", CROPS)
+        validation.choice(on_multiple, "on_multiple", ON_MULTIPLE)
+        validation.choice(face_resize, "face_resize", FACE_RESIZES)
+        if out.is_dir():
+            raise ValueError(f"out: {out} is a folder; name the identity file to write")
+        personalizer = Personalizer.from_pretrained(model, device=device, faces=faces, verify=not no_verify)
         identity = personalizer.encode_face(face, crop=crop, on_multiple=on_multiple, face_resize=face_resize)
         typer.echo(str(identity.save(out)))
     except USER_ERRORS as error:
@@ -364,15 +391,19 @@ def convert(
 
 
 @app.command()
-def info(model: Path = typer.Argument(..., help="lcmla model directory.")) -> None:
-    """List a model directory's components (path, dtypes, size) and whether its files pass validation."""
+def info(
+    model: Path = typer.Argument(..., help="lcmla model directory."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the files against lcmla.json."),
+) -> None:
+    """List a model directory's components (path, dtypes, size) and whether its files pass validation (and their
+    recorded sha256)."""
     from . import model_dir
 
     try:
         rows = model_dir.describe(model)
         for name, path, dtypes, size in rows:
             typer.echo(f"{name:14s} {dtypes:18s} {size:>12s}  {path}")
-        layout = model_dir.validate(model)
+        layout = model_dir.validate(model, verify=not no_verify)
         typer.echo(f"valid; fingerprint {layout.fingerprint()}")
     except USER_ERRORS as error:
         raise fail(error) from None

@@ -50,6 +50,7 @@ from .weights import (
     load_module_state,
     read_ip_adapter,
     read_state_dict,
+    resampler_config_from_ip_adapter,
     shapes,
 )
 
@@ -238,7 +239,7 @@ def convert(
         check_base_equal(mapped.base, unet.state_dict())
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(image_encoder, local_files_only=True))
         load_module_state(clip, mapped.image_encoder, f"{checkpoint} (image_encoder)")
-        resampler_config = model_dir.resampler_config_from_ip_adapter(mapped.image_proj, Path(checkpoint))
+        resampler_config = resampler_config_from_ip_adapter(mapped.image_proj, Path(checkpoint))
         resampler = IPAdapterPlusImageProjection(**resampler_config)
         load_image_proj(mapped.image_proj, unet, resampler, f"{checkpoint} (image_proj_model)")
         load_extra_state(unet, blocks, "ip", mapped.ip_kv, f"{checkpoint} (extract_kv2)")
@@ -250,7 +251,7 @@ def convert(
     else:
         clip = CLIPVisionModelWithProjection.from_pretrained(image_encoder, local_files_only=True)
         state = read_ip_adapter(ip_adapter)
-        resampler_config = model_dir.resampler_config_from_ip_adapter(state["image_proj"], Path(ip_adapter))
+        resampler_config = resampler_config_from_ip_adapter(state["image_proj"], Path(ip_adapter))
         resampler = IPAdapterPlusImageProjection(**resampler_config)
         load_ip_adapter(state, unet, blocks, resampler, ip_adapter)
         kv_config = {"lora_rank": 4, "kv_lora_rank": 4}

@@ -1,7 +1,7 @@
 """The one family of errors lcmla raises for bad input and bad files.
 
-Every class also derives from ``ValueError``, so ``except ValueError`` keeps working; ``except LcmlaError`` catches
-all of them.
+Every class about bad input or bad files also derives from ``ValueError``, so ``except ValueError`` keeps working;
+:class:`WriteError` (the disk, not the input) derives from ``OSError``. ``except LcmlaError`` catches all of them.
 """
 
 from __future__ import annotations
@@ -29,3 +29,12 @@ class ModelFilesError(LcmlaError, ValueError):
 
 class IdentityMismatchError(LcmlaError, ValueError):
     """An :class:`~lcmla_sdk.Identity` made by another model than the one asked to use it."""
+
+
+class IntegrityError(ModelFilesError):
+    """A file whose content differs from the sha256 its manifest records; the message names the file and both hashes."""
+
+
+class WriteError(LcmlaError, OSError):
+    """A file or directory that could not be written (disk full, no permission, a directory in the way); the message
+    names the path. Writes go to a temporary name first, so what was there before is left as it was."""

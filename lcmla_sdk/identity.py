@@ -20,7 +20,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
+from . import validation
+from .atomic import atomic_path
 from .errors import IdentityMismatchError, ModelFilesError
+from .images import FACE_RESIZES
+from .schema import NAME, STRING, Is, ListOf, Object, OneOf, check, nullable
 
 if TYPE_CHECKING:
     from .faces import DetectedFace, FaceAnalyzer
@@ -28,6 +32,19 @@ if TYPE_CHECKING:
 FORMAT = "lcmla-identity"
 FORMAT_VERSION = 2  # 2: face embeddings of any backend (version 1 stored insightface's as "arcface")
 TENSORS = ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std", "face_embeddings")
+NUMBER = Is((int, float), "a number")
+# The JSON header under the file's ``lcmla`` metadata key (version 1 files have no detection fields but boxes).
+HEADER = Object(
+    {
+        "format": OneOf((FORMAT,)), "format_version": OneOf((1, FORMAT_VERSION)), "model_fingerprint": STRING,
+        "sources": ListOf(NAME), "crop": OneOf(("none", "face")),
+        "boxes": ListOf(nullable(ListOf(NUMBER), "a box [x0, y0, x1, y1]")),
+    },
+    optional={
+        "face_resize": OneOf(FACE_RESIZES), "face_backend": STRING,
+        "landmarks": ListOf(nullable(ListOf(ListOf(NUMBER)), "five [x, y] points")),
+    },
+)  # fmt: skip
 
 
 @dataclass
@@ -77,6 +94,28 @@ class Identity:
             digest.update(tensor.view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    def tensor_problem(self) -> str | None:
+        """What is wrong with the tensors on their own (dtype, shape, non-finite values), or ``None``."""
+        for name in TENSORS:
+            tensor = getattr(self, name)
+            if tensor is None and name == "face_embeddings":
+                continue
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+                return f"{name} must be a floating-point tensor, got {getattr(tensor, 'dtype', type(tensor).__name__)}"
+            if not torch.isfinite(tensor).all():
+                return f"{name} holds NaN or infinite values"
+        shapes = {name: tuple(getattr(self, name).shape) for name in TENSORS if getattr(self, name) is not None}
+        if len(shapes["cond_tokens"]) != 3 or shapes["cond_tokens"][0] != 1 or shapes["uncond_tokens"] != shapes["cond_tokens"]:
+            return f"cond_tokens {shapes['cond_tokens']} and uncond_tokens {shapes['uncond_tokens']} must both be (1, tokens, width)"
+        if len(shapes["latent_mean"]) != 4 or shapes["latent_std"] != shapes["latent_mean"]:
+            return f"latent_mean {shapes['latent_mean']} and latent_std {shapes['latent_std']} must both be (references, channels, h, w)"
+        if (self.latent_std < 0).any():
+            return "latent_std holds negative values"
+        embeddings = shapes.get("face_embeddings")
+        if embeddings is not None and (len(embeddings) != 2 or embeddings[0] != self.num_references):
+            return f"face_embeddings {embeddings} must be ({self.num_references}, D), one embedding per reference"
+        return None
+
     def check_model(self, fingerprint: str) -> None:
         if self.model_fingerprint != fingerprint:
             raise IdentityMismatchError(
@@ -86,31 +125,42 @@ class Identity:
 
     def save(self, path: str | Path) -> Path:
         """Write a ``.safetensors`` file: the tensors, plus a JSON header under the ``lcmla`` metadata key."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = validation.path(path, "path")
         tensors = {name: getattr(self, name) for name in TENSORS if getattr(self, name) is not None}
         header = {
             "format": FORMAT, "format_version": FORMAT_VERSION, "model_fingerprint": self.model_fingerprint,
             "sources": self.sources, "crop": self.crop, "face_resize": self.face_resize, "boxes": self.boxes,
             "landmarks": self.landmarks, "face_backend": self.face_backend,
         }  # fmt: skip
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path), {"lcmla": json.dumps(header)})
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        with atomic_path(path, failures=(SafetensorError,)) as temporary:  # an existing file survives a failed save
+            save_file(tensors, str(temporary), {"lcmla": json.dumps(header)})
         return path
 
     @classmethod
     def load(cls, path: str | Path, expected_fingerprint: str | None = None) -> Identity:
-        """Read a file written by :meth:`save`; with ``expected_fingerprint``, refuse one made by another model."""
-        path = Path(path)
+        """Read a file written by :meth:`save`; with ``expected_fingerprint``, refuse one made by another model.
+
+        The header is checked against :data:`HEADER` and the tensors by :meth:`tensor_problem` (a file with NaNs
+        would give black images) before the identity is returned; errors name the file and the field."""
+        path = validation.path(path, "path")
+        if expected_fingerprint is not None and not isinstance(expected_fingerprint, str):
+            raise ValueError(f"expected_fingerprint: expected a string or None, got {type(expected_fingerprint).__name__}")
         if not path.is_file():
             raise ModelFilesError(f"identity: no such file: {path}")
         try:
             with safe_open(str(path), framework="pt") as handle:
-                header = json.loads((handle.metadata() or {}).get("lcmla", "{}"))
+                text = (handle.metadata() or {}).get("lcmla")
             tensors = load_file(str(path))
-        except (SafetensorError, OSError, json.JSONDecodeError) as error:
+        except (SafetensorError, OSError) as error:
             raise ModelFilesError(f"identity: {path} is not a safetensors file: {error}") from None
-        if header.get("format") != FORMAT:
+        try:
+            header = json.loads(text) if text is not None else None
+        except json.JSONDecodeError as error:
+            raise ModelFilesError(f"identity: {path}: its '{FORMAT}' header is not valid JSON: {error}") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ModelFilesError(f"identity: {path} is not an lcmla identity file (no '{FORMAT}' header)")
+        check(header, HEADER, f"identity: {path}: header")
         missing = [name for name in TENSORS[:4] if name not in tensors]
         if missing:
             raise ModelFilesError(f"identity: {path} lacks tensors {missing}")
@@ -123,6 +173,9 @@ class Identity:
             face_resize=header.get("face_resize", "crop"), boxes=header["boxes"], landmarks=header.get("landmarks", []),
             face_backend=header.get("face_backend", ""),
         )  # fmt: skip
+        problem = identity.tensor_problem()
+        if problem is not None:
+            raise ModelFilesError(f"identity: {path}: {problem}")
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)
         return identity

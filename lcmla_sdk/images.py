@@ -27,6 +27,7 @@ MIN_SIDE = 16
 # centre square.
 FACE_RESIZES = ("squash", "crop")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+FLOAT_SLACK = 1e-3  # float images a resize left just outside [0, 1] are clipped, not refused
 
 
 def sample_face() -> Image.Image:
@@ -105,6 +106,10 @@ def _array_to_image(array: np.ndarray) -> Image.Image:
     elif np.issubdtype(array.dtype, np.floating):
         if not np.isfinite(array).all():
             raise InvalidImageError("face: float array contains NaN or infinity")
+        low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+        if low < -FLOAT_SLACK or high > 1.0 + FLOAT_SLACK:  # clipping would give a white (or black) face
+            hint = "; for values in 0..255 pass a uint8 array or divide by 255" if low >= 0 and high <= 255 else ""
+            raise InvalidImageError(f"face: a float array must hold values in [0, 1], found {low:g} .. {high:g}{hint}")
         array = (np.clip(array.astype(np.float32), 0.0, 1.0) * 255.0).round().astype(np.uint8)
     elif array.dtype != np.uint8:
         raise InvalidImageError(f"face: array dtype must be uint8, uint16 or float in [0, 1], got {array.dtype}")

@@ -17,7 +17,10 @@ A manifest names each component by a path relative to the directory (or absolute
      "files": {"adapter/ip_kv.safetensors": {"sha256": "...", "bytes": 123, "dtype": "float16"}, ...}}
 
 A component may also be ``{"path": ..., "variant": "fp16"}`` for diffusers/transformers variant weight files.
-``files`` is optional: sizes and dtypes recorded there are checked, and recorded hashes spare hashing at load.
+The manifest is checked against :data:`MANIFEST_SCHEMA` before use. ``files`` is optional: every file recorded there
+must exist; sizes and dtypes are checked, and, unless ``validate(..., verify=False)``, every recorded file that loading
+reads is hashed (streaming, cached: :mod:`lcmla_sdk.integrity`) and must match its ``sha256``.
+``save`` writes the whole directory beside its place and swaps it in (:mod:`lcmla_sdk.atomic`).
 """
 
 from __future__ import annotations
@@ -41,16 +44,19 @@ from transformers import (
     CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
-    CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
 
+from .atomic import atomic_directory, write_json
 from .attention import install_lookahead_processors
 from .errors import ModelFilesError
 from .faces import check_face_pack
+from .integrity import is_sha256, sha256_file, verify_file
 from .lora import add_kv_encoder_lora, has_adapter, LCM_ADAPTER
 from .presets import Components
+from .text import check_tokenizer_files, load_tokenizer
+from .schema import COUNT, NAME, OBJECT, POSITIVE, STRING, Check, Either, MapOf, Object, OneOf, check, nullable, parse_json, read_json
 from .weights import (
     PICKLE_SUFFIXES,
     check_shapes,
@@ -59,6 +65,7 @@ from .weights import (
     load_extra_state,
     load_ip_adapter,
     read_ip_adapter,
+    resampler_config_from_ip_adapter,
     load_kv_encoder_lora,
     load_error_reason,
     load_lcm_lora,
@@ -91,6 +98,18 @@ SOURCE_PATH_KEY = "_name_or_path"
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 
+COMPONENT = Either(
+    (NAME, Object({"path": NAME}, {"variant": NAME, "format": OneOf(("ip-adapter",)), "resampler": OBJECT})),
+    "a path, or an object with a 'path'",
+)
+MANIFEST_SCHEMA = Object(
+    {"format": OneOf((FORMAT,)), "format_version": OneOf((FORMAT_VERSION,)),
+     "components": Object({name: COMPONENT for name in REQUIRED}, {name: nullable(COMPONENT, "a component") for name in OPTIONAL})},
+    {"pipeline": Object({}, {"encoder_prompt": STRING, "face_size": POSITIVE}),
+     "files": MapOf(Object({"sha256": Check(STRING, is_sha256, "a sha256 (64 lowercase hex digits)"), "bytes": COUNT},
+                           {"dtype": OneOf(tuple(SAFETENSORS_DTYPES.values()))}))},
+)  # fmt: skip
+
 
 @dataclass
 class Component:
@@ -109,16 +128,22 @@ class ModelLayout:
     configs: dict[str, Any]
     weight_files: dict[str, Path]  # part name -> resolved weight file
     files: list[Path]  # every file that loading reads (weights, configs, tokenizers, ONNX)
+    verified: dict[Path, str] = field(default_factory=dict)  # file -> sha256 found equal to its record
 
     def fingerprint(self) -> str:
-        """sha256 over the manifest (without its ``files`` record) and the hash of every file read."""
+        """sha256 over the manifest (without its ``files`` record) and the hash of every file read (a recorded hash
+        stands in for a file of the recorded size that was not verified)."""
         recorded = self.manifest.get("files", {})
         digest = hashlib.sha256(_canonical({k: v for k, v in self.manifest.items() if k != "files"}).encode())
         for path in sorted(self.files, key=lambda p: self.label(p)):
             record = recorded.get(self.label(path), {})
-            file_hash = record.get("sha256") if record.get("bytes") == path.stat().st_size else None
+            file_hash = self.verified.get(path) or (record["sha256"] if record.get("bytes") == path.stat().st_size else None)
             digest.update(f"{self.label(path)}={file_hash or sha256_file(path)}\n".encode())
         return digest.hexdigest()
+
+    def path(self, label: str) -> Path:
+        """The file a ``files`` label names."""
+        return Path(label) if Path(label).is_absolute() else self.root / label
 
     def label(self, path: Path) -> str:
         """The path relative to the model directory, or absolute for files kept elsewhere."""
@@ -132,14 +157,6 @@ def _canonical(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 24), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def is_model_dir(name: str | Path) -> bool:
     return Path(name).expanduser().is_dir()
 
@@ -149,26 +166,19 @@ def read_manifest(root: Path) -> dict[str, Any]:
     path = root / MANIFEST
     if not path.is_file():
         raise ModelFilesError(f"{root}: not an lcmla model directory (no {MANIFEST}); `lcmla convert` makes one")
-    try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
+    manifest = parse_json(path)
     found = (manifest.get("format"), manifest.get("format_version")) if isinstance(manifest, dict) else (None, None)
     if found != (FORMAT, FORMAT_VERSION):
         raise ModelFilesError(
             f"{path}: format {found[0]!r} version {found[1]!r}; expected {FORMAT!r} version {FORMAT_VERSION}"
         )
+    check(manifest, MANIFEST_SCHEMA, path)
     return manifest
 
 
 def _components(root: Path, manifest: dict[str, Any]) -> dict[str, Component]:
-    entries = manifest.get("components", {})
-    unknown = set(entries) - set(REQUIRED) - set(OPTIONAL)
-    if unknown:
-        raise ModelFilesError(f"{root / MANIFEST}: unknown components {sorted(unknown)}")
-    missing = [name for name in REQUIRED if not entries.get(name)]
-    if missing:
-        raise ModelFilesError(f"{root / MANIFEST}: required components not named: {missing}")
+    """The named components (``manifest`` fits :data:`MANIFEST_SCHEMA`), each of which must exist."""
+    entries = manifest["components"]
     components = {}
     for name, entry in entries.items():
         if not entry:
@@ -183,20 +193,8 @@ def _components(root: Path, manifest: dict[str, Any]) -> dict[str, Component]:
 
 def _component_path(root: Path, name: str, entry: str | dict[str, Any]) -> Path:
     """A component's path from its manifest entry (a path, or an object with a ``path``), relative to ``root``."""
-    path = entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None
-    if not isinstance(path, str):
-        raise ModelFilesError(f"{root / MANIFEST}: component {name!r} needs a path (a string, or an object with one)")
-    path = Path(path).expanduser()
+    path = Path(entry if isinstance(entry, str) else entry["path"]).expanduser()
     return path if path.is_absolute() else root / path
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ModelFilesError(f"{path}: missing")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as error:
-        raise ModelFilesError(f"{path}: invalid JSON: {error}") from None
 
 
 def weight_file(folder: Path, stem: str, variant: str | None) -> Path:
@@ -291,8 +289,9 @@ def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, t
     }  # fmt: skip
 
 
-def validate(root: str | Path) -> ModelLayout:
-    """Check the manifest, every named file, and every weight's key, shape and dtype; load no weights."""
+def validate(root: str | Path, verify: bool = True) -> ModelLayout:
+    """Check the manifest, every named file, every weight's key, shape and dtype, and (``verify``) the sha256 of every
+    recorded file that loading reads; load no weights."""
     root = Path(root).expanduser()
     manifest = read_manifest(root)
     layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [root / MANIFEST])
@@ -316,6 +315,7 @@ def validate(root: str | Path) -> ModelLayout:
         if not any(p.name == "tokenizer.json" for p in found) and len(found) < 2:
             raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
         layout.files += found
+        check_tokenizer_files(sdxl.path / part)
 
     image_encoder = components["image_encoder"].path
     configs["image_encoder"] = read_json(image_encoder / "config.json")
@@ -350,6 +350,14 @@ def validate(root: str | Path) -> ModelLayout:
     if missing:
         raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
     _check_weights(layout)
+    records = manifest.get("files", {})
+    gone = [label for label in records if not layout.path(label).is_file()]
+    if gone:
+        raise ModelFilesError(f"{root / MANIFEST}: files[{gone[0]!r}]: the recorded file {layout.path(gone[0])} is missing")
+    if verify:
+        for path in layout.files:
+            if layout.label(path) in records:
+                layout.verified[path] = verify_file(path, records[layout.label(path)]["sha256"], root / MANIFEST)
     return layout
 
 
@@ -383,8 +391,8 @@ def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_
         "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
             folder / "text_encoder_2", variant=variant, dtype=dtype, **local
         ),
-        "tokenizer": CLIPTokenizer.from_pretrained(folder / "tokenizer", **local),
-        "tokenizer_2": CLIPTokenizer.from_pretrained(folder / "tokenizer_2", **local),
+        "tokenizer": load_tokenizer(folder / "tokenizer"),
+        "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
     }
 
 
@@ -428,21 +436,6 @@ def components_config(unet, scheduler: dict, resampler: dict, kv_encoder: dict, 
     }  # fmt: skip
 
 
-def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> dict[str, Any]:
-    """Constructor arguments of the IP-Adapter Plus resampler in an original file, by diffusers' rule (64-wide heads)."""
-    try:
-        hidden = image_proj["latents"].shape[2]
-        return {
-            "embed_dims": image_proj["proj_in.weight"].shape[1], "output_dims": image_proj["proj_out.weight"].shape[0],
-            "hidden_dims": hidden, "depth": len({k.split(".")[1] for k in image_proj if k.startswith("layers.")}),
-            "dim_head": 64, "heads": image_proj["layers.0.0.to_q.weight"].shape[0] // 64,
-            "num_queries": image_proj["latents"].shape[1],
-            "ffn_ratio": image_proj["layers.0.1.1.weight"].shape[0] // hidden,
-        }  # fmt: skip
-    except (KeyError, TypeError, IndexError):
-        raise ModelFilesError(f"{source}: 'image_proj' is not an IP-Adapter Plus resampler") from None
-
-
 # ------------------------------------------------------------------ saving
 # Components that training never changes: a checkpoint may name them where they already are instead of copying them.
 FROZEN = ("sdxl", "image_encoder", "lcm_lora", "vae", "faces")
@@ -453,16 +446,30 @@ def save(
 ) -> ModelLayout:
     """Write every module in safetensors under ``root`` with an ``lcmla.json`` naming them; return it validated.
 
+    The directory is written beside ``root`` and swapped in when complete (an existing ``root`` is replaced as a
+    whole), so a failure or a kill leaves the old directory as it was; an ``OSError`` is a :class:`WriteError`.
+
     ``linked``: the directory this model was loaded from, when the :data:`FROZEN` components still hold exactly its
     weights (as in a training checkpoint): those are named by absolute path, with their recorded hashes, not written.
     """
     root = Path(root).expanduser()
-    root.mkdir(parents=True, exist_ok=True)
-    unet, config = components.unet, components.config
-    blocks = install_lookahead_processors(unet)
     links = {name: c for name, c in linked.components.items() if name in FROZEN} if linked is not None else {}
     if "faces" in links and (faces_dir is None or links["faces"].path.resolve() != Path(faces_dir).resolve()):
         del links["faces"]  # the model was given another face pack than its directory's
+    target = root.resolve()
+    inside = sorted(c.path for c in links.values() if c.path.resolve() == target or target in c.path.resolve().parents)
+    if inside:
+        raise ValueError(f"path: {root} holds {inside[0]}, which a linked save names; replacing {root} would remove it: "
+                         "save elsewhere, or without linking")  # fmt: skip
+    with atomic_directory(root, failures=(SafetensorError,)) as staging:
+        _write(components, faces_dir, staging, links, linked)
+    return validate(root, verify=False)  # its records were made from these very files
+
+
+def _write(components: Components, faces_dir: Path | None, root: Path, links: dict[str, Component],
+           linked: ModelLayout | None) -> None:  # fmt: skip
+    unet, config = components.unet, components.config
+    blocks = install_lookahead_processors(unet)
     names: dict[str, Any] = {name: {"path": str(c.path.resolve()), **c.options} for name, c in links.items()}
     if "sdxl" not in links:
         _save_sdxl(components, root / "sdxl")
@@ -488,7 +495,6 @@ def save(
         names["faces"] = "faces"
     pipeline = {k: v for k, v in config["pipeline"].items() if k in ("encoder_prompt", "face_size", "has_kv_encoder")}
     write_manifest(root, names, pipeline, _linked_records(linked, links.values()))
-    return validate(root)
 
 
 def _linked_records(linked: ModelLayout | None, frozen: Iterable[Component]) -> dict[str, dict]:
@@ -532,8 +538,7 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=1, sort_keys=True, default=str))
+    write_json(path, value, indent=1, sort_keys=True, default=str)
 
 
 def write_manifest(
@@ -544,7 +549,6 @@ def write_manifest(
     ``known``: records already made for files outside ``root`` (by their absolute labels); one whose size still
     matches is reused instead of hashing the file again. Files under ``root`` are always hashed."""
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "pipeline": pipeline, "components": components}
-    _write_json(root / MANIFEST, manifest)
     layout = ModelLayout(root, manifest, _components(root, manifest), {}, {}, [])
     weight_suffixes = (".safetensors", ".onnx", *PICKLE_SUFFIXES)
     manifest["files"] = {}
@@ -564,14 +568,15 @@ def write_manifest(
 
 
 def describe(root: str | Path) -> list[tuple[str, str, str, str]]:
-    """Rows ``(component, path, dtypes, size or problem)`` for ``lcmla info``; never raises for a missing part."""
+    """Rows ``(component, path, dtypes, size or problem)`` for ``lcmla info``; never raises for a missing file (the
+    manifest itself must fit :data:`MANIFEST_SCHEMA`)."""
     root = Path(root).expanduser()
     manifest = read_manifest(root)
     rows = []
     for name in REQUIRED + OPTIONAL:
-        entry = manifest.get("components", {}).get(name)
-        if not entry:
-            rows.append((name, "-", "-", "not present" if name in OPTIONAL else "MISSING (required)"))
+        entry = manifest["components"].get(name)
+        if not entry:  # an optional component (required ones are in every valid manifest)
+            rows.append((name, "-", "-", "not present"))
             continue
         path = _component_path(root, name, entry)
         if not path.exists():

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
-from . import model_dir
+from . import model_dir, validation
 from .attention import install_lookahead_processors
 from .decoding import OUTPUTS, VAES, Decoder
 from .errors import InvalidImageError, ModelFilesError
@@ -185,23 +185,27 @@ class Personalizer:
         faces: str | Path | None = AUTO,
         tiny_vae: str | Path | None = None,
         cuda_graphs: bool = True,
+        verify: bool = True,
     ) -> Personalizer:
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
         A directory is validated (files, keys, shapes, dtypes) before any weight is read; nothing is downloaded.
+        ``verify``: hash every file it records in ``lcmla.json`` and refuse one that changed (hashes are cached by
+        file, size and mtime, so a large directory is hashed once); ``verify=False`` skips the hashing.
         ``faces`` picks the face backend (:class:`~lcmla_sdk.faces.FaceBackend`): ``"auto"`` is the directory's
         insightface pack if it has one, else dlib; ``"dlib"``, ``"insightface:DIR"`` (or ``DIR``), ``None`` for no
         detection. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder (TAESD-XL) for
         ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights, drawn directly on
         ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
         """
+        validation.loading(name, device, dtype, seed, faces, tiny_vae, cuda_graphs, verify)
         device, dtype = default_device_and_dtype(device, dtype)
         if str(name) in PRESETS:
             model = cls.from_config(preset_config(str(name)), device, dtype, seed, str(name), faces, cuda_graphs)
         else:
             if not model_dir.is_model_dir(name):
                 raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
-            layout = model_dir.validate(name)
+            layout = model_dir.validate(name, verify)
             if faces == AUTO and "faces" in layout.components:
                 faces = layout.components["faces"].path
             components = model_dir.load(layout, dtype)
@@ -234,16 +238,17 @@ class Personalizer:
         components = _randomised_preset(config, seed, dtype, device)
         return cls(components, device, dtype, sha256_json(recipe), faces, cuda_graphs=cuda_graphs)
 
-    def use_exported(self, folder: str | Path, backend: str = "tensorrt") -> None:
+    def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
         ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
         must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
-        The sampling loop then runs eagerly over them (TensorRT engines are graph-free already).
+        The sampling loop then runs eagerly over them (TensorRT engines are graph-free already). ``verify``: check the
+        sha256 of every file the backend loads against the manifest first (cached like model directories').
         """
         from .engines.runtime import load_networks
 
-        self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype))
+        self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype, verify))
 
     def save_pretrained(self, path: str | Path, link_frozen: bool = False) -> Path:
         """Write this model as an lcmla model directory (safetensors + ``lcmla.json``), loadable by
@@ -293,72 +298,51 @@ class Personalizer:
         vae: str = "full",
         freeu: Sequence[float] | None = AUTHORS_FREEU,
     ) -> _Request:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("prompt: expected a string or a non-empty list of strings")
+        # Types and ranges: lcmla_sdk.validation (its docstring states every range and the memory budget).
+        prompts = validation.strings(prompt, "prompt")
         negatives = None
         if negative_prompt is not None:
-            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            negatives = validation.strings(negative_prompt, "negative_prompt")
+            negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
             if len(negatives) != len(prompts):
                 raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
-        if not isinstance(num_images, int) or num_images < 1:
-            raise ValueError(f"num_images: must be a positive integer, got {num_images!r}")
+        num_images = validation.integer(num_images, "num_images", 1)
         batch = len(prompts) * num_images
-        if seed is None:
-            seeds = [random.SystemRandom().randrange(2**32) for _ in range(batch)]
-        elif isinstance(seed, int):
-            seeds = [seed + i for i in range(batch)]
-        else:
-            seeds = list(seed)
-            if len(seeds) != batch:
-                raise ValueError(f"seed: {len(seeds)} seeds given for {batch} images (prompts x num_images)")
-        if mode not in MODES:
-            raise ValueError(f"mode: {mode!r} is not one of {tuple(MODES)}")
+        mode = validation.choice(mode, "mode", tuple(MODES))
         if mode == "fast" and not self.has_lcm:
             raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
-        steps = MODES[mode] if steps is None else steps
-        if not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps: must be a positive integer, got {steps!r}")
-        if len(guidance) != 3 or any(not np.isfinite(w) or w < 0 for w in guidance):
-            raise ValueError(f"guidance: expected three non-negative weights (no_kv, full, kv), got {guidance!r}")
-        height = self.default_size if height is None else height
-        width = self.default_size if width is None else width
-        for name, size in (("height", height), ("width", width)):
-            if not isinstance(size, int) or size < self.size_multiple or size % self.size_multiple:
-                raise ValueError(f"{name}: {size!r} is not allowed; use a positive multiple of {self.size_multiple}")
-        use_kv = self.has_kv_encoder if use_kv is None else use_kv
-        if not isinstance(use_kv, bool):
-            raise ValueError(f"use_kv: expected True, False or None (the model's default), got {use_kv!r}")
+        steps = validation.steps(steps, mode, MODES[mode])
+        guidance = validation.guidance(guidance)
+        height = validation.image_side(height, "height", self.default_size, self.size_multiple)
+        width = validation.image_side(width, "width", self.default_size, self.size_multiple)
+        use_kv = self.has_kv_encoder if use_kv is None else validation.flag(use_kv, "use_kv")
         if use_kv and not self.has_kv_encoder:
             raise ValueError(
                 "use_kv: this model was converted from the authors' no-K/V checkpoint, whose K/V-encoder was not "
                 "trained for generation; use use_kv=False (its default: IP-Adapter only, plain CFG)"
             )
-        if not np.isfinite(adapter_scale) or adapter_scale < 0:
-            raise ValueError(f"adapter_scale: must be a non-negative number, got {adapter_scale!r}")
-        if output not in OUTPUTS:
-            raise ValueError(f"output: {output!r} is not one of {OUTPUTS}")
-        if callback is not None and not callable(callback):
-            raise ValueError("callback: must be callable")
-        if not isinstance(kv_cache, bool):
-            raise ValueError(f"kv_cache: must be True or False, got {kv_cache!r}")
+        adapter_scale = validation.number(adapter_scale, "adapter_scale", 0.0, validation.MAX_WEIGHT)
+        output = validation.choice(output, "output", OUTPUTS)
+        validation.callback(callback)
+        kv_cache = validation.flag(kv_cache, "kv_cache")
         if kv_cache and not use_kv:
             raise ValueError("kv_cache: caches the K/V-encoder's output, so it needs use_kv=True")
         if kv_cache and len(set(negatives or [None])) > 1:
             raise ValueError("kv_cache: the cached unconditional K/V need one negative prompt for every image")
         face_noise = ("fixed" if kv_cache else "paired") if face_noise is None else face_noise
-        if face_noise not in FACE_NOISES:
-            raise ValueError(f"face_noise: {face_noise!r} is not one of {FACE_NOISES}")
+        validation.choice(face_noise, "face_noise", FACE_NOISES)
         if kv_cache and face_noise != "fixed":
             raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
-        if vae not in VAES:
-            raise ValueError(f"vae: {vae!r} is not one of {VAES}")
+        validation.choice(vae, "vae", VAES)
         if vae == "tiny" and self.decoder.tiny_vae is None:
             raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
-        if freeu is not None:
-            if len(freeu) != 4 or any(not np.isfinite(v) or v < 0 for v in freeu):
-                raise ValueError(f"freeu: expected None or four non-negative numbers (b1, b2, s1, s2), got {freeu!r}")
-            freeu = tuple(map(float, freeu))
+        freeu = validation.freeu(freeu)
+        validation.check_memory(
+            validation.generation_bytes(self, batch, height, width, mode, use_kv), self.device,
+            f"num_images/height/width ({batch} images of {height}x{width}, {mode} mode)",
+            "generate fewer or smaller images per call",
+        )  # fmt: skip
+        seeds = validation.seeds(seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
         return _Request(
             prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
             float(adapter_scale), kv_cache, face_noise, vae, output, freeu,
@@ -398,12 +382,11 @@ class Personalizer:
         faces = list(images) if isinstance(images, (list, tuple)) else [images]
         if not faces:
             raise InvalidImageError("face: no image given")
-        if crop not in CROPS:
-            raise ValueError(f"crop: {crop!r} is not one of {CROPS}")
-        if on_multiple not in ON_MULTIPLE:
-            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
-        if face_resize not in FACE_RESIZES:
-            raise ValueError(f"face_resize: {face_resize!r} is not one of {FACE_RESIZES}")
+        validation.choice(crop, "crop", CROPS)
+        validation.choice(on_multiple, "on_multiple", ON_MULTIPLE)
+        validation.choice(face_resize, "face_resize", FACE_RESIZES)
+        validation.check_memory(validation.vae_bytes(self, len(faces), self.face_size, self.face_size), self.device,
+                                f"face ({len(faces)} photos)", "encode fewer photos at once")  # fmt: skip
         analyzer = self.face_analyzer
         if analyzer is None and (crop == "face" or on_multiple == "error"):
             raise ModelFilesError(
@@ -507,7 +490,7 @@ class Personalizer:
 
         # 3. Encode the face once (image tokens and VAE latents), or take a ready Identity
         if isinstance(face, Identity):
-            face.check_model(self.fingerprint)
+            validation.identity(self, face)
             identity = face
         else:
             identity = self.encode_face(face)

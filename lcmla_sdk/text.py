@@ -1,11 +1,16 @@
-"""SDXL text conditioning: two CLIP text encoders, penultimate hidden states, pooled embeds, time ids."""
+"""SDXL text conditioning: two CLIP text encoders, penultimate hidden states, pooled embeds, time ids; CLIP tokenizer
+files read with errors that name them."""
 
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from .errors import ModelFilesError
+from .schema import read_json
 
 TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
 
@@ -83,3 +88,22 @@ class GraphedTextEncoders:
 def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` with no crop."""
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).expand(batch, 6)
+
+
+def check_tokenizer_files(folder: Path) -> None:
+    """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
+    for path in sorted(folder.glob("*.json")):
+        read_json(path)
+    if (folder / "merges.txt").is_file():
+        try:
+            (folder / "merges.txt").read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ModelFilesError(f"{folder / 'merges.txt'}: not UTF-8 text: {error}") from None
+
+
+def load_tokenizer(folder: Path) -> CLIPTokenizer:
+    """A CLIP tokenizer from local files; unusable files are a :class:`ModelFilesError` naming the folder."""
+    try:
+        return CLIPTokenizer.from_pretrained(folder, local_files_only=True)
+    except Exception as error:  # the tokenizers library raises plain ``Exception`` for bad vocabularies and merges
+        raise ModelFilesError(f"{folder}: unusable CLIP tokenizer files: {str(error).splitlines()[0]}") from None

@@ -16,6 +16,7 @@ import pickle
 import re
 import warnings
 from pathlib import Path
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -242,3 +243,18 @@ def kv_encoder_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]
 def load_kv_encoder_lora(unet: UNet2DConditionModel, state: dict, source: str) -> None:
     check_shapes(shapes(kv_encoder_lora_state(unet)), shapes(state), f"{source} (KV-encoder LoRA)")
     set_peft_model_state_dict(unet, state, adapter_name=KV_ENCODER_ADAPTER)
+
+
+def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> dict[str, Any]:
+    """Constructor arguments of the IP-Adapter Plus resampler in an original file, by diffusers' rule (64-wide heads)."""
+    try:
+        hidden = image_proj["latents"].shape[2]
+        return {
+            "embed_dims": image_proj["proj_in.weight"].shape[1], "output_dims": image_proj["proj_out.weight"].shape[0],
+            "hidden_dims": hidden, "depth": len({k.split(".")[1] for k in image_proj if k.startswith("layers.")}),
+            "dim_head": 64, "heads": image_proj["layers.0.0.to_q.weight"].shape[0] // 64,
+            "num_queries": image_proj["latents"].shape[1],
+            "ffn_ratio": image_proj["layers.0.1.1.weight"].shape[0] // hidden,
+        }  # fmt: skip
+    except (KeyError, TypeError, IndexError):
+        raise ModelFilesError(f"{source}: 'image_proj' is not an IP-Adapter Plus resampler") from None

@@ -1,9 +1,14 @@
+import os
+import tempfile
+
 import pytest
 import torch
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.images import sample_face
 
+# The run's sha256 cache (lcmla_sdk.integrity) stays out of the user's ~/.cache; subprocesses inherit it.
+os.environ.setdefault("LCMLA_CACHE_DIR", tempfile.mkdtemp(prefix="lcmla-test-cache-"))
 # Tiny-preset tensors gain nothing from a second thread, and on a 2-core CI machine every op would wait for it.
 torch.set_num_threads(1)
 

@@ -1,7 +1,9 @@
 import shutil
 
 import numpy as np
+import pytest
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from lcmla_sdk import Identity, ModelFilesError, model_dir
@@ -121,3 +123,62 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     taken.write_bytes(b"")
     result = CliRunner().invoke(app, ["generate", "--model", "no-such-model", "--prompt", "a", "--out", str(taken)])
     assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: out: {taken} is a file, not a folder"]
+
+
+# ------------------------------------------------------------------ reliability (issue 12)
+@pytest.mark.parametrize(
+    "args, message",
+    [(["generate", "--prompt", "a", "--device", "gpu"], "error: device: 'gpu' is not a device PyTorch knows"),
+     (["generate", "--prompt", "a", "--device", "meta"], "error: device: 'meta': lcmla runs on 'cpu', 'cuda' or 'mps'"),
+     (["export", "--device", "quantum", "--onnx-only"], "error: device: 'quantum' is not a device PyTorch knows"),
+     (["export", "--opt-level", "9", "--onnx-only"], "error: optimization_level: must be 0..5, got 9"),
+     (["identity", "create", "--face", "x.png", "--out", "id.safetensors", "--device", "tpu"], "error: device: 'tpu'"),
+     (["identity", "create", "--face", "x.png", "--out", "id.safetensors", "--crop", "square"], "error: crop: 'square' is not one of"),
+     (["generate", "--prompt", "a", "--steps", "1000"], "error: steps: quality mode: 1000 is out of range (1 .. 150)"),
+     (["generate", "--prompt", "a", "--seed", "-1"], "error: seed: -1 is out of range"),
+     (["generate", "--prompt", "a", "--num-images", "0"], "error: num_images: 0 is out of range (>= 1)"),
+     (["generate", "--prompt", "a", "--height", "100000"], "error: height: 100000 is out of range")],
+)  # fmt: skip
+def test_bad_options_fail_in_one_line_before_any_model_is_loaded(tmp_path, monkeypatch, args, message):
+    from lcmla_sdk import Personalizer
+
+    monkeypatch.setattr(Personalizer, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded first"))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.output
+
+
+def test_damaged_model_files_and_identities_are_one_line_errors(tmp_path, tiny_dir, tiny, face):
+    model = shutil.copytree(tiny_dir, tmp_path / "model")
+    runner = CliRunner()
+
+    def error_line(*args) -> str:
+        result = runner.invoke(app, list(args))
+        assert result.exit_code == 2 and len(result.stderr.splitlines()) == 1 and "Traceback" not in result.output, result.output
+        return result.stderr.strip()
+
+    manifest = model / "lcmla.json"
+    text = manifest.read_text()
+    manifest.write_text(text[:-2])  # cut short
+    assert error_line("generate", "--model", str(model), "--prompt", "a").startswith(f"error: {manifest}: invalid JSON")
+    manifest.write_text(text.replace('"face_size": 128', '"face_size": "128"'))
+    assert error_line("info", str(model)) == f"error: {manifest}: pipeline.face_size: expected an integer, got '128' (str)"
+    manifest.write_text(text)
+
+    tokenizer = model / "sdxl" / "tokenizer" / "tokenizer.json"
+    original = tokenizer.read_bytes()
+    tokenizer.write_bytes(b"\x89PNG not a tokenizer")
+    assert error_line("info", str(model)).startswith(f"error: {tokenizer}: invalid JSON")
+    tokenizer.write_bytes(original)
+
+    weights = model / "kv_encoder" / "lora.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert error_line("info", str(model)).startswith(f"error: {weights}: sha256 ")
+    assert "valid; fingerprint" in runner.invoke(app, ["info", "--no-verify", str(model)]).stdout
+
+    identity = tiny.encode_face(face).save(tmp_path / "person.safetensors")
+    save_file(load_file(str(identity)), str(identity), {"lcmla": '{"format": "lcmla-identity", "crop": 3}'})
+    line = error_line("generate", "--identity", str(identity), "--prompt", "a", "--out", str(tmp_path / "out"))
+    assert line.startswith(f"error: identity: {identity}: header: ")

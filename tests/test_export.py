@@ -1,6 +1,8 @@
 """ONNX export of the tiny preset: graphs, parity through onnxruntime, manifest, runtime contract, CLI."""
 
 import json
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -9,12 +11,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from lcmla_sdk import ModelFilesError, Personalizer
+from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer
 from lcmla_sdk.cli import app
 from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRTUnavailable
 from lcmla_sdk.engines.engine import engine_cache_key
 from lcmla_sdk.export import ShapeRanges, build_specs, export_model
-from lcmla_sdk.manifest import Manifest, sha256_file
+from lcmla_sdk.integrity import sha256_file
+from lcmla_sdk.manifest import Manifest
 
 RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
 # denoiser_lcm comes from the same spec code as denoiser; leaving it out saves CI a minute.
@@ -221,3 +224,83 @@ def test_exported_networks_hand_out_outputs_that_the_next_call_does_not_touch(ex
             assert all(torch.equal(a, b) for a, b in zip(first, kept)) and not torch.equal(first[0], second[0])
         else:
             assert torch.equal(first, kept) and not torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ integrity of export folders (issue 12)
+@pytest.fixture
+def folder_copy(exported, tmp_path):
+    return Path(shutil.copytree(exported.folder, tmp_path / "tiny"))
+
+
+def edit(folder, change):
+    raw = json.loads((folder / "manifest.json").read_text())
+    change(raw)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+
+
+def test_a_modified_graph_or_a_wrong_recorded_hash_is_refused(folder_copy, fresh_tiny):
+    graph = folder_copy / "denoiser" / "model.onnx"
+    recorded = json.loads((folder_copy / "manifest.json").read_text())["networks"]["denoiser"]["onnx_sha256"]
+    with graph.open("ab") as handle:
+        handle.write(b"\0")
+    found = sha256_file(graph)
+    with pytest.raises(IntegrityError, match=re.escape(f"{graph}: sha256 {found} does not match {recorded} recorded in")):
+        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+    graph.write_bytes(graph.read_bytes()[:-1])  # intact again
+    adapter = folder_copy / "adapter" / "model.onnx"
+    edit(folder_copy, lambda m: m["networks"]["adapter"].update(onnx_sha256="0" * 64))
+    with pytest.raises(IntegrityError, match=re.escape(f"{adapter}: sha256 {sha256_file(adapter)} does not match {'0' * 64}")):
+        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+    fresh_tiny.use_exported(folder_copy, backend="onnxruntime", verify=False)  # told to trust the manifest
+    assert type(fresh_tiny.adapter).__name__ == "GraphAdapter"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [(lambda m: m["networks"]["denoiser"]["inputs"][0].update(dtype="float12"),
+      "networks['denoiser'].inputs[0].dtype: expected one of ['float16', 'bfloat16', 'float32'"),
+     (lambda m: m["networks"]["denoiser"].pop("profile"), "networks['denoiser']: missing required key ['profile']"),
+     (lambda m: m["networks"]["denoiser"].update(onnx=7), "networks['denoiser'].onnx: expected a string, got 7 (int)"),
+     (lambda m: m["networks"]["denoiser"].update(onnx="../elsewhere.onnx"), "networks['denoiser'].onnx: expected a path inside the folder"),
+     (lambda m: m["networks"]["denoiser"]["profile"]["max"].update(batch=-1), "networks['denoiser'].profile.max['batch']: expected a non-negative integer"),
+     (lambda m: m.update(precision="fp8"), "precision: expected one of ['fp16', 'fp32'], got 'fp8' (str)"),
+     (lambda m: m.update(networks=[]), "networks: expected an object, got [] (list)"),
+     (lambda m: m.update(extra=1), "top level: unknown key ['extra']"),
+     (lambda m: m["networks"]["denoiser"].update(onnx_sha256="abc"), "networks['denoiser'].onnx_sha256: expected sha256s joined by ':'")],
+)  # fmt: skip
+def test_manifest_schema_errors_name_the_field(folder_copy, change, message):
+    edit(folder_copy, change)
+    with pytest.raises(ModelFilesError) as error:
+        Manifest.load(folder_copy)
+    assert str(error.value).startswith(f"{folder_copy / 'manifest.json'}: {message}"), str(error.value)
+
+
+def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folder_copy, fresh_tiny):
+    text = (folder_copy / "manifest.json").read_bytes()
+    (folder_copy / "manifest.json").write_bytes(b"\xff not json")
+    with pytest.raises(ModelFilesError, match="manifest.json: invalid JSON"):
+        Manifest.load(folder_copy)
+    (folder_copy / "manifest.json").write_bytes(text)
+    (folder_copy / "kv_encoder" / "model.onnx").unlink()
+    with pytest.raises(ModelFilesError, match=re.escape(f"networks['kv_encoder'].onnx: {folder_copy / 'kv_encoder' / 'model.onnx'} is missing")):
+        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+    edit(folder_copy, lambda m: m["networks"].pop("kv_encoder"))
+    edit(folder_copy, lambda m: m["networks"]["denoiser"]["inputs"][0].update(dtype="float64"))
+    with pytest.raises(ModelFilesError, match=re.escape(
+        "networks['denoiser'].inputs[0]: 'latent' of dtype float64, but the graph "
+        f"{folder_copy / 'denoiser' / 'model.onnx'} has dtype float32"
+    )):  # fmt: skip
+        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+
+
+def test_engines_are_verified_for_the_tensorrt_backend(folder_copy):
+    manifest = Manifest.load(folder_copy)
+    with pytest.raises(ModelFilesError, match=r"networks\['adapter'\].engine: not built"):
+        manifest.verify(folder_copy, "tensorrt")
+    for name, entry in manifest.networks.items():
+        (folder_copy / name / "model.plan").write_bytes(name.encode())
+        entry.engine, entry.engine_sha256 = f"{name}/model.plan", sha256_file(folder_copy / name / "model.plan")
+    manifest.verify(folder_copy, "tensorrt")
+    (folder_copy / "adapter" / "model.plan").write_bytes(b"another engine")
+    with pytest.raises(IntegrityError, match="adapter/model.plan: sha256"):
+        manifest.verify(folder_copy, "tensorrt")

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lcmla_sdk import ModelFilesError, Personalizer, model_dir
+from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer, model_dir
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder", "resampler")
 
@@ -161,6 +161,8 @@ def test_outside_paths_vae_override_faces_and_pickles(tiny, model_copy, tmp_path
         manifest["components"].update(adapter=str(elsewhere / "adapter"), vae=str(override), faces="faces")
 
     edit_manifest(model_copy, use_them)
+    manifest = json.loads((model_copy / "lcmla.json").read_text())
+    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])  # records the moved files
     torch_load = torch.load
     pickle_loads = []
 
@@ -216,12 +218,17 @@ def test_sharded_weights_are_checked_and_fingerprinted_shard_by_shard(model_copy
     weight_map = {k: shard for shard, shard_keys in shards.items() for k in shard_keys}
     (vae / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (vae / "diffusion_pytorch_model.safetensors").unlink()
+    manifest = json.loads((model_copy / "lcmla.json").read_text())
+    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])
 
     layout = model_dir.validate(model_copy)
     assert {vae / shard for shard in shards} <= set(layout.files)
     fingerprint = layout.fingerprint()
     second = vae / "diffusion_pytorch_model-00002-of-00002.safetensors"
     rewrite(second, lambda shard: {k: v + 1 for k, v in shard.items()})
+    with pytest.raises(IntegrityError, match=re.escape(f"{second}: sha256 ")):
+        model_dir.validate(model_copy)  # each shard is verified against its own record
+    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])
     assert model_dir.validate(model_copy).fingerprint() != fingerprint
     second.unlink()
     with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {second}")):
@@ -316,9 +323,22 @@ def test_a_file_of_another_size_than_recorded(model_copy):
     [
         (lambda m: m.update(format_version=2), "format 'lcmla-model' version 2; expected 'lcmla-model' version 1"),
         (lambda m: m.update(format="diffusers"), "format 'diffusers' version 1; expected"),
-        (lambda m: m["components"].pop("kv_encoder"), "required components not named: ['kv_encoder']"),
-        (lambda m: m["components"].update(controlnet="cn"), "unknown components ['controlnet']"),
-        (lambda m: m["components"].update(adapter={"format": "ip-adapter"}), "component 'adapter' needs a path"),
+        (lambda m: m["components"].pop("kv_encoder"), "components: missing required key ['kv_encoder']"),
+        (lambda m: m["components"].update(controlnet="cn"), "components: unknown key ['controlnet']"),
+        (lambda m: m["components"].update(adapter={"format": "ip-adapter"}), "components.adapter: missing required key ['path']"),
+        (lambda m: m["components"].update(adapter=3), "components.adapter: expected a path, or an object with a 'path', got 3 (int)"),
+        (lambda m: m["components"].update(vae={"path": "v", "variant": 16}), "components.vae.variant: expected a string, got 16 (int)"),
+        (lambda m: m.update(components=["sdxl"]), "components: expected an object, got ['sdxl'] (list)"),
+        (lambda m: m["pipeline"].update(face_size="1024"), "pipeline.face_size: expected an integer, got '1024' (str)"),
+        (lambda m: m["pipeline"].update(face_size=-8), "pipeline.face_size: expected a positive integer, got -8 (int)"),
+        (lambda m: m["files"]["adapter/ip_kv.safetensors"].update(dtype="float12"),
+         "files['adapter/ip_kv.safetensors'].dtype: expected one of ['float16', 'bfloat16', 'float32'"),
+        (lambda m: m["files"]["adapter/ip_kv.safetensors"].update(sha256="abc"),
+         "files['adapter/ip_kv.safetensors'].sha256: expected a sha256 (64 lowercase hex digits), got 'abc' (str)"),
+        (lambda m: m["files"]["adapter/ip_kv.safetensors"].pop("bytes"),
+         "files['adapter/ip_kv.safetensors']: missing required key ['bytes']"),
+        (lambda m: m["files"].update({"adapter/gone.safetensors": m["files"]["adapter/ip_kv.safetensors"]}),
+         "files['adapter/gone.safetensors']: the recorded file "),
     ],
 )
 def test_bad_manifests(model_copy, change, message):

@@ -213,6 +213,15 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
     assert any(not torch.equal(baseline[k], v) for k, v in model.adapter.resampler.state_dict().items())
     assert len(model.generate(sample_face(), "a face", steps=1, seed=0)) == 1
 
+    # A damaged newest checkpoint: one line naming it and the previous intact one, and no training.
+    optimizer = checkpoint / "trainer_state/optimizer.pt"
+    optimizer.write_bytes(optimizer.read_bytes()[:-10])
+    broken = runner.invoke(app, ["train", "--config", str(path), "max_steps=3", "--resume"])
+    previous = tmp_path / "run/checkpoints/step-0000001"
+    assert broken.exit_code == 2 and len(broken.stderr.splitlines()) == 1, broken.output
+    assert broken.stderr.startswith(f"error: resume: checkpoint {checkpoint} is broken (trainer_state/optimizer.pt: sha256 ")
+    assert broken.stderr.strip().endswith(f"the previous complete checkpoint is {previous}: resume from it with --resume-from {previous}")
+
     bad = runner.invoke(app, ["train", "--config", str(path), "dropout.kv_tokens=2"])
     assert bad.exit_code == 2 and "dropout.kv_tokens: must be in [0, 1)" in bad.output
     assert "Traceback" not in bad.output

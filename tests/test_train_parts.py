@@ -1,5 +1,6 @@
 """Training parts that need no SDK model: config, data, random draws, alignment, ArcFace loading, checkpoints."""
 
+import hashlib
 import json
 import math
 
@@ -278,6 +279,65 @@ def test_unfinished_checkpoints_are_never_resumed_from(tmp_path):
     checkpoints.commit(staging, tmp_path, 8, keep=2)
     remaining = sorted(p.name for p in (tmp_path / checkpoints.CHECKPOINTS).glob("step-*"))
     assert remaining == ["step-0000004", "step-0000008"]
+
+
+def _checkpoint(output_dir, step):
+    """A small complete checkpoint (trainer state only), written the way the trainer writes one."""
+    staging = checkpoints.begin(output_dir, step)
+    linear = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(linear.parameters())
+    linear(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    checkpoints.write_rng_state(staging / checkpoints.STATE_DIR, 0)
+    checkpoints.write_trainer_state(staging / checkpoints.STATE_DIR, dict(linear.named_parameters()),
+                                    optimizer.state_dict(), {}, None, {"step": step, "world_size": 1})  # fmt: skip
+    return checkpoints.commit(staging, output_dir, step, keep=0)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_broken_checkpoint_is_named_with_the_previous_intact_one(tmp_path):
+    first, second, third = (_checkpoint(tmp_path, step) for step in (2, 4, 6))
+    assert checkpoints.read_trainer_state(third)[2]["step"] == 6
+    state = third / checkpoints.STATE_DIR
+    recorded = json.loads((state / "state.json").read_text())["files"]["optimizer.pt"]
+    _flip_last_byte(state / "optimizer.pt")
+    with pytest.raises(checkpoints.CheckpointError) as error:
+        checkpoints.read_trainer_state(checkpoints.latest_checkpoint(tmp_path))
+    found = hashlib.sha256((state / "optimizer.pt").read_bytes()).hexdigest()
+    assert str(error.value) == (
+        f"resume: checkpoint {third} is broken (trainer_state/optimizer.pt: sha256 {found}, but state.json records "
+        f"{recorded}); the previous complete checkpoint is {second}: resume from it with --resume-from {second}"
+    )
+    # The offer skips checkpoints that are broken too, and says so when none is left.
+    (second / checkpoints.STATE_DIR / "state.json").write_text("{not json")
+    with pytest.raises(checkpoints.CheckpointError, match=f"is broken .*; the previous complete checkpoint is {first}:"):
+        checkpoints.read_trainer_state(third)
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint {second} is broken .*state.json.*; the previous complete checkpoint is {first}"):
+        checkpoints.read_trainer_state(second)
+    (first / checkpoints.STATE_DIR / "trainables.safetensors").write_bytes(b"\0" * 8)
+    with pytest.raises(checkpoints.CheckpointError, match="there is no earlier complete checkpoint to resume from$"):
+        checkpoints.read_trainer_state(second)
+
+
+def test_damaged_files_of_checkpoints_without_recorded_hashes_are_reported_not_raised(tmp_path):
+    first, second = (_checkpoint(tmp_path, step) for step in (1, 2))
+    state = second / checkpoints.STATE_DIR
+    saved = json.loads((state / "state.json").read_text())
+    del saved["files"]  # as checkpoints written before hashes were recorded
+    (state / "state.json").write_text(json.dumps(saved))
+    (state / "trainables.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{broken")
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint {second} is broken .*; the previous complete checkpoint is {first}"):
+        checkpoints.read_trainer_state(second)
+    (first / checkpoints.STATE_DIR / "rng-rank0.safetensors").write_bytes(b"junk")
+    rng = torch.get_rng_state()
+    with pytest.raises(checkpoints.CheckpointError, match=f"checkpoint {first} is broken \\(rng-rank0.safetensors: "):
+        checkpoints.read_rng_state(first / checkpoints.STATE_DIR, 0)
+    assert torch.equal(torch.get_rng_state(), rng)  # nothing was set from the damaged file
 
 
 # ---------------------------------------------------------------------------- landmarks from a face pack

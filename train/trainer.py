@@ -34,6 +34,7 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from lcmla_sdk.atomic import write_text
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
 from lcmla_sdk.presets import PRESETS, preset_config
@@ -369,7 +370,7 @@ class Trainer:
             self.load_checkpoint(resume)
         if accelerator.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            (self.output_dir / "config.yaml").write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+            write_text(self.output_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
             print(self.summary.text(), flush=True)
         if config.logging.tracker:
             accelerator.init_trackers("lcmla-train", config=_flat(config.to_dict()))
@@ -395,7 +396,7 @@ class Trainer:
         progress.close()
         if accelerator.is_main_process:
             print(self.summary.text(), flush=True)
-            (self.output_dir / "data_summary.json").write_text(json.dumps(self.summary.to_dict(), indent=1))
+            write_text(self.output_dir / "data_summary.json", json.dumps(self.summary.to_dict(), indent=1))
         accelerator.end_training()
         return {"step": self.step, "summary": self.summary.to_dict(),
                 "losses": {k: v for k, v in logs.items() if k.startswith("loss/")}}  # fmt: skip
@@ -435,14 +436,13 @@ class Trainer:
         """Write the checkpoint of the current step atomically (all ranks take part; rank 0 writes the model)."""
         accelerator, step = self.accelerator, self.step
         if accelerator.is_main_process:
-            checkpoints.begin(self.output_dir, step)
+            # A model directory (from_pretrained reads it) naming the frozen parts where the base model has them.
+            checkpoints.begin(self.output_dir, step, lambda staging: self.model.save_pretrained(staging, link_frozen=True))
         accelerator.wait_for_everyone()
         staging = checkpoints.staging_path(self.output_dir, step)
         checkpoints.write_rng_state(staging / checkpoints.STATE_DIR, self.rank)
         if accelerator.is_main_process:
             trainables = self.trainable_state()
-            # A model directory (from_pretrained reads it) naming the frozen parts where the base model has them.
-            self.model.save_pretrained(staging, link_frozen=True)
             scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             state = {
                 "step": step, "world_size": accelerator.num_processes,
