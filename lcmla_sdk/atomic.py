@@ -108,7 +108,11 @@ def replace_directory(new: Path, path: Path) -> None:
     else:
         aside = _temporary(path)
         os.rename(path, aside)
-        os.rename(new, path)
+        try:
+            os.rename(new, path)
+        except OSError:
+            os.rename(aside, path)  # the old directory goes back
+            raise
         shutil.rmtree(aside, ignore_errors=True)
     _fsync_directory(path.parent)
 

@@ -461,6 +461,9 @@ def save(
     if inside:
         raise ValueError(f"path: {root} holds {inside[0]}, which a linked save names; replacing {root} would remove it: "
                          "save elsewhere, or without linking")  # fmt: skip
+    if root.is_dir() and any(root.iterdir()) and not (root / MANIFEST).is_file():
+        raise ValueError(f"path: {root} is a folder with other files (no {MANIFEST}); a save replaces its folder "
+                         "whole: choose a new or empty folder")  # fmt: skip
     with atomic_directory(root, failures=(SafetensorError,)) as staging:
         _write(components, faces_dir, staging, links, linked)
     return validate(root, verify=False)  # its records were made from these very files

@@ -189,12 +189,12 @@ def loading(name: Any, device_: Any, dtype_: Any, seed: Any, faces: Any, tiny_va
 
 
 # ------------------------------------------------------------------ memory
-def generation_bytes(model: Any, images: int, height: int, width: int, mode: str, use_kv: bool, references: int = 1) -> int:
+def generation_bytes(model: Any, images: int, height: int, width: int, mode: str, use_kv: bool) -> int:
     """Estimated peak activation bytes of a ``generate`` call: the larger of one sampling step (the denoiser's rows,
-    or the K/V-encoder's over the reference latents) and the VAE decode of every image."""
+    or the K/V-encoder's over one reference latent per image) and the VAE decode of every image."""
     groups = 1 if mode == "fast" else 2  # [uncond, cond]
     denoiser_rows = images * groups * (2 if use_kv and mode == "quality" else 1)  # quality with K/V: twice more
-    encoder_rows = images * groups * references if use_kv else 0
+    encoder_rows = images * groups if use_kv else 0
     latent = (height // model.vae_scale) * (width // model.vae_scale)
     face = (model.face_size // model.vae_scale) ** 2
     unet = max(denoiser_rows * latent, encoder_rows * face) * _unet_pixel_bytes(model)

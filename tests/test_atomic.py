@@ -110,7 +110,7 @@ def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, tmp_pa
     assert model_dir.validate(resaved).fingerprint() != fingerprint and hidden(tmp_path) == []
 
 
-def test_a_linked_save_over_its_own_base_is_refused(tiny_dir, tmp_path):
+def test_saves_that_would_remove_other_files_are_refused(tiny_dir, tmp_path):
     import shutil
 
     root = shutil.copytree(tiny_dir, tmp_path / "model")
@@ -118,6 +118,12 @@ def test_a_linked_save_over_its_own_base_is_refused(tiny_dir, tmp_path):
     with pytest.raises(ValueError, match=f"^path: {root} holds {root / 'image_encoder'}, which a linked save names"):
         model.save_pretrained(root, link_frozen=True)
     assert model_dir.validate(root)
+    # A save replaces its folder whole, so a folder of other files is never taken for one.
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "holiday.jpg").write_bytes(b"jpeg")
+    with pytest.raises(ValueError, match="photos is a folder with other files"):
+        model.save_pretrained(tmp_path / "photos")
+    assert (tmp_path / "photos" / "holiday.jpg").read_bytes() == b"jpeg"
 
 
 # ------------------------------------------------------------------ the helpers
