@@ -56,7 +56,7 @@ from .integrity import is_sha256, sha256_file, verify_file
 from .lora import add_kv_encoder_lora, has_adapter, LCM_ADAPTER
 from .presets import Components
 from .text import check_tokenizer_files, load_tokenizer
-from .schema import COUNT, NAME, OBJECT, POSITIVE, STRING, Check, Either, MapOf, Object, OneOf, check, nullable, parse_json, read_json
+from .schema import COUNT, NAME, OBJECT, POSITIVE, STRING, Check, Either, Is, MapOf, Object, OneOf, check, nullable, parse_json, read_json
 from .weights import (
     PICKLE_SUFFIXES,
     check_shapes,
@@ -105,7 +105,7 @@ COMPONENT = Either(
 MANIFEST_SCHEMA = Object(
     {"format": OneOf((FORMAT,)), "format_version": OneOf((FORMAT_VERSION,)),
      "components": Object({name: COMPONENT for name in REQUIRED}, {name: nullable(COMPONENT, "a component") for name in OPTIONAL})},
-    {"pipeline": Object({}, {"encoder_prompt": STRING, "face_size": POSITIVE}),
+    {"pipeline": Object({}, {"encoder_prompt": STRING, "face_size": POSITIVE, "has_kv_encoder": Is(bool, "true or false")}),
      "files": MapOf(Object({"sha256": Check(STRING, is_sha256, "a sha256 (64 lowercase hex digits)"), "bytes": COUNT},
                            {"dtype": OneOf(tuple(SAFETENSORS_DTYPES.values()))}))},
 )  # fmt: skip

@@ -332,7 +332,8 @@ def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_f
     assert is_no_kv_checkpoint(tmp_path / "run_no_kv")  # a folder of their files, named so
     # --no-kv-encoder marks a checkpoint whatever its name.
     args = [*convert_args(tiny_dir, tmp_path / "model", checkpoint), "--no-kv-encoder", "--dtype", "float32"]
-    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
     assert Personalizer.from_pretrained(tmp_path / "model", device="cpu").has_kv_encoder is False
 
 

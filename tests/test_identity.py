@@ -53,16 +53,17 @@ def test_several_references_average_tokens_and_concatenate_kv(tiny, face, astron
     seen = []
     original = Denoiser.forward
 
-    def spy(self, latent, *args):
-        kv = args[-1] if len(args) == 7 else None
+    def spy(self, latent, *args, **kwargs):
+        kv = (args + (None,) * 8)[6]  # (timestep, text, pooled, time_ids, image_tokens, adapter_scale, kv, freeu)
         if kv is not None:
             seen.append((latent.shape[0], tuple(kv[0].shape)))
-        return original(self, latent, *args)
+        return original(self, latent, *args, **kwargs)
 
     monkeypatch.setattr(Denoiser, "forward", spy)
     tiny.generate(both, "a face", seed=1, steps=1, output="latent", num_images=2)
     single_tokens = tiny.kv_encoder(*unet_inputs(tiny, batch=1, side=16))[0].shape[1]
-    assert seen == [(4, (4, 2 * single_tokens, 64))]  # [uncond, cond] x 2 images; 2 references' tokens
+    # One pass: [uncond, cond] without K/V, then with them, x 2 images; the K/V rows (the last 4) carry 2 references.
+    assert seen == [(8, (4, 2 * single_tokens, 64))]
 
 
 def test_version_1_files_keep_their_arcface_embeddings(tiny, face, tmp_path):
