@@ -42,7 +42,8 @@ class Decoder:
 
         ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
         ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
-        time. The batch dimension is compiled dynamic; a batch of one is specialised (and compiled) on first use.
+        time. The batch dimension is compiled dynamic; a batch of one is compiled on its own (PyTorch specialises
+        sizes 0 and 1), so both are compiled here.
         """
         path = Path(cache).expanduser() if cache is not None else None
         if path is not None and path.is_file():
@@ -56,7 +57,9 @@ class Decoder:
 
         begin = time.perf_counter()
         with torch.inference_mode():
-            decode(torch.zeros(2, vae.config.latent_channels, latent_side, latent_side, device=vae.device, dtype=vae.dtype))
+            for batch in (1, 2):
+                decode(torch.zeros(batch, vae.config.latent_channels, latent_side, latent_side, device=vae.device,
+                                   dtype=vae.dtype))  # fmt: skip
         seconds = time.perf_counter() - begin
         if path is not None:
             artifacts = torch.compiler.save_cache_artifacts()

@@ -53,24 +53,27 @@ class GraphedTextEncoders:
         self._graphs: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.cuda.CUDAGraph]] = {}
         self._eager: set[int] = set()
 
-    @torch.no_grad()
     def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.encoders[0].device
         ids = [x.to(device) for x in tokenize(prompts, self.tokenizers)]
         batch = len(prompts)
         with self.lock:
-            if batch not in self._graphs and batch not in self._eager:
-                try:
-                    self._graphs[batch] = self._capture(ids)
-                except RuntimeError:
-                    self._eager.add(batch)
-            if batch in self._eager:
-                return run_encoders(ids, self.encoders)
-            static_ids, (text, pooled), graph = self._graphs[batch]
-            for buffer, value in zip(static_ids, ids):
-                buffer.copy_(value)
-            graph.replay()
-            return text.clone(), pooled.clone()
+            # The buffers are inference tensors (capture may happen inside a generate call); the copies handed out
+            # are made outside inference mode, so they are ordinary tensors (training may use them).
+            with torch.inference_mode():
+                if batch not in self._graphs and batch not in self._eager:
+                    try:
+                        self._graphs[batch] = self._capture(ids)
+                    except RuntimeError:
+                        self._eager.add(batch)
+                if batch in self._eager:
+                    outputs = run_encoders(ids, self.encoders)
+                else:
+                    static_ids, outputs, graph = self._graphs[batch]
+                    for buffer, value in zip(static_ids, ids):
+                        buffer.copy_(value)
+                    graph.replay()
+            return outputs[0].clone(), outputs[1].clone()
 
     def _capture(self, ids: list[torch.Tensor]):
         static_ids = [x.clone() for x in ids]

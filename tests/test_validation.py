@@ -135,8 +135,8 @@ def test_bad_encode_face_arguments(tiny, face, change, message):
     assert str(error.value).startswith(message), str(error.value)
 
 
-def test_float_arrays_in_unit_range_still_work_and_match_uint8(tiny):
-    pixels = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+def test_float_arrays_in_unit_range_still_work_and_match_uint8(tiny, face):
+    pixels = np.asarray(face)  # a real face: detection is on by default
     from_float, from_uint8 = (tiny.encode_face(x) for x in (pixels / 255.0, pixels))
     assert torch.equal(from_float.cond_tokens, from_uint8.cond_tokens)
     with pytest.raises(InvalidImageError, match=r"found -0.5 .. 0.5$"):
@@ -199,7 +199,7 @@ def _edit_header(path, change):
      (lambda h: h.update(sources="abc"), "header: sources: expected a list, got 'abc' (str)"),
      (lambda h: h.update(boxes=[["a"]]), "header: boxes[0][0]: expected a number, got 'a' (str)"),
      (lambda h: h.pop("model_fingerprint"), "header: top level: missing required key ['model_fingerprint']"),
-     (lambda h: h.update(format_version=2), "header: format_version: expected one of [1], got 2 (int)")],
+     (lambda h: h.update(format_version=3), "header: format_version: expected one of [1, 2], got 3 (int)")],
 )  # fmt: skip
 def test_malformed_identity_headers_name_the_field(tiny, face, tmp_path, change, message):
     path = tiny.encode_face(face).save(tmp_path / "id.safetensors")
