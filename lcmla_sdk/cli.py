@@ -72,7 +72,8 @@ def generate(
     from . import validation
     from .atomic import atomic_path
     from .images import sample_face
-    from .pipeline import MODES, Personalizer
+    from .pipeline import Personalizer
+    from .request import MODES
 
     try:
         # Everything that does not need the model is checked before minutes of loading, not after.

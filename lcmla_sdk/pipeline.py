@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import logging
-import random
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
 from . import model_dir, validation
 from .attention import install_lookahead_processors
-from .decoding import OUTPUTS, VAES, Decoder
+from .decoding import Decoder
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
 from .freeu import AUTHORS_FREEU, install_freeu, stage_values
-from .guidance import DEFAULT_GUIDANCE, Guidance
+from .guidance import DEFAULT_GUIDANCE
 from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
@@ -28,38 +25,17 @@ from .manifest import sha256_json
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .presets import PRESETS, Components, build_random_components, preset_config
 from .kv_cache import IdentityKVCache, compute_kv
-from .noise import FACE_NOISES, Noise, face_latents, fixed_face_noise
+from .noise import Noise, face_latents, fixed_face_noise
 from .noise import draw as draw_noise
 from .sampling import Networks, StepGraphs, StepSpec, sample, say_once, shape_key
 from .schedule import StepTable, build_table
+from .request import Request, check_request
 from .text import GraphedTextEncoders, encode_prompts, time_ids
 
-MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
 StepCallback = Callable[[int, int, torch.Tensor], Any]
 FaceEncoding = Identity  # the name of the first release
-
-
-@dataclass
-class _Request:
-    """Validated, normalised arguments of one ``generate`` call."""
-
-    prompts: list[str]
-    negative_prompts: list[str] | None
-    seeds: list[int]
-    mode: str
-    steps: int
-    guidance: Guidance
-    height: int
-    width: int
-    use_kv: bool
-    adapter_scale: float
-    kv_cache: bool
-    face_noise: str
-    vae: str
-    output: str
-    freeu: tuple[float, float, float, float] | None
 
 
 def default_device_and_dtype(
@@ -297,55 +273,11 @@ class Personalizer:
         face_noise: str | None = None,
         vae: str = "full",
         freeu: Sequence[float] | None = AUTHORS_FREEU,
-    ) -> _Request:
-        # Types and ranges: lcmla_sdk.validation (its docstring states every range and the memory budget).
-        prompts = validation.strings(prompt, "prompt")
-        negatives = None
-        if negative_prompt is not None:
-            negatives = validation.strings(negative_prompt, "negative_prompt")
-            negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
-            if len(negatives) != len(prompts):
-                raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
-        num_images = validation.integer(num_images, "num_images", 1)
-        batch = len(prompts) * num_images
-        mode = validation.choice(mode, "mode", tuple(MODES))
-        if mode == "fast" and not self.has_lcm:
-            raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
-        steps = validation.steps(steps, mode, MODES[mode])
-        guidance = validation.guidance(guidance)
-        height = validation.image_side(height, "height", self.default_size, self.size_multiple)
-        width = validation.image_side(width, "width", self.default_size, self.size_multiple)
-        use_kv = self.has_kv_encoder if use_kv is None else validation.flag(use_kv, "use_kv")
-        if use_kv and not self.has_kv_encoder:
-            raise ValueError(
-                "use_kv: this model was converted from the authors' no-K/V checkpoint, whose K/V-encoder was not "
-                "trained for generation; use use_kv=False (its default: IP-Adapter only, plain CFG)"
-            )
-        adapter_scale = validation.number(adapter_scale, "adapter_scale", 0.0, validation.MAX_WEIGHT)
-        output = validation.choice(output, "output", OUTPUTS)
-        validation.callback(callback)
-        kv_cache = validation.flag(kv_cache, "kv_cache")
-        if kv_cache and not use_kv:
-            raise ValueError("kv_cache: caches the K/V-encoder's output, so it needs use_kv=True")
-        if kv_cache and len(set(negatives or [None])) > 1:
-            raise ValueError("kv_cache: the cached unconditional K/V need one negative prompt for every image")
-        face_noise = ("fixed" if kv_cache else "paired") if face_noise is None else face_noise
-        validation.choice(face_noise, "face_noise", FACE_NOISES)
-        if kv_cache and face_noise != "fixed":
-            raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
-        validation.choice(vae, "vae", VAES)
-        if vae == "tiny" and self.decoder.tiny_vae is None:
-            raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
-        freeu = validation.freeu(freeu)
-        validation.check_memory(
-            validation.generation_bytes(self, batch, height, width, mode, use_kv), self.device,
-            f"num_images/height/width ({batch} images of {height}x{width}, {mode} mode)",
-            "generate fewer or smaller images per call",
-        )  # fmt: skip
-        seeds = validation.seeds(seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
-        return _Request(
-            prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
-            float(adapter_scale), kv_cache, face_noise, vae, output, freeu,
+    ) -> Request:
+        """Check and normalise the arguments of :meth:`generate` (:func:`lcmla_sdk.request.check_request`)."""
+        return check_request(
+            self, prompt, negative_prompt, num_images, seed, mode, steps, guidance, height, width, use_kv,
+            adapter_scale, output, callback, kv_cache, face_noise, vae, freeu,
         )  # fmt: skip
 
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -435,7 +367,7 @@ class Personalizer:
             self._tables[key] = build_table(scheduler, self.device)
         return self._tables[key]
 
-    def prepare_noise(self, request: _Request, face: Identity, table: StepTable) -> Noise:
+    def prepare_noise(self, request: Request, face: Identity, table: StepTable) -> Noise:
         """Every random tensor of the generation (:mod:`lcmla_sdk.noise`), on the device."""
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
         return draw_noise(request.seeds, shape, face, table.noise_steps, request.face_noise,
@@ -505,7 +437,7 @@ class Personalizer:
         # 6. Decode
         return self.decode(latents, request.output, request.vae)
 
-    def denoise(self, request: _Request, identity: Identity, prompts: tuple, noise: Noise, table: StepTable,
+    def denoise(self, request: Request, identity: Identity, prompts: tuple, noise: Noise, table: StepTable,
                 callback: StepCallback | None = None) -> torch.Tensor:  # fmt: skip
         """The sampling loop from ``noise.latents``: buffers for :func:`lcmla_sdk.sampling.sample`, then its run."""
         text, pooled, neg_text, neg_pooled = prompts
@@ -607,7 +539,7 @@ class Personalizer:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""
         return self.decoder.compile(self.default_size // self.vae_scale, cache)
 
-    def identity_kv(self, identity: Identity, request: _Request, table: StepTable, neg_text, neg_pooled):
+    def identity_kv(self, identity: Identity, request: Request, table: StepTable, neg_text, neg_pooled):
         """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, from the cache
         (:mod:`lcmla_sdk.kv_cache`) or computed with its fixed reference noise."""
         groups = 1 if request.mode == "fast" else 2
