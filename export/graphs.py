@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import torch
 
-from lcmla_sdk.manifest import DATA_SUFFIX, onnx_files  # noqa: F401 (onnx_files: benchmarks import it from here)  # noqa: F401 (benchmarks import it from here)
+from lcmla_sdk.manifest import DATA_SUFFIX, onnx_files  # noqa: F401 (onnx_files: benchmarks import it from here)
 
 from .specs import NetworkSpec
 
