@@ -254,31 +254,8 @@ class Personalizer:
             return self._face_analyzer
 
     # ------------------------------------------------------------------ steps of a generation
-    def check_inputs(
-        self,
-        prompt: str | Sequence[str],
-        negative_prompt: str | Sequence[str] | None,
-        num_images: int,
-        seed: int | Sequence[int] | None,
-        mode: str,
-        steps: int | None,
-        guidance: Sequence[float],
-        height: int | None,
-        width: int | None,
-        use_kv: bool | None,
-        adapter_scale: float,
-        output: str,
-        callback: StepCallback | None,
-        kv_cache: bool = False,
-        face_noise: str | None = None,
-        vae: str = "full",
-        freeu: Sequence[float] | None = AUTHORS_FREEU,
-    ) -> Request:
-        """Check and normalise the arguments of :meth:`generate` (:func:`lcmla_sdk.request.check_request`)."""
-        return check_request(
-            self, prompt, negative_prompt, num_images, seed, mode, steps, guidance, height, width, use_kv,
-            adapter_scale, output, callback, kv_cache, face_noise, vae, freeu,
-        )  # fmt: skip
+    # Checks and normalises the arguments of :meth:`generate` (its own module: lcmla_sdk.request).
+    check_inputs = check_request
 
     def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.device.type == "cuda" and self.cuda_graphs:

@@ -39,7 +39,7 @@ class Request:
 
 
 def check_request(
-    model,
+    model: Any,
     prompt: str | Sequence[str],
     negative_prompt: str | Sequence[str] | None,
     num_images: int,
@@ -58,6 +58,8 @@ def check_request(
     vae: str = "full",
     freeu: Sequence[float] | None = AUTHORS_FREEU,
 ) -> Request:
+    """The arguments of ``model.generate`` checked (``ValueError`` naming the argument, before any work) and
+    normalised; ``Personalizer.check_inputs`` is this function."""
     # Types and ranges: lcmla_sdk.validation (its docstring states every range and the memory budget).
     prompts = validation.strings(prompt, "prompt")
     negatives = None
