@@ -92,7 +92,10 @@ class AppendedKVAttnProcessor(nn.Module):
                 query[plain:], torch.cat([key[plain:], extra_k], dim=1), torch.cat([value[plain:], extra_v], dim=1),
                 attn.heads,
             )
-            out = appended if plain == 0 else torch.cat([_attend(query[:plain], key[:plain], value[:plain], attn.heads), appended])
+            if plain == 0:
+                out = appended
+            else:
+                out = torch.cat([_attend(query[:plain], key[:plain], value[:plain], attn.heads), appended])
         return attn.to_out[1](attn.to_out[0](out))
 
 

@@ -20,16 +20,16 @@ from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE
 from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
+from .kv_cache import IdentityKVCache, compute_kv
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
 from .manifest import sha256_json
 from .networks import Denoiser, ImageAdapter, KVEncoder
-from .presets import PRESETS, Components, build_random_components, preset_config
-from .kv_cache import IdentityKVCache, compute_kv
 from .noise import Noise, face_latents, fixed_face_noise
 from .noise import draw as draw_noise
+from .presets import PRESETS, Components, build_random_components, preset_config
+from .request import Request, check_request
 from .sampling import Networks, StepGraphs, StepSpec, sample, say_once, shape_key
 from .schedule import StepTable, build_table
-from .request import Request, check_request
 from .text import GraphedTextEncoders, encode_prompts, time_ids
 
 CROPS = ("none", "face")
@@ -441,10 +441,8 @@ class Personalizer:
         if request.freeu is not None:
             values["freeu"] = stage_values(request.freeu, self.device)
         if request.use_kv and kv_cache is None:
-            enc_text, enc_pooled = self.encoder_prompt_embeds(batch * refs)
-            if request.mode == "quality":
-                neg = (neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0))
-                enc_text, enc_pooled = torch.cat([neg[0], enc_text]), torch.cat([neg[1], enc_pooled])
+            negatives = (neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0))
+            enc_text, enc_pooled = self.encoder_rows(*negatives, spec.groups)
             rows = enc_text.shape[0]
             values.update({
                 "encoder_text": enc_text, "encoder_pooled": enc_pooled,
@@ -477,7 +475,7 @@ class Personalizer:
             return False
         if not self.cuda_graphs:
             return False
-        if not all(isinstance(n, torch.nn.Module) for n in vars(networks).values() if n is not None):
+        if not networks.are_torch_modules():
             say_once("exported networks run their own engines: the sampling loop runs eagerly over them")
             return False
         return True
@@ -502,6 +500,14 @@ class Personalizer:
                       use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
         if kv_cache:
             self._kv_cache.clear()
+
+    def encoder_rows(self, neg_text: torch.Tensor, neg_pooled: torch.Tensor, groups: int):
+        """The K/V-encoder's text rows: its prompt for each of the negatives' rows, after those negatives when
+        ``groups`` is 2 (quality mode's [uncond, cond])."""
+        text, pooled = self.encoder_prompt_embeds(neg_text.shape[0])
+        if groups == 1:
+            return text, pooled
+        return torch.cat([neg_text, text]), torch.cat([neg_pooled, pooled])
 
     def encoder_prompt_embeds(self, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The K/V-encoder's prompt, encoded once (it never changes)."""
@@ -528,9 +534,7 @@ class Personalizer:
             eps, noise = fixed_face_noise(identity)
             to = {"device": self.device, "dtype": self.dtype}
             face = face_latents(identity, eps, self.vae.config.scaling_factor).to(**to).repeat(groups, 1, 1, 1)
-            text, pooled = self.encoder_prompt_embeds(refs)
-            if groups == 2:  # [uncond, cond]
-                text, pooled = torch.cat([neg_text.expand(refs, -1, -1), text]), torch.cat([neg_pooled.expand(refs, -1), pooled])
+            text, pooled = self.encoder_rows(neg_text.expand(refs, -1, -1), neg_pooled.expand(refs, -1), groups)
             ids = time_ids(request.height, request.width, face.shape[0], self.dtype, self.device)
             return compute_kv(self.kv_encoder, table, face, noise.to(**to).repeat(groups, 1, 1, 1), text, pooled, ids,
                               groups, self._kv_cache.max_bytes)  # fmt: skip

@@ -68,7 +68,8 @@ class Networks:
     adapter: Any
 
     def are_torch_modules(self) -> bool:
-        return all(isinstance(n, torch.nn.Module) for n in (self.kv_encoder, self.denoiser, self.adapter))
+        """Whether every network given is a torch module (what a CUDA-graph capture can record)."""
+        return all(isinstance(n, torch.nn.Module) for n in vars(self).values() if n is not None)
 
 
 def join_references(kv: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
