@@ -15,7 +15,8 @@ import torch
 
 from lcmla_sdk.atomic import write_bytes
 from lcmla_sdk.errors import LcmlaError
-from lcmla_sdk.manifest import NetworkEntry, sha256_json
+from lcmla_sdk.integrity import sha256_json
+from lcmla_sdk.manifest import NetworkEntry
 
 INSTALL_HINT = (
     "TensorRT is not installed. On a machine with an NVIDIA GPU: pip install 'lcmla[tensorrt]' "

@@ -370,7 +370,7 @@ def convert(
     import torch
 
     from .convert import convert as run_convert
-    from .model_dir import read_json
+    from .schema import read_json
 
     try:
         if dtype not in ("float16", "bfloat16", "float32"):

@@ -35,24 +35,22 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from . import model_dir
-from .attention import install_lookahead_processors
 from .errors import ModelFilesError
-from .lora import add_kv_encoder_lora
+from .model_dir.format import file_header, weight_file
 from .presets import Components
+from .schema import read_json
 from .weights import (
     check_shapes,
     first_keys,
-    load_extra_state,
     load_image_proj,
     load_ip_adapter,
-    load_kv_encoder_lora,
     load_lcm_lora,
     load_module_state,
-    read_ip_adapter,
     read_state_dict,
     resampler_config_from_ip_adapter,
     shapes,
 )
+from .wiring import LookaheadWeights, base_unet_state, wire_unet
 
 ENCODER, IMAGE_ENCODER, IMAGE_PROJ = "encoder_unet.", "image_encoder.", "image_proj_model."
 # Files of a directory of the authors' components (their save hook, or accelerate's save_state).
@@ -184,9 +182,9 @@ def is_no_kv_checkpoint(path: str | Path) -> bool:
     return any("no_kv" in name.lower() for name in names)
 
 
-def check_base_equal(base: dict[str, torch.Tensor], unet_state: dict[str, torch.Tensor]) -> None:
-    """The encoder's frozen base must be the SDXL base: compared exactly, in the lower precision of the two."""
-    plain = {k.replace(".base_layer", ""): v for k, v in unet_state.items() if "lora_" not in k and ".processor." not in k}
+def check_base_equal(base: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+    """The encoder's frozen base must be the SDXL base UNet's own weights (``plain``, :func:`base_unet_state`):
+    compared exactly, in the lower precision of the two."""
     check_shapes(shapes(plain), shapes(base), "checkpoint encoder_unet (against the SDXL base UNet)")
     differ = []
     for key, value in base.items():
@@ -230,38 +228,34 @@ def convert(
         if not (folder / "config.json").is_file():
             raise ModelFilesError(f"{folder / 'config.json'}: missing (SDXL base in diffusers layout, CLIP image encoder)")
     mapped = map_checkpoint(read_checkpoint(checkpoint), fuse_kv_lora) if checkpoint is not None else None
-    unet_file = model_dir.file_header(model_dir.weight_file(sdxl / "unet", "diffusion_pytorch_model", variant))
+    unet_file = file_header(weight_file(sdxl / "unet", "diffusion_pytorch_model", variant))
     stored = getattr(torch, next(iter(unet_file.values()))[1])
     parts = model_dir.load_sdxl(sdxl, stored, variant, Path(vae).expanduser() if vae else None)
     unet = parts["unet"]
-    blocks = install_lookahead_processors(unet)
     if mapped is not None:
-        check_base_equal(mapped.base, unet.state_dict())
+        check_base_equal(mapped.base, base_unet_state(unet))
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(image_encoder, local_files_only=True))
         load_module_state(clip, mapped.image_encoder, f"{checkpoint} (image_encoder)")
         resampler_config = resampler_config_from_ip_adapter(mapped.image_proj, Path(checkpoint))
         resampler = IPAdapterPlusImageProjection(**resampler_config)
         load_image_proj(mapped.image_proj, unet, resampler, f"{checkpoint} (image_proj_model)")
-        load_extra_state(unet, blocks, "ip", mapped.ip_kv, f"{checkpoint} (extract_kv2)")
-        load_extra_state(unet, blocks, "kv", mapped.kv_projections, f"{checkpoint} (extract_kv1)")
         kv_config = mapped.ranks()
-        add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config["kv_lora_rank"])
-        load_kv_encoder_lora(unet, mapped.lora, str(checkpoint))
+        added = LookaheadWeights(mapped.ip_kv, mapped.kv_projections, mapped.lora, sources={
+            "ip_kv": f"{checkpoint} (extract_kv2)", "kv_projections": f"{checkpoint} (extract_kv1)",
+            "kv_lora": str(checkpoint)})  # fmt: skip
         counts = mapped.counts()
     else:
         clip = CLIPVisionModelWithProjection.from_pretrained(image_encoder, local_files_only=True)
-        state = read_ip_adapter(ip_adapter)
-        resampler_config = resampler_config_from_ip_adapter(state["image_proj"], Path(ip_adapter))
-        resampler = IPAdapterPlusImageProjection(**resampler_config)
-        load_ip_adapter(state, unet, blocks, resampler, ip_adapter)
+        ip_adapter_parts = load_ip_adapter(ip_adapter, unet)
+        resampler, resampler_config = ip_adapter_parts.resampler, ip_adapter_parts.resampler_config
+        # An untrained KV-encoder, initialised as the authors do: K/V projections copied from attn1, seeded LoRA.
         kv_config = {"lora_rank": 4, "kv_lora_rank": 4}
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            add_kv_encoder_lora(unet, blocks, kv_config["lora_rank"], kv_config["kv_lora_rank"])
-        counts = {"IP-Adapter image_proj": len(state["image_proj"]), "IP-Adapter ip_adapter": len(state["ip_adapter"])}
+        added = LookaheadWeights(ip_kv=ip_adapter_parts.ip_kv, sources={"ip_kv": ip_adapter_parts.ip_kv_source})
+        counts = ip_adapter_parts.counts
+    wire_unet(unet, kv_config, added)
     if lcm_lora is not None:
         load_lcm_lora(unet, Path(lcm_lora).expanduser())
-    scheduler = model_dir.read_json(sdxl / "scheduler" / "scheduler_config.json")
+    scheduler = read_json(sdxl / "scheduler" / "scheduler_config.json")
     if kv_encoder is None:
         kv_encoder = checkpoint is None or not is_no_kv_checkpoint(checkpoint)
     pipeline = {} if kv_encoder else {"has_kv_encoder": False}

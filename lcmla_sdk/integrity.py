@@ -19,6 +19,7 @@ import re
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from .atomic import write_json
 from .errors import IntegrityError
@@ -33,6 +34,11 @@ SHA256 = re.compile(r"[0-9a-f]{64}")
 _lock = threading.Lock()
 _memory: dict[str, list] = {}  # "device:inode" -> [size, mtime_ns, sha256]
 _disk_loaded = False
+
+
+def sha256_json(value: Any) -> str:
+    """Hex SHA-256 of a JSON-able value, keys sorted (fingerprints of configs and build inputs)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -11,8 +11,6 @@ names exists; :meth:`Manifest.verify` checks the sha256 of the files a backend w
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,6 +165,3 @@ def onnx_files(path: Path) -> list[Path]:
     data = path.with_name(path.name + DATA_SUFFIX)
     return [path, data] if data.exists() else [path]
 
-
-def sha256_json(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()

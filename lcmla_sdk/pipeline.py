@@ -12,7 +12,6 @@ import torch
 from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
 from . import model_dir, validation
-from .attention import install_lookahead_processors
 from .decoding import Decoder
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
@@ -20,9 +19,9 @@ from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE
 from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
+from .integrity import sha256_json
 from .kv_cache import IdentityKVCache, compute_kv
-from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_kv_encoder_lora, add_random_lcm_lora, has_adapter, materialize
-from .manifest import sha256_json
+from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_random_lcm_lora, has_adapter, materialize
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .noise import Noise, face_latents, fixed_face_noise
 from .noise import draw as draw_noise
@@ -31,6 +30,7 @@ from .request import Request, check_request
 from .sampling import Networks, StepGraphs, StepSpec, sample, say_once, shape_key
 from .schedule import StepTable, build_table
 from .text import GraphedTextEncoders, encode_prompts, time_ids
+from .wiring import wire_unet
 
 CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
@@ -82,9 +82,7 @@ class Personalizer:
         self.face_size: int = config["pipeline"]["face_size"]
 
         unet = components.unet
-        self.kv_blocks = install_lookahead_processors(unet)
-        if not has_adapter(unet, KV_ENCODER_ADAPTER):
-            add_kv_encoder_lora(unet, self.kv_blocks, config["kv_encoder"]["lora_rank"], config["kv_encoder"].get("kv_lora_rank"))
+        self.kv_blocks = wire_unet(unet, config["kv_encoder"])
         self.unet = _place(unet, device, dtype)
         self.has_lcm = has_adapter(unet, LCM_ADAPTER)
 
@@ -556,14 +554,14 @@ def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype, de
     """Random components with LCM-Lookahead's extra weights randomised too, so every path affects the output."""
     components = build_random_components(config, seed, dtype, device)
     unet = components.unet
-    kv_blocks = install_lookahead_processors(unet)
+    with torch.device(device):
+        kv_blocks = wire_unet(unet, config["kv_encoder"], seed=seed + 1)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed + 1)
+        torch.manual_seed(seed + 2)
         for name in kv_blocks:
             processor = unet.get_submodule(name).attn2.processor
             torch.nn.init.normal_(processor.to_k_ip.weight, std=processor.to_k_ip.in_features**-0.5)
             torch.nn.init.normal_(processor.to_v_ip.weight, std=processor.to_v_ip.in_features**-0.5)
-        add_kv_encoder_lora(unet, kv_blocks, config["kv_encoder"]["lora_rank"], config["kv_encoder"].get("kv_lora_rank"))
         for param_name, param in unet.named_parameters():
             if ".lora_B.kv_encoder" in param_name:
                 torch.nn.init.normal_(param, std=0.02)

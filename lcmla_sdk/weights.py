@@ -1,12 +1,7 @@
-"""Weight files in and out: safe reading, IP-Adapter files, LCM-LoRA files, and LCM-Lookahead's extra weights.
+"""Weight files in and out: safe reading, shape checks, IP-Adapter files and LCM-LoRA files.
 
 Only safetensors and ``torch.load(weights_only=True)`` are used: a pickle that holds anything but tensors and
-plain containers is refused.
-
-The extra weights live on the shared UNet (see :mod:`lcmla_sdk.attention`) and are stored under the diffusers name
-of their transformer block: ``<block>.to_k_ip.weight``/``<block>.to_v_ip.weight`` (IP-Adapter K/V of attn2) and
-``<block>.to_k_kv.weight``/``<block>.to_v_kv.weight`` (the KV-encoder's K/V projections, the authors'
-``extract_kv1``). LoRA weights use peft's names without the adapter name, as diffusers saves them.
+plain containers is refused. LCM-Lookahead's own weights on the UNet are loaded and read by :mod:`lcmla_sdk.wiring`.
 """
 
 from __future__ import annotations
@@ -15,6 +10,7 @@ import json
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +20,13 @@ from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
-from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ModelFilesError
-from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter
+from .lora import LCM_ADAPTER, has_adapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -104,37 +99,9 @@ def check_shapes(expected: dict[str, tuple], found: dict[str, tuple], source: st
     raise ModelFilesError(f"{source}: {'; '.join(problems)}")
 
 
-def base_linear(layer: nn.Module) -> nn.Linear:
-    """The plain ``nn.Linear`` under a peft LoRA wrapper (or the layer itself)."""
-    return layer.get_base_layer() if isinstance(layer, BaseTunerLayer) else layer
-
-
 def blocks_in_module_order(unet: UNet2DConditionModel) -> list[str]:
     """Transformer blocks in registration order (down, up, mid): the order of IP-Adapter files' attention indices."""
     return [name for name, module in unet.named_modules() if isinstance(module, BasicTransformerBlock)]
-
-
-def _extra_layers(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str) -> dict[str, nn.Linear]:
-    attn, names = ("attn2", ("to_k_ip", "to_v_ip")) if kind == "ip" else ("attn1", ("to_k_kv", "to_v_kv"))
-    layers = {}
-    for block in kv_blocks:
-        processor = getattr(unet.get_submodule(block), attn).processor
-        for name in names:
-            layers[f"{block}.{name}.weight"] = base_linear(getattr(processor, name))
-    return layers
-
-
-def extra_state(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str) -> dict[str, torch.Tensor]:
-    """``kind="ip"``: IP-Adapter K/V weights; ``kind="kv"``: the KV-encoder's K/V projections."""
-    return {key: layer.weight.detach() for key, layer in _extra_layers(unet, kv_blocks, kind).items()}
-
-
-@torch.no_grad()
-def load_extra_state(unet: UNet2DConditionModel, kv_blocks: list[str], kind: str, state: dict, source: str) -> None:
-    layers = _extra_layers(unet, kv_blocks, kind)
-    check_shapes({key: layer.weight.shape for key, layer in layers.items()}, shapes(state), source)
-    for key, layer in layers.items():
-        layer.weight.copy_(state[key])
 
 
 # ------------------------------------------------------------------ IP-Adapter files (h94 format)
@@ -152,27 +119,40 @@ def read_ip_adapter(path: str | Path) -> dict[str, dict]:
     return state
 
 
-def load_ip_adapter(
-    state: dict[str, dict], unet: UNet2DConditionModel, kv_blocks: list[str],
-    resampler: IPAdapterPlusImageProjection, path: str | Path,
-) -> None:  # fmt: skip
-    """Load an IP-Adapter Plus state (:func:`read_ip_adapter`) into the resampler and the IP K/V of every attn2.
+@dataclass
+class IPAdapterParts:
+    """An original IP-Adapter Plus file, loaded: its resampler (with its constructor arguments) and its IP K/V under
+    lcmla's names (for :func:`lcmla_sdk.wiring.wire_unet`)."""
+
+    resampler: IPAdapterPlusImageProjection
+    resampler_config: dict[str, Any]
+    ip_kv: dict[str, torch.Tensor]
+    ip_kv_source: str  # where the IP K/V came from, for error messages
+    counts: dict[str, int]  # keys of the file, by part
+
+
+def load_ip_adapter(path: str | Path, unet: UNet2DConditionModel, resampler_config: dict | None = None) -> IPAdapterParts:
+    """Read an original IP-Adapter Plus file (:func:`read_ip_adapter`) for ``unet``: the resampler is built from
+    ``resampler_config`` or, by default, from the file's shapes (:func:`resampler_config_from_ip_adapter`).
 
     ``image_proj`` keys are renamed by diffusers' own converter; ``ip_adapter`` key ``{2i+1}.to_k_ip.weight``
     belongs to the i-th transformer block in module order (attention processors are numbered attn1, attn2, ...).
     """
-    state = {part: dict(values) for part, values in state.items()}
+    state = read_ip_adapter(path)
+    config = resampler_config or resampler_config_from_ip_adapter(state["image_proj"], Path(path))
+    resampler = IPAdapterPlusImageProjection(**config)
     load_image_proj(state["image_proj"], unet, resampler, f"{path} (image_proj)")
-    order = blocks_in_module_order(unet)
-    ip_state = {}
-    for index, block in enumerate(order):
+    left = dict(state["ip_adapter"])
+    ip_kv = {}
+    for index, block in enumerate(blocks_in_module_order(unet)):
         for name in ("to_k_ip", "to_v_ip"):
             key = f"{2 * index + 1}.{name}.weight"
-            if key in state["ip_adapter"]:
-                ip_state[f"{block}.{name}.weight"] = state["ip_adapter"].pop(key)
-    if state["ip_adapter"]:
-        raise ModelFilesError(f"{path}: 'ip_adapter' keys with no attention layer: {first_keys(state['ip_adapter'])}")
-    load_extra_state(unet, kv_blocks, "ip", ip_state, f"{path} (ip_adapter)")
+            if key in left:
+                ip_kv[f"{block}.{name}.weight"] = left.pop(key)
+    if left:
+        raise ModelFilesError(f"{path}: 'ip_adapter' keys with no attention layer: {first_keys(left)}")
+    counts = {"IP-Adapter image_proj": len(state["image_proj"]), "IP-Adapter ip_adapter": len(state["ip_adapter"])}
+    return IPAdapterParts(resampler, config, ip_kv, f"{path} (ip_adapter)", counts)
 
 
 def load_image_proj(
@@ -233,16 +213,6 @@ def save_lcm_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(path), metadata=metadata)
     return path
-
-
-def kv_encoder_lora_state(unet: UNet2DConditionModel) -> dict[str, torch.Tensor]:
-    return get_peft_model_state_dict(unet, adapter_name=KV_ENCODER_ADAPTER)
-
-
-@torch.no_grad()
-def load_kv_encoder_lora(unet: UNet2DConditionModel, state: dict, source: str) -> None:
-    check_shapes(shapes(kv_encoder_lora_state(unet)), shapes(state), f"{source} (KV-encoder LoRA)")
-    set_peft_model_state_dict(unet, state, adapter_name=KV_ENCODER_ADAPTER)
 
 
 def resampler_config_from_ip_adapter(image_proj: dict | None, source: Path) -> dict[str, Any]:

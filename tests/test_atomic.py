@@ -80,7 +80,7 @@ import os, signal, sys
 from lcmla_sdk import Personalizer, WriteError, model_dir
 model = Personalizer.from_pretrained("tiny", device="cpu", seed=1)  # other weights than the directory's
 if sys.argv[2] == "kill":  # everything written beside, killed before the swap
-    model_dir.write_manifest = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+    model_dir.saving.write_index = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
 try:
     model.save_pretrained(sys.argv[1])
 except WriteError as error:

@@ -23,7 +23,8 @@ from lcmla_sdk.cli import app
 from lcmla_sdk.convert import convert, is_no_kv_checkpoint, read_checkpoint
 from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
-from lcmla_sdk.weights import base_linear, load_lcm_lora, read_ip_adapter
+from lcmla_sdk.weights import load_lcm_lora, read_ip_adapter
+from lcmla_sdk.wiring import base_linear
 
 # The authors' checkpoint layout (shared/reference/official_ckpt_layout.json), kept with the tests so that a clean
 # checkout tests conversion against the real key names.

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
 from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer, model_dir
@@ -73,7 +74,7 @@ def test_fingerprint_is_the_directory_content_not_its_place(dir_model, model_cop
     # Other weights, recorded in the manifest as `save_pretrained` and `convert` do, give another fingerprint.
     rewrite(model_copy / "adapter" / "ip_kv.safetensors", lambda state: {k: v * 2 for k, v in state.items()})
     manifest = json.loads((model_copy / "lcmla.json").read_text())
-    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])
+    model_dir.write_index(model_copy, manifest["components"], manifest["pipeline"])
     assert model_dir.validate(model_copy).fingerprint() != fingerprint
 
 
@@ -109,8 +110,9 @@ def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(tiny_dir, 
     """``link_frozen`` (training checkpoints): the base's weight files are named, never hashed again; every file the
     save writes is hashed, so other trained weights always give another fingerprint."""
     model = Personalizer.from_pretrained(tiny_dir, device="cpu")
-    hash_file, hashed = model_dir.sha256_file, []
-    monkeypatch.setattr(model_dir, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or hash_file(path))
+    hash_file, hashed = model_dir.saving.sha256_file, []
+    for module in (model_dir.format, model_dir.saving):  # where the fingerprint and the index hash files
+        monkeypatch.setattr(module, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or hash_file(path))
     fingerprints = []
     for index in range(2):
         with torch.no_grad():
@@ -162,7 +164,7 @@ def test_outside_paths_vae_override_faces_and_pickles(tiny, model_copy, tmp_path
 
     edit_manifest(model_copy, use_them)
     manifest = json.loads((model_copy / "lcmla.json").read_text())
-    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])  # records the moved files
+    model_dir.write_index(model_copy, manifest["components"], manifest["pipeline"])  # records the moved files
     torch_load = torch.load
     pickle_loads = []
 
@@ -219,7 +221,7 @@ def test_sharded_weights_are_checked_and_fingerprinted_shard_by_shard(model_copy
     (vae / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (vae / "diffusion_pytorch_model.safetensors").unlink()
     manifest = json.loads((model_copy / "lcmla.json").read_text())
-    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])
+    model_dir.write_index(model_copy, manifest["components"], manifest["pipeline"])
 
     layout = model_dir.validate(model_copy)
     assert {vae / shard for shard in shards} <= set(layout.files)
@@ -228,7 +230,7 @@ def test_sharded_weights_are_checked_and_fingerprinted_shard_by_shard(model_copy
     rewrite(second, lambda shard: {k: v + 1 for k, v in shard.items()})
     with pytest.raises(IntegrityError, match=re.escape(f"{second}: sha256 ")):
         model_dir.validate(model_copy)  # each shard is verified against its own record
-    model_dir.write_manifest(model_copy, manifest["components"], manifest["pipeline"])
+    model_dir.write_index(model_copy, manifest["components"], manifest["pipeline"])
     assert model_dir.validate(model_copy).fingerprint() != fingerprint
     second.unlink()
     with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {second}")):
@@ -369,12 +371,12 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
     unet_file.write_bytes(b"not safetensors")
     ip_kv = model_copy / "adapter" / "ip_kv.safetensors"
     ip_kv.unlink()
-    loaders = [(model_dir, "load"), (model_dir, "load_sdxl"), (model_dir, "read_state_dict"), (torch, "load"),
-               (model_dir.UNet2DConditionModel, "from_pretrained")]  # fmt: skip
+    loaders = [(model_dir, "load"), (model_dir.loading, "load_sdxl"), (model_dir.loading, "read_state_dict"),
+               (torch, "load"), (UNet2DConditionModel, "from_pretrained")]  # fmt: skip
     for module, name in loaders:
         monkeypatch.setattr(module, name, forbidden)
     with monkeypatch.context() as headers:
-        headers.setattr(model_dir, "file_header", forbidden)  # not even a header: the missing file comes first
+        headers.setattr(model_dir.checks, "file_header", forbidden)  # not even a header: the missing file comes first
         with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {ip_kv}") + "$"):
             Personalizer.from_pretrained(model_copy, device="cpu")
     # With every file present, the unreadable UNet file is found from its header, still before any loading.
