@@ -34,23 +34,21 @@ import torch
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from . import model_dir
 from .errors import ModelFilesError
-from .model_dir.format import file_header, weight_file
-from .presets import Components
+from .model_dir.loading import assemble, load_sdxl
+from .model_dir.saving import save
 from .schema import read_json
 from .weights import (
     check_shapes,
     first_keys,
     load_image_proj,
     load_ip_adapter,
-    load_lcm_lora,
     load_module_state,
     read_state_dict,
     resampler_config_from_ip_adapter,
     shapes,
 )
-from .wiring import LookaheadWeights, base_unet_state, wire_unet
+from .wiring import LookaheadWeights, base_unet_state
 
 ENCODER, IMAGE_ENCODER, IMAGE_PROJ = "encoder_unet.", "image_encoder.", "image_proj_model."
 # Files of a directory of the authors' components (their save hook, or accelerate's save_state).
@@ -82,6 +80,12 @@ class MappedCheckpoint:
             "IP K/V (extract_kv2)": len(self.ip_kv), "image encoder": len(self.image_encoder),
             "resampler (image_proj_model)": len(self.image_proj),
         }  # fmt: skip
+
+    def lookahead_weights(self, checkpoint: str | Path) -> LookaheadWeights:
+        """The K/V-encoder's and IP-Adapter's weights on the UNet, named by where they were in ``checkpoint``."""
+        sources = {"ip_kv": f"{checkpoint} (extract_kv2)", "kv_projections": f"{checkpoint} (extract_kv1)",
+                   "kv_lora": str(checkpoint)}  # fmt: skip
+        return LookaheadWeights(self.ip_kv, self.kv_projections, self.lora, sources)
 
     def ranks(self) -> dict[str, int]:
         """``lora_rank`` of the attention LoRA and ``kv_lora_rank`` of the K/V projections' LoRA (0: fused)."""
@@ -228,9 +232,7 @@ def convert(
         if not (folder / "config.json").is_file():
             raise ModelFilesError(f"{folder / 'config.json'}: missing (SDXL base in diffusers layout, CLIP image encoder)")
     mapped = map_checkpoint(read_checkpoint(checkpoint), fuse_kv_lora) if checkpoint is not None else None
-    unet_file = file_header(weight_file(sdxl / "unet", "diffusion_pytorch_model", variant))
-    stored = getattr(torch, next(iter(unet_file.values()))[1])
-    parts = model_dir.load_sdxl(sdxl, stored, variant, Path(vae).expanduser() if vae else None)
+    parts = load_sdxl(sdxl, None, variant, Path(vae).expanduser() if vae else None)
     unet = parts["unet"]
     if mapped is not None:
         check_base_equal(mapped.base, base_unet_state(unet))
@@ -239,11 +241,7 @@ def convert(
         resampler_config = resampler_config_from_ip_adapter(mapped.image_proj, Path(checkpoint))
         resampler = IPAdapterPlusImageProjection(**resampler_config)
         load_image_proj(mapped.image_proj, unet, resampler, f"{checkpoint} (image_proj_model)")
-        kv_config = mapped.ranks()
-        added = LookaheadWeights(mapped.ip_kv, mapped.kv_projections, mapped.lora, sources={
-            "ip_kv": f"{checkpoint} (extract_kv2)", "kv_projections": f"{checkpoint} (extract_kv1)",
-            "kv_lora": str(checkpoint)})  # fmt: skip
-        counts = mapped.counts()
+        kv_config, added, counts = mapped.ranks(), mapped.lookahead_weights(checkpoint), mapped.counts()
     else:
         clip = CLIPVisionModelWithProjection.from_pretrained(image_encoder, local_files_only=True)
         ip_adapter_parts = load_ip_adapter(ip_adapter, unet)
@@ -252,17 +250,12 @@ def convert(
         kv_config = {"lora_rank": 4, "kv_lora_rank": 4}
         added = LookaheadWeights(ip_kv=ip_adapter_parts.ip_kv, sources={"ip_kv": ip_adapter_parts.ip_kv_source})
         counts = ip_adapter_parts.counts
-    wire_unet(unet, kv_config, added)
-    if lcm_lora is not None:
-        load_lcm_lora(unet, Path(lcm_lora).expanduser())
-    scheduler = read_json(sdxl / "scheduler" / "scheduler_config.json")
     if kv_encoder is None:
         kv_encoder = checkpoint is None or not is_no_kv_checkpoint(checkpoint)
-    pipeline = {} if kv_encoder else {"has_kv_encoder": False}
-    config = model_dir.components_config(unet, scheduler, resampler_config, kv_config, pipeline)
-    vae_module = parts.pop("vae")
-    for module in (*(m for m in parts.values() if isinstance(m, torch.nn.Module)), clip, resampler):
-        torch.nn.Module.to(module, dtype=dtype)
-    components = Components(config=config, vae=vae_module, image_encoder=clip, resampler=resampler, **parts)
-    model_dir.save(components, Path(faces).expanduser() if faces else None, out)
+    settings = {"scheduler": read_json(sdxl / "scheduler" / "scheduler_config.json"), "resampler": resampler_config,
+                "kv_encoder": kv_config, "pipeline": {} if kv_encoder else {"has_kv_encoder": False}}  # fmt: skip
+    components = assemble(parts, clip, resampler, added, settings, Path(lcm_lora).expanduser() if lcm_lora else None)
+    for module in (components.unet, components.text_encoder, components.text_encoder_2, clip, resampler):
+        torch.nn.Module.to(module, dtype=dtype)  # the VAE keeps the dtype it was loaded in
+    save(components, Path(faces).expanduser() if faces else None, out)
     return counts

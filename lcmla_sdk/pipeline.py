@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
 
-from . import model_dir, validation
+from . import validation
 from .decoding import Decoder
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
@@ -22,6 +22,8 @@ from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256
 from .integrity import sha256_json
 from .kv_cache import IdentityKVCache, compute_kv
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_random_lcm_lora, has_adapter, materialize
+from .model_dir import checks, loading, saving
+from .model_dir.format import ModelLayout
 from .networks import Denoiser, ImageAdapter, KVEncoder
 from .noise import Noise, face_latents, fixed_face_noise
 from .noise import draw as draw_noise
@@ -65,7 +67,7 @@ class Personalizer:
         dtype: torch.dtype,
         fingerprint: str | None = None,
         faces: str | Path | None = AUTO,
-        source: model_dir.ModelLayout | None = None,
+        source: ModelLayout | None = None,
         cuda_graphs: bool = True,
     ) -> None:
         config = components.config
@@ -177,12 +179,12 @@ class Personalizer:
         if str(name) in PRESETS:
             model = cls.from_config(preset_config(str(name)), device, dtype, seed, str(name), faces, cuda_graphs)
         else:
-            if not model_dir.is_model_dir(name):
+            if not Path(name).expanduser().is_dir():
                 raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
-            layout = model_dir.validate(name, verify)
+            layout = checks.validate(name, verify)
             if faces == AUTO and "faces" in layout.components:
                 faces = layout.components["faces"].path
-            components = model_dir.load(layout, dtype)
+            components = loading.load(layout, dtype)
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
         if tiny_vae is not None:
             model.decoder.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
@@ -233,7 +235,7 @@ class Personalizer:
         directory instead of copied (a full-size model part of about 2 GB instead of 11). Only for weights left as they
         were loaded; the directory then depends on that one staying where it is.
         """
-        model_dir.save(self.components, self.faces_dir, path, linked=self.source if link_frozen else None)
+        saving.save(self.components, self.faces_dir, path, linked=self.source if link_frozen else None)
         return Path(path)
 
     @property

@@ -1,15 +1,15 @@
-"""Validation of a model directory before any heavy load: the index, every named file, every weight's key, shape and
-dtype (from file headers against meta-device builds of the configs), and the sha256 of every recorded file that
-loading reads (streamed and cached: :mod:`lcmla_sdk.integrity`)."""
+"""Validation of a model directory before any heavy load: every file its index names (:func:`.format.read_layout`)
+must exist, tokenizers and face packs must be readable, every weight's key, shape and dtype (from file headers) must
+fit meta-device builds of the configs, and every recorded file that loading reads must have its recorded sha256
+(streamed and cached: :mod:`lcmla_sdk.integrity`)."""
 
 from __future__ import annotations
 
 import functools
 import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -25,114 +25,37 @@ from transformers import (
 from ..errors import ModelFilesError
 from ..faces import check_face_pack
 from ..integrity import verify_file
-from ..schema import read_json
 from ..text import check_tokenizer_files
-from ..weights import LORA_FILE, check_shapes, shapes
+from ..weights import check_shapes, shapes
 from ..wiring import base_unet_state, lookahead_weights, wire_unet
-from .format import (
-    DIFFUSERS_PARTS,
-    FLOAT_DTYPES,
-    INDEX,
-    TOKENIZER_FILES,
-    TRANSFORMERS_PARTS,
-    Component,
-    ModelLayout,
-    canonical_json,
-    file_header,
-    read_components,
-    read_index,
-    weight_file,
-    with_shards,
-)
+from .format import FLOAT_DTYPES, INDEX, ModelLayout, canonical_json, file_header, read_layout
 
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 
 
-@dataclass
-class _Found:
-    """What validation has found so far: configs by part, weight files by part, every file loading reads."""
-
-    configs: dict[str, Any]
-    weights: dict[str, Path] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)
-
-    def add(self, part: str, folder: Path, stem: str, variant: str | None) -> None:
-        """A diffusers or transformers folder: its ``config.json`` and weight file (or sharded index and shards)."""
-        self.configs[part] = read_json(folder / "config.json")
-        self.weights[part] = weight_file(folder, stem, variant)
-        self.files += [folder / "config.json", *with_shards(self.weights[part])]
-
-
 def validate(root: str | Path, verify: bool = True) -> ModelLayout:
     """Check the index, every named file, every weight's key, shape and dtype, and (``verify``) the sha256 of every
     recorded file that loading reads; load no weights."""
-    root = Path(root).expanduser()
-    index = read_index(root)
-    components = read_components(root, index)
-    found = _Found({"pipeline": index.get("pipeline", {})}, files=[root / INDEX])
-    _find_sdxl(found, components)
-    image_encoder = components["image_encoder"]
-    found.add("image_encoder", image_encoder.path, "model", image_encoder.options.get("variant"))
-    kv_dir = components["kv_encoder"].path
-    found.configs["kv_encoder"] = read_json(kv_dir / "config.json")
-    found.weights |= {"kv_projections": kv_dir / "kv_projections.safetensors", "kv_lora": kv_dir / "lora.safetensors"}
-    found.files += [kv_dir / "config.json", found.weights["kv_projections"], found.weights["kv_lora"]]
-    _find_adapter(found, components["adapter"])
-    if "lcm_lora" in components:
-        path = components["lcm_lora"].path
-        found.weights["lcm_lora"] = path / LORA_FILE if path.is_dir() else path
-        found.files.append(found.weights["lcm_lora"])
-    if "faces" in components:
-        check_face_pack(components["faces"].path)
-        found.files += sorted(components["faces"].path.glob("*.onnx"))
-
-    missing = [str(p) for p in found.files if not p.is_file()]
+    layout = read_layout(Path(root).expanduser())
+    missing = [str(p) for p in layout.files if not p.is_file()]
     if missing:
         raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
-    layout = ModelLayout(root, index, components, found.configs, found.weights, found.files)
+    sdxl = layout.components["sdxl"].path
+    for part in ("tokenizer", "tokenizer_2"):
+        check_tokenizer_files(sdxl / part)
+    if "faces" in layout.components:
+        check_face_pack(layout.components["faces"].path)
     _check_weights(layout)
-    records = index.get("files", {})
+    records, index_file = layout.index.get("files", {}), layout.root / INDEX
     gone = [label for label in records if not layout.path(label).is_file()]
     if gone:
-        raise ModelFilesError(f"{root / INDEX}: files[{gone[0]!r}]: the recorded file {layout.path(gone[0])} is missing")
+        raise ModelFilesError(f"{index_file}: files[{gone[0]!r}]: the recorded file {layout.path(gone[0])} is missing")
     if not verify:
         return layout
-    verified = {path: verify_file(path, records[layout.label(path)]["sha256"], root / INDEX)
+    verified = {path: verify_file(path, records[layout.label(path)]["sha256"], index_file)
                 for path in layout.files if layout.label(path) in records}  # fmt: skip
-    return ModelLayout(root, index, components, found.configs, found.weights, found.files, verified)
-
-
-def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
-    """The SDXL base in diffusers layout (with the VAE override, if any): configs, weights, scheduler, tokenizers."""
-    sdxl = components["sdxl"]
-    variant = sdxl.options.get("variant")
-    folders = {part: sdxl.path / part for part in (*DIFFUSERS_PARTS, *TRANSFORMERS_PARTS)}
-    if "vae" in components:
-        folders["vae"] = components["vae"].path
-    for part, folder in folders.items():
-        found.add(part, folder, DIFFUSERS_PARTS.get(part) or TRANSFORMERS_PARTS[part], variant)
-    found.configs["scheduler"] = read_json(sdxl.path / "scheduler" / "scheduler_config.json")
-    found.files.append(sdxl.path / "scheduler" / "scheduler_config.json")
-    for part in ("tokenizer", "tokenizer_2"):
-        files = [sdxl.path / part / name for name in TOKENIZER_FILES if (sdxl.path / part / name).is_file()]
-        if not any(p.name == "tokenizer.json" for p in files) and len(files) < 2:
-            raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
-        found.files += files
-        check_tokenizer_files(sdxl.path / part)
-
-
-def _find_adapter(found: _Found, adapter: Component) -> None:
-    """lcmla's adapter folder, or an original IP-Adapter file (its resampler config read from the file at load)."""
-    if adapter.options.get("format") == "ip-adapter":
-        found.weights["ip_adapter"] = adapter.path
-        found.files.append(adapter.path)
-        if "resampler" in adapter.options:
-            found.configs["resampler"] = adapter.options["resampler"]
-        return
-    found.configs["resampler"] = read_json(adapter.path / "config.json")
-    found.weights |= {"resampler": adapter.path / "resampler.safetensors", "ip_kv": adapter.path / "ip_kv.safetensors"}
-    found.files += [adapter.path / "config.json", found.weights["resampler"], found.weights["ip_kv"]]
+    return replace(layout, verified=verified)
 
 
 def _check_weights(layout: ModelLayout) -> None:

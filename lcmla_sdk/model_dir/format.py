@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from ..errors import ModelFilesError
 from ..integrity import is_sha256, sha256_file
 from ..schema import COUNT, NAME, OBJECT, POSITIVE, STRING, Check, Either, Is, MapOf, Object, OneOf, check, nullable, parse_json, read_json
-from ..weights import PICKLE_SUFFIXES, load_error_reason
+from ..weights import LORA_FILE, PICKLE_SUFFIXES, load_error_reason
 
 INDEX = "lcmla.json"
 FORMAT = "lcmla-model"
@@ -115,10 +115,6 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, sort_keys=True, separators=(",", ":"))
 
 
-def is_model_dir(name: str | Path) -> bool:
-    return Path(name).expanduser().is_dir()
-
-
 def read_index(root: Path) -> dict[str, Any]:
     path = root / INDEX
     if not path.is_file():
@@ -192,6 +188,81 @@ def file_header(path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     except (SafetensorError, OSError, RuntimeError, pickle.UnpicklingError, EOFError) as error:
         raise ModelFilesError(f"{path}: unreadable weights: {load_error_reason(error)}") from None
     raise ModelFilesError(f"{path}: unknown weight format")
+
+
+@dataclass
+class _Found:
+    """What :func:`read_layout` has found so far: configs (or their files) by part, weight files by part, and every
+    file loading reads."""
+
+    configs: dict[str, Any]
+    config_files: dict[str, Path] = field(default_factory=dict)
+    weights: dict[str, Path] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+
+    def config(self, part: str, path: Path) -> None:
+        self.config_files[part] = path
+        self.files.append(path)
+
+    def add(self, part: str, folder: Path, stem: str, variant: str | None) -> None:
+        """A diffusers or transformers folder: its ``config.json`` and weight file (or sharded index and shards)."""
+        self.config(part, folder / "config.json")
+        self.weights[part] = weight_file(folder, stem, variant)
+        self.files += with_shards(self.weights[part])
+
+
+def read_layout(root: Path) -> ModelLayout:
+    """The index of the directory at ``root``, its components (each must exist), their configs and every file
+    loading reads (not checked yet: :func:`lcmla_sdk.model_dir.validate`)."""
+    index = read_index(root)
+    components = read_components(root, index)
+    found = _Found({"pipeline": index.get("pipeline", {})}, files=[root / INDEX])
+    _find_sdxl(found, components)
+    image_encoder = components["image_encoder"]
+    found.add("image_encoder", image_encoder.path, "model", image_encoder.options.get("variant"))
+    kv_dir = components["kv_encoder"].path
+    found.config("kv_encoder", kv_dir / "config.json")
+    found.weights |= {"kv_projections": kv_dir / "kv_projections.safetensors", "kv_lora": kv_dir / "lora.safetensors"}
+    found.files += [found.weights["kv_projections"], found.weights["kv_lora"]]
+    _find_adapter(found, components["adapter"])
+    if "lcm_lora" in components:
+        path = components["lcm_lora"].path
+        found.weights["lcm_lora"] = path / LORA_FILE if path.is_dir() else path
+        found.files.append(found.weights["lcm_lora"])
+    if "faces" in components:
+        found.files += sorted(components["faces"].path.glob("*.onnx"))
+    configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
+    return ModelLayout(root, index, components, configs, found.weights, found.files)
+
+
+def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
+    """The SDXL base in diffusers layout (with the VAE override, if any): configs, weights, scheduler, tokenizer files."""
+    sdxl = components["sdxl"]
+    variant = sdxl.options.get("variant")
+    folders = {part: sdxl.path / part for part in (*DIFFUSERS_PARTS, *TRANSFORMERS_PARTS)}
+    if "vae" in components:
+        folders["vae"] = components["vae"].path
+    for part, folder in folders.items():
+        found.add(part, folder, DIFFUSERS_PARTS.get(part) or TRANSFORMERS_PARTS[part], variant)
+    found.config("scheduler", sdxl.path / "scheduler" / "scheduler_config.json")
+    for part in ("tokenizer", "tokenizer_2"):
+        files = [sdxl.path / part / name for name in TOKENIZER_FILES if (sdxl.path / part / name).is_file()]
+        if not any(p.name == "tokenizer.json" for p in files) and len(files) < 2:
+            raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
+        found.files += files
+
+
+def _find_adapter(found: _Found, adapter: Component) -> None:
+    """lcmla's adapter folder, or an original IP-Adapter file (its resampler config read from the file at load)."""
+    if adapter.options.get("format") == "ip-adapter":
+        found.weights["ip_adapter"] = adapter.path
+        found.files.append(adapter.path)
+        if "resampler" in adapter.options:
+            found.configs["resampler"] = adapter.options["resampler"]
+        return
+    found.config("resampler", adapter.path / "config.json")
+    found.weights |= {"resampler": adapter.path / "resampler.safetensors", "ip_kv": adapter.path / "ip_kv.safetensors"}
+    found.files += [found.weights["resampler"], found.weights["ip_kv"]]
 
 
 def describe(root: str | Path) -> list[tuple[str, str, str, str]]:

@@ -14,7 +14,7 @@ from ..presets import Components
 from ..text import load_tokenizer
 from ..weights import load_ip_adapter, load_lcm_lora, load_module_state, read_state_dict
 from ..wiring import LookaheadWeights, wire_unet
-from .format import ModelLayout
+from .format import DIFFUSERS_PARTS, ModelLayout, file_header, weight_file
 
 # The authors' pipeline settings, for directories whose index does not name them.
 PIPELINE_DEFAULTS = {"encoder_prompt": "A photo of a face", "face_size": 1024}
@@ -43,16 +43,34 @@ def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
         load_module_state(resampler, read_state_dict(files["resampler"]), str(files["resampler"]))
         ip_kv = read_state_dict(files["ip_kv"])
     added = LookaheadWeights(ip_kv, read_state_dict(files["kv_projections"]), read_state_dict(files["kv_lora"]), sources)
-    wire_unet(unet, configs["kv_encoder"], added)
-    if "lcm_lora" in files:
-        load_lcm_lora(unet, files["lcm_lora"])
-    config = components_config(unet, configs["scheduler"], resampler_config, configs["kv_encoder"], configs["pipeline"])
+    settings = {"scheduler": configs["scheduler"], "resampler": resampler_config, "kv_encoder": configs["kv_encoder"],
+                "pipeline": configs["pipeline"]}  # fmt: skip
+    return assemble(parts, image_encoder, resampler, added, settings, files.get("lcm_lora"))
+
+
+def assemble(
+    parts: dict[str, Any], image_encoder: CLIPVisionModelWithProjection, resampler: IPAdapterPlusImageProjection,
+    added: LookaheadWeights, settings: dict[str, Any], lcm_lora: Path | None = None,
+) -> Components:  # fmt: skip
+    """The last steps of loading a directory and of ``lcmla convert``: wire the shared UNet (``parts["unet"]``) with
+    LCM-Lookahead's weights ``added``, attach the LCM-LoRA file ``lcm_lora``, and make the ``Personalizer.config``:
+    the UNet's config plus ``settings`` (``scheduler``, ``resampler`` and ``kv_encoder`` configs, and ``pipeline``
+    settings over :data:`PIPELINE_DEFAULTS`)."""
+    unet = parts["unet"]
+    wire_unet(unet, settings["kv_encoder"], added)
+    if lcm_lora is not None:
+        load_lcm_lora(unet, lcm_lora)
+    config = {"unet": dict(unet.config), **settings, "pipeline": {**PIPELINE_DEFAULTS, **settings["pipeline"]}}
     return Components(config=config, image_encoder=image_encoder, resampler=resampler, **parts)
 
 
-def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_dir: Path | None = None) -> dict[str, Any]:
-    """The SDXL base parts of a diffusers-layout folder (local files only), by their ``Components`` names."""
+def load_sdxl(folder: Path, dtype: torch.dtype | None, variant: str | None = None, vae_dir: Path | None = None) -> dict[str, Any]:
+    """The SDXL base parts of a diffusers-layout folder (local files only), by their ``Components`` names, in
+    ``dtype`` (``None``: the dtype the UNet's weights are stored in)."""
     local = {"local_files_only": True}
+    if dtype is None:
+        header = file_header(weight_file(folder / "unet", DIFFUSERS_PARTS["unet"], variant))
+        dtype = getattr(torch, next(iter(header.values()))[1])
     vae_config = AutoencoderKL.load_config(vae_dir or folder / "vae")
     vae_dtype = torch.float32 if vae_config.get("force_upcast", True) else dtype
     return {
@@ -67,11 +85,3 @@ def load_sdxl(folder: Path, dtype: torch.dtype, variant: str | None = None, vae_
         "tokenizer": load_tokenizer(folder / "tokenizer"),
         "tokenizer_2": load_tokenizer(folder / "tokenizer_2"),
     }
-
-
-def components_config(unet, scheduler: dict, resampler: dict, kv_encoder: dict, pipeline: dict) -> dict[str, Any]:
-    """The ``Personalizer.config`` of loaded weights (:data:`PIPELINE_DEFAULTS` where ``pipeline`` is silent)."""
-    return {
-        "unet": dict(unet.config), "scheduler": scheduler, "resampler": resampler, "kv_encoder": kv_encoder,
-        "pipeline": {**PIPELINE_DEFAULTS, **pipeline},
-    }  # fmt: skip
