@@ -6,11 +6,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from .images import to_pil
+from .images import to_pil, to_uint8
 
 VAES = ("full", "tiny")
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -33,8 +32,7 @@ class Decoder:
             images = self._full(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
-        pil = to_pil(images)
-        return [np.asarray(p) for p in pil] if output == "np" else pil
+        return list(to_uint8(images)) if output == "np" else to_pil(images)
 
     def compile(self, latent_side: int, cache: str | Path | None = None) -> float:
         """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,

@@ -35,6 +35,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcmla_sdk.atomic import write_text
+from lcmla_sdk.images import to_uint8
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
 from lcmla_sdk.presets import PRESETS, preset_config
@@ -280,7 +281,7 @@ class Trainer:
             preview = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample.float()
 
         references = inputs["reference_pixels"][:count]
-        found = [self.landmarks(image) for image in _to_uint8(preview)]
+        found = [self.landmarks(image) for image in to_uint8(preview)]
         valid = [i for i, landmarks in enumerate(found) if landmarks is not None]
         total = preview.new_zeros(())
         result: dict[str, Any] = {"lcm_scale": scale, "faces_missing": count - len(valid), "preview": preview.detach()}
@@ -418,7 +419,7 @@ class Trainer:
         if preview is not None and config.logging.preview_every and step % config.logging.preview_every == 0:
             tracker = accelerator.get_tracker(config.logging.tracker, unwrap=False)
             if hasattr(tracker, "log_images"):
-                tracker.log_images({"preview": _to_uint8(preview)}, step=step, dataformats="NHWC")
+                tracker.log_images({"preview": to_uint8(preview)}, step=step, dataformats="NHWC")
 
     def check_sync(self, step: int) -> None:
         """Compare the trainables across processes; raise if any rank differs."""
@@ -507,12 +508,6 @@ def responsive_decoder_init(vae: AutoencoderTiny) -> None:
         if conv.bias is not None:
             torch.nn.init.zeros_(conv.bias)
     convs[-1].weight.data.mul_(0.05)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8 (what detectors and image logs take)."""
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
