@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ from lcmla_sdk.atomic import write_text
 from lcmla_sdk.images import to_uint8
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
-from lcmla_sdk.presets import PRESETS, preset_config
+from lcmla_sdk.presets import PRESETS, preset_part
 from lcmla_sdk.text import time_ids
 
 from . import checkpoints
@@ -54,10 +53,6 @@ from .trainables import (
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 StepCallback = Callable[[int, dict[str, float]], Any]
-
-
-def training_presets() -> dict[str, Any]:
-    return json.loads(resources.files(__package__).joinpath("presets.json").read_text())
 
 
 class Trainer:
@@ -150,10 +145,10 @@ class Trainer:
         model.config["pipeline"].pop("has_kv_encoder", None)
         return model
 
-    def _preset_part(self, part: str, key: str, core: bool = False) -> Any:
+    def _preset_part(self, part: str, key: str) -> Any:
         if self.config.model not in PRESETS:
             raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
-        return (preset_config(self.config.model) if core else training_presets()[self.config.model])[part]
+        return preset_part(self.config.model, part)
 
     def _load_tiny_vae(self) -> AutoencoderTiny:
         if self.config.tiny_vae is not None:
@@ -164,7 +159,7 @@ class Trainer:
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
-                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae", core=True))
+                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae"))
                 responsive_decoder_init(vae)
         return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
 
