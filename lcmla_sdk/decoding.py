@@ -9,10 +9,19 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
+from .errors import ModelFilesError
 from .images import to_pil, to_uint8
 
 VAES = ("full", "tiny")
 OUTPUTS = ("pil", "np", "pt", "latent")
+
+
+def load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
+    """A local diffusers ``AutoencoderTiny`` folder (TAESD-XL); :class:`ModelFilesError` if it is not one."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelFilesError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny folder (no config.json)")
+    return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
 
 
 class Decoder:

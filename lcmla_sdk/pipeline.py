@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from . import model_dir, validation
 from .attention import install_lookahead_processors
-from .decoding import Decoder
+from .decoding import Decoder, load_tiny_vae
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
 from .freeu import AUTHORS_FREEU, install_freeu, stage_values
@@ -187,7 +187,7 @@ class Personalizer:
             components = model_dir.load(layout, dtype)
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
         if tiny_vae is not None:
-            model.decoder.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
+            model.decoder.tiny_vae = _place(load_tiny_vae(tiny_vae), device, dtype)
         return model
 
     @classmethod
@@ -570,10 +570,3 @@ def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype, de
         if config.get("lcm_lora"):
             add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
     return components
-
-
-def _load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelFilesError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny folder (no config.json)")
-    return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)

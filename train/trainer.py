@@ -34,6 +34,8 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcmla_sdk.atomic import write_text
+from lcmla_sdk.decoding import load_tiny_vae
+from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.images import to_uint8
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
@@ -152,10 +154,10 @@ class Trainer:
 
     def _load_tiny_vae(self) -> AutoencoderTiny:
         if self.config.tiny_vae is not None:
-            path = Path(self.config.tiny_vae).expanduser()
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny directory (no config.json)")
-            vae = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
+            try:
+                vae = load_tiny_vae(self.config.tiny_vae)
+            except ModelFilesError as error:  # a config mistake, reported as one
+                raise ConfigError(str(error)) from None
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
