@@ -22,7 +22,7 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="tiny")
 parser.add_argument("--face", type=Path, help="face photo (default: the sample face shipped with lcmla)")
 parser.add_argument("--out", type=Path, default=Path("outputs/many_prompts"))
-parser.add_argument("--steps", type=int, help="denoising steps (default: 50 for quality, 4 for fast)")
+parser.add_argument("--steps", type=int, help="denoising steps (default: by mode)")
 args = parser.parse_args()
 
 personalizer = Personalizer.from_pretrained(args.model)

@@ -14,12 +14,12 @@ parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--model", default="tiny")
 parser.add_argument("--face", type=Path, help="face photo (default: the sample face shipped with lcmla)")
 parser.add_argument("--out", type=Path, default=Path("outputs/quickstart"))
-parser.add_argument("--steps", type=int, help="denoising steps (default: 50 for quality, 4 for fast)")
+parser.add_argument("--steps", type=int, help="denoising steps (default: by mode)")
 args = parser.parse_args()
 
 personalizer = Personalizer.from_pretrained(args.model)  # cuda + fp16 when there is a GPU, else cpu + fp32
 face = args.face or sample_face()
-images = personalizer.generate(face, "An oil painting of a face", seed=0, steps=args.steps)  # quality: 50 steps
+images = personalizer.generate(face, "An oil painting of a face", seed=0, steps=args.steps)  # quality (DPM-Solver++)
 images += personalizer.generate(face, "An oil painting of a face", seed=0, mode="fast", steps=args.steps)  # LCM
 args.out.mkdir(parents=True, exist_ok=True)
 for mode, image in zip(("quality", "fast"), images):

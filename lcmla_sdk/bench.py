@@ -34,10 +34,11 @@ import torch
 from diffusers import DDPMScheduler
 
 from .freeu import AUTHORS_FREEU, stage_values
-from .guidance import three_branch
+from .guidance import DEFAULT_GUIDANCE, three_branch
 from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
+from .request import MODES
 from .sampling import join_references
 from .schedule import noise_reference
 from .text import time_ids
@@ -52,8 +53,8 @@ class BenchConfig:
     preset: str = "sdxl"
     size: int = 1024
     batch: int = 8
-    fast_steps: int = 4
-    quality_steps: int = 50
+    fast_steps: int = MODES["fast"]
+    quality_steps: int = MODES["quality"]
     iters: int = 3
     modes: tuple[str, ...] = ("fast", "quality")
     ways: tuple[str, ...] = WAYS
@@ -179,7 +180,7 @@ class AuthorsWay:
                 eps = full.chunk(2)[1]
             else:
                 nokv = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, None, freeu)
-                eps = three_branch(*nokv.chunk(2), *full.chunk(2), (3.0, 2.0, 2.0))
+                eps = three_branch(*nokv.chunk(2), *full.chunk(2), DEFAULT_GUIDANCE)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
         return model.decode(latents, "pt")
 

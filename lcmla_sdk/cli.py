@@ -11,6 +11,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .freeu import AUTHORS_FREEU
+from .guidance import DEFAULT_GUIDANCE
+from .request import MODES
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LCM-Lookahead face personalization for SDXL.")
 console = Console(stderr=True)
 
@@ -21,6 +25,7 @@ FACES_HELP = (
     "Face backend: 'auto' (the model's insightface pack, else dlib), 'dlib[:cnn][,68]', 'insightface:DIR' or DIR, "
     "'none' (no detection)."
 )
+MODE_HELP = f"'quality' (DPM-Solver++, {MODES['quality']} steps) or 'fast' (LCM, {MODES['fast']} steps)."
 # Errors a user can fix (bad arguments, bad or unreadable files); every LcmlaError derives from ValueError.
 USER_ERRORS = (ValueError, TypeError, OSError)
 
@@ -49,9 +54,9 @@ def generate(
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (default: none, zeroed)."),
     num_images: int = typer.Option(1, help="Images per prompt."),
     seed: Optional[int] = typer.Option(None, help="Seed of the first image; the next ones use seed+1, ..."),
-    mode: str = typer.Option("quality", help="'quality' (DPM-Solver++, 50 steps) or 'fast' (LCM, 4 steps)."),
+    mode: str = typer.Option("quality", help=MODE_HELP),
     steps: Optional[int] = typer.Option(None, help="Number of steps (default: by mode)."),
-    guidance: tuple[float, float, float] = typer.Option((3.0, 2.0, 2.0), help="Weights no_kv full kv."),
+    guidance: tuple[float, float, float] = typer.Option(DEFAULT_GUIDANCE, help="Weights no_kv full kv."),
     height: Optional[int] = typer.Option(None),
     width: Optional[int] = typer.Option(None),
     no_kv: bool = typer.Option(
@@ -59,7 +64,7 @@ def generate(
     ),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
     kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
-    freeu: tuple[float, float, float, float] = typer.Option((1.0, 1.1, 0.9, 0.2), help="FreeU b1 b2 s1 s2."),
+    freeu: tuple[float, float, float, float] = typer.Option(AUTHORS_FREEU, help="FreeU b1 b2 s1 s2."),
     no_freeu: bool = typer.Option(False, "--no-freeu", help="Turn FreeU off."),
     vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
     tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
@@ -73,7 +78,6 @@ def generate(
     from .atomic import atomic_path
     from .images import sample_face
     from .pipeline import Personalizer
-    from .request import MODES
 
     try:
         # Everything that does not need the model is checked before minutes of loading, not after.
@@ -127,7 +131,7 @@ def bench(
     preset: str = typer.Option("sdxl", help="Embedded preset whose random weights are timed ('sdxl': full size)."),
     size: int = typer.Option(1024, help="Image side in pixels."),
     batch: int = typer.Option(8, help="Batch of the throughput runs (fast mode)."),
-    quality_steps: int = typer.Option(50, help="Steps of quality mode."),
+    quality_steps: int = typer.Option(MODES["quality"], help="Steps of quality mode."),
     iters: int = typer.Option(3, help="Timed calls per run, after the first."),
     modes: str = typer.Option("fast,quality", help="Comma-separated modes."),
     ways: str = typer.Option("all", help="Comma-separated: authors, diffusers, eager, graphs, kv_cache, tiny_vae, "
@@ -143,8 +147,8 @@ def bench(
 
     try:
         chosen = WAYS if ways == "all" else tuple(ways.split(","))
-        config = BenchConfig(preset, size, batch, 4, quality_steps, iters, tuple(modes.split(",")), chosen, device,
-                             str(compile_cache) if compile_cache else None)  # fmt: skip
+        config = BenchConfig(preset, size, batch, MODES["fast"], quality_steps, iters, tuple(modes.split(",")), chosen,
+                             device, str(compile_cache) if compile_cache else None)  # fmt: skip
         unknown = set(config.ways) - set(WAYS)
         if unknown or not set(config.modes) <= {"fast", "quality"}:
             raise ValueError(f"ways/modes: unknown {sorted(unknown) or config.modes}")
@@ -331,7 +335,7 @@ def identity_create(
 ) -> None:
     """Encode FACE photo(s) with MODEL into an identity file for `lcmla generate --identity`."""
     from . import validation
-    from .faces import ON_MULTIPLE
+    from .face_analyzer import ON_MULTIPLE
     from .images import FACE_RESIZES
     from .pipeline import CROPS, Personalizer
 

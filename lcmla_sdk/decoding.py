@@ -6,14 +6,22 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from .images import to_pil
+from .errors import ModelFilesError
+from .images import to_pil, to_uint8
 
 VAES = ("full", "tiny")
 OUTPUTS = ("pil", "np", "pt", "latent")
+
+
+def load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
+    """A local diffusers ``AutoencoderTiny`` folder (TAESD-XL); :class:`ModelFilesError` if it is not one."""
+    path = Path(folder).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelFilesError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny folder (no config.json)")
+    return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
 
 
 class Decoder:
@@ -33,8 +41,7 @@ class Decoder:
             images = self._full(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
-        pil = to_pil(images)
-        return [np.asarray(p) for p in pil] if output == "np" else pil
+        return list(to_uint8(images)) if output == "np" else to_pil(images)
 
     def compile(self, latent_side: int, cache: str | Path | None = None) -> float:
         """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,

@@ -1,7 +1,7 @@
 """Face detection, 5-point landmarks and face-recognition embeddings: one interface, two backends.
 
-:class:`FaceAnalyzer` is the interface (``detect`` -> every face, largest first; ``find_face`` -> the one to use).
-Backends, both offline:
+:class:`~lcmla_sdk.face_analyzer.FaceAnalyzer` is the interface (``detect`` -> every face, largest first;
+``find_face`` -> the one to use). Backends, both offline:
 
 * ``dlib`` (:mod:`lcmla_sdk.faces_dlib`): dlib's HOG or CNN detector, shape predictor and 128-d ResNet embedding,
   with the model files of the ``face_recognition_models`` package (the ``faces`` extra). The default.
@@ -16,68 +16,20 @@ Backends, both offline:
 from __future__ import annotations
 
 import warnings
-from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from .errors import ModelFilesError, MultipleFacesError, NoFaceError
+from . import faces_dlib
+from .errors import ModelFilesError
+from .face_analyzer import ARCFACE_TEMPLATE, DetectedFace, FaceAnalyzer
 
 PACK_CONTENTS = "a detector such as det_10g.onnx and an ArcFace recognition model such as w600k_r50.onnx"
-ON_MULTIPLE = ("largest", "error")
 AUTO = "auto"
 _no_check_said = False  # the warning below is given once per process
 FACES_FORMS = "'auto', 'dlib' (or 'dlib:cnn', 'dlib:68', 'dlib:cnn,68'), 'insightface:DIR', a pack folder, or None"
-
-# insightface's ArcFace landmark template in a 112 x 112 crop: the centres of the image-left and image-right eyes,
-# the nose tip, the image-left and image-right mouth corners. Every backend reports its landmarks in this order.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
-
-
-@dataclass
-class DetectedFace:
-    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks`` in :data:`ARCFACE_TEMPLATE`'s
-    order, the detector's ``score`` and the L2-normalised ``embedding`` of the backend's recogniser (512-d ArcFace
-    for insightface, 128-d ResNet for dlib)."""
-
-    box: np.ndarray
-    landmarks: np.ndarray
-    score: float
-    embedding: np.ndarray
-
-    @property
-    def area(self) -> float:
-        return float(max(0.0, self.box[2] - self.box[0]) * max(0.0, self.box[3] - self.box[1]))
-
-
-class FaceAnalyzer(ABC):
-    """Detection + landmarks + recognition. ``name`` is the backend as a ``faces=`` value (recorded in identities
-    and evaluation reports); ``det_thresh`` the detector score below which a box is no face."""
-
-    name: str
-    det_thresh: float
-
-    @abstractmethod
-    def detect(self, image: Image.Image) -> list[DetectedFace]:
-        """Every face above the threshold, largest first."""
-
-    def find_face(self, image: Image.Image, on_multiple: str = "largest") -> DetectedFace:
-        """The one face to use: the largest, or :class:`MultipleFacesError` when ``on_multiple="error"``."""
-        if on_multiple not in ON_MULTIPLE:
-            raise ValueError(f"on_multiple: {on_multiple!r} is not one of {ON_MULTIPLE}")
-        faces = self.detect(image)
-        where = f"the {image.width}x{image.height} image (detector threshold {self.det_thresh}, {self.name})"
-        if not faces:
-            raise NoFaceError(f"face: no face found in {where}")
-        if len(faces) > 1 and on_multiple == "error":
-            boxes = ", ".join(str([round(float(v)) for v in face.box]) for face in faces)
-            raise MultipleFacesError(f"face: {len(faces)} faces found in {where} at {boxes}; on_multiple='error'")
-        return faces[0]
 
 
 class InsightFaceAnalyzer(FaceAnalyzer):
@@ -158,9 +110,7 @@ class FaceBackend:
         if text in (AUTO, "none"):
             return cls("auto" if text == AUTO else "off")
         if text == "dlib" or text.startswith("dlib:"):
-            from .faces_dlib import parse_options
-
-            return cls("dlib", options=parse_options(text.partition(":")[2]))
+            return cls("dlib", options=faces_dlib.parse_options(text.partition(":")[2]))
         pack = text.removeprefix("insightface:")
         if not pack:
             raise ValueError("faces: 'insightface:' needs a pack folder, e.g. 'insightface:models/buffalo_l'")
@@ -168,8 +118,6 @@ class FaceBackend:
 
     def open(self, providers: list[str] | None = None) -> FaceAnalyzer | None:
         """The analyzer (model files are read now), or ``None`` for no detection."""
-        from . import faces_dlib
-
         global _no_check_said
         if self.kind == "insightface":
             return InsightFaceAnalyzer(self.pack_dir, providers=providers)

@@ -159,7 +159,12 @@ def vae_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return (_to_tensor(_square_crop(image, size, Image.Resampling.LANCZOS)) * 2.0 - 1.0).unsqueeze(0)
 
 
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """``(N, 3, H, W)`` or ``(3, H, W)`` in [-1, 1] -> ``(N, H, W, 3)`` or ``(H, W, 3)`` uint8 (channels last)."""
+    array = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return array.movedim(-3, -1).cpu().numpy()
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     """``(N, 3, H, W)`` in [-1, 1] -> RGB PIL images."""
-    array = ((images.float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    return [Image.fromarray(a) for a in array]
+    return [Image.fromarray(a) for a in to_uint8(images)]

@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderTiny, DPMSolverMultistepScheduler, LCMScheduler
+from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from . import validation
-from .decoding import Decoder
+from .decoding import Decoder, load_tiny_vae
 from .errors import InvalidImageError, ModelFilesError
-from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, align_face
+from .face_analyzer import ON_MULTIPLE, FaceAnalyzer
+from .faces import AUTO, FaceBackend, align_face
 from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE
 from .identity import Identity, detection_fields
@@ -187,7 +188,7 @@ class Personalizer:
             components = loading.load(layout, dtype)
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
         if tiny_vae is not None:
-            model.decoder.tiny_vae = _place(_load_tiny_vae(tiny_vae), device, dtype)
+            model.decoder.tiny_vae = _place(load_tiny_vae(tiny_vae), device, dtype)
         return model
 
     @classmethod
@@ -376,9 +377,9 @@ class Personalizer:
         """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
         from :meth:`encode_face`, which skips all face work).
 
-        ``mode="quality"``: DPM-Solver++ (50 steps) with three-branch guidance ``guidance`` =
-        (no_kv, full, kv). ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, 4 steps, conditional
-        branch only. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``; ``None``: the
+        ``mode="quality"``: DPM-Solver++ with three-branch guidance ``guidance`` = (no_kv, full, kv).
+        ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, conditional branch only. ``steps``: by default
+        each mode's in :data:`lcmla_sdk.request.MODES`. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``; ``None``: the
         model's default (:attr:`has_kv_encoder`). ``kv_cache=True``: the K/V-encoder's output for this schedule is
         computed once per identity, with the identity's fixed reference noise (``face_noise="fixed"``) instead of
         each image's initial noise (the authors' pairing), and reused by later calls. ``vae="tiny"``: decode with
@@ -570,10 +571,3 @@ def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype, de
         if config.get("lcm_lora"):
             add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
     return components
-
-
-def _load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
-    path = Path(folder).expanduser()
-    if not (path / "config.json").is_file():
-        raise ModelFilesError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny folder (no config.json)")
-    return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from lcmla_sdk.errors import InvalidImageError, LcmlaError
-from lcmla_sdk.images import clip_pixels, load_rgb, vae_pixels
+from lcmla_sdk.images import clip_pixels, load_rgb, to_uint8, vae_pixels
 
 from .config import DataSetConfig
 
@@ -195,8 +195,7 @@ class PairDataset(Dataset):
                     break
             if len(images) < 2:
                 continue
-            reference_uint8 = ((images["reference"] + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-            reference_uint8 = reference_uint8.permute(1, 2, 0).numpy()
+            reference_uint8 = to_uint8(images["reference"])
             landmarks = self.landmarks(reference_uint8)
             if landmarks is None:
                 skipped.append((NO_FACE, str(reference.path)))

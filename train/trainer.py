@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import warnings
 from collections.abc import Callable
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -35,9 +34,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcmla_sdk.atomic import write_text
+from lcmla_sdk.decoding import load_tiny_vae
+from lcmla_sdk.errors import ModelFilesError
+from lcmla_sdk.images import to_uint8
 from lcmla_sdk.lora import LCM_ADAPTER
 from lcmla_sdk.pipeline import Personalizer
-from lcmla_sdk.presets import PRESETS, preset_config
+from lcmla_sdk.presets import PRESETS, preset_part
 from lcmla_sdk.text import time_ids
 
 from . import checkpoints
@@ -53,10 +55,6 @@ from .trainables import (
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 StepCallback = Callable[[int, dict[str, float]], Any]
-
-
-def training_presets() -> dict[str, Any]:
-    return json.loads(resources.files(__package__).joinpath("presets.json").read_text())
 
 
 class Trainer:
@@ -149,21 +147,21 @@ class Trainer:
         model.config["pipeline"].pop("has_kv_encoder", None)
         return model
 
-    def _preset_part(self, part: str, key: str, core: bool = False) -> Any:
+    def _preset_part(self, part: str, key: str) -> Any:
         if self.config.model not in PRESETS:
             raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
-        return (preset_config(self.config.model) if core else training_presets()[self.config.model])[part]
+        return preset_part(self.config.model, part)
 
     def _load_tiny_vae(self) -> AutoencoderTiny:
         if self.config.tiny_vae is not None:
-            path = Path(self.config.tiny_vae).expanduser()
-            if not (path / "config.json").is_file():
-                raise ConfigError(f"tiny_vae: {path} is not a diffusers AutoencoderTiny directory (no config.json)")
-            vae = AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
+            try:
+                vae = load_tiny_vae(self.config.tiny_vae)
+            except ModelFilesError as error:  # a config mistake, reported as one
+                raise ConfigError(str(error)) from None
         else:
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.config.seed)
-                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae", core=True))
+                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae"))
                 responsive_decoder_init(vae)
         return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
 
@@ -280,7 +278,7 @@ class Trainer:
             preview = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample.float()
 
         references = inputs["reference_pixels"][:count]
-        found = [self.landmarks(image) for image in _to_uint8(preview)]
+        found = [self.landmarks(image) for image in to_uint8(preview)]
         valid = [i for i, landmarks in enumerate(found) if landmarks is not None]
         total = preview.new_zeros(())
         result: dict[str, Any] = {"lcm_scale": scale, "faces_missing": count - len(valid), "preview": preview.detach()}
@@ -418,7 +416,7 @@ class Trainer:
         if preview is not None and config.logging.preview_every and step % config.logging.preview_every == 0:
             tracker = accelerator.get_tracker(config.logging.tracker, unwrap=False)
             if hasattr(tracker, "log_images"):
-                tracker.log_images({"preview": _to_uint8(preview)}, step=step, dataformats="NHWC")
+                tracker.log_images({"preview": to_uint8(preview)}, step=step, dataformats="NHWC")
 
     def check_sync(self, step: int) -> None:
         """Compare the trainables across processes; raise if any rank differs."""
@@ -507,12 +505,6 @@ def responsive_decoder_init(vae: AutoencoderTiny) -> None:
         if conv.bias is not None:
             torch.nn.init.zeros_(conv.bias)
     convs[-1].weight.data.mul_(0.05)
-
-
-def _to_uint8(images: torch.Tensor) -> np.ndarray:
-    """``(B, 3, H, W)`` in [-1, 1] -> ``(B, H, W, 3)`` uint8 (what detectors and image logs take)."""
-    array = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return array.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,9 @@
 
 ``tiny``  small widths, SDXL's block types and 70-layer K/V pattern; runs on a CPU in seconds.
 ``sdxl``  the full SDXL-base architecture (random weights: for export and benchmarks, not for images).
+
+``training.json`` holds the parts only training builds (ArcFace), apart from ``<name>.json`` because a preset's
+config is its model's fingerprint; :func:`preset_part` reads a part from either.
 """
 
 from __future__ import annotations
@@ -45,7 +48,18 @@ class Components:
 def preset_config(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise ValueError(f"Unknown preset {name!r}; expected one of {PRESETS}.")
-    return json.loads(resources.files(__package__).joinpath(f"{name}.json").read_text())
+    return _read(f"{name}.json")
+
+
+def preset_part(name: str, part: str) -> Any:
+    """Constructor arguments of one component of preset ``name``: a model part (``"tiny_vae"``) or a part only
+    training builds (``"arcface"``)."""
+    config = preset_config(name)
+    return config[part] if part in config else _read("training.json")[name][part]
+
+
+def _read(file: str) -> dict[str, Any]:
+    return json.loads(resources.files(__package__).joinpath(file).read_text())
 
 
 def tiny_tokenizer() -> CLIPTokenizer:
