@@ -1,4 +1,4 @@
-"""Attention processors for LCM-Lookahead, installed on a diffusers UNet with ``set_processor``.
+"""Attention processors for LCM-Lookahead, installed on a diffusers UNet by :func:`lcmla_sdk.wiring.wire_unet`.
 
 Each SDXL transformer block gets two processors:
 
@@ -21,8 +21,6 @@ from collections.abc import MutableMapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
-from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
@@ -131,45 +129,3 @@ class IPAdapterAttnProcessor(nn.Module):
             image_out = _attend(query, self.to_k_ip(ip_tokens), self.to_v_ip(ip_tokens), attn.heads)
             out = out + adapter_scale.to(out.dtype).view(-1, 1, 1) * image_out
         return attn.to_out[1](attn.to_out[0](out))
-
-
-def kv_block_names(unet: UNet2DConditionModel) -> list[str]:
-    """Names of the transformer blocks whose self-attention takes appended K/V, in forward order.
-
-    For SDXL this is the authors' 70-block list (down_blocks.1/2, mid_block, up_blocks.0/1).
-    """
-    # The UNet registers mid_block after up_blocks, so walk the stages explicitly in forward order.
-    stages = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
-    stages += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
-    names = []
-    for stage in stages:
-        for name, module in unet.get_submodule(stage).named_modules(prefix=stage):
-            if isinstance(module, BasicTransformerBlock):
-                names.append(name)
-    return names
-
-
-def install_lookahead_processors(unet: UNet2DConditionModel) -> list[str]:
-    """Install the two processors on every SDXL transformer block; return the K/V block names in order.
-
-    Blocks that already carry them are left as they are, so calling this on a wired UNet changes nothing.
-
-    The K/V projections start as copies of the block's ``attn1.to_k``/``to_v`` (as the authors initialise
-    ``extract_kv1``); the IP projections start at zero until adapter weights are loaded.
-    """
-    names = kv_block_names(unet)
-    for index, name in enumerate(names):
-        block = unet.get_submodule(name)
-        self_attn, cross_attn = block.attn1, block.attn2
-        if isinstance(self_attn.processor, AppendedKVAttnProcessor):
-            continue
-        appended = AppendedKVAttnProcessor(index, self_attn.inner_dim)
-        appended.to_k_kv.weight.data.copy_(self_attn.to_k.weight.data)
-        appended.to_v_kv.weight.data.copy_(self_attn.to_v.weight.data)
-        ip = IPAdapterAttnProcessor(cross_attn.inner_dim, cross_attn.cross_attention_dim)
-        nn.init.zeros_(ip.to_k_ip.weight)
-        nn.init.zeros_(ip.to_v_ip.weight)
-        param = self_attn.to_k.weight
-        self_attn.set_processor(appended.to(device=param.device, dtype=param.dtype))
-        cross_attn.set_processor(ip.to(device=param.device, dtype=param.dtype))
-    return names

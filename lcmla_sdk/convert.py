@@ -186,9 +186,10 @@ def is_no_kv_checkpoint(path: str | Path) -> bool:
     return any("no_kv" in name.lower() for name in names)
 
 
-def check_base_equal(base: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
-    """The encoder's frozen base must be the SDXL base UNet's own weights (``plain``, :func:`base_unet_state`):
-    compared exactly, in the lower precision of the two."""
+def check_base_equal(base: dict[str, torch.Tensor], unet: torch.nn.Module) -> None:
+    """The encoder's frozen base must be the SDXL base UNet's own weights: compared exactly, in the lower precision
+    of the two."""
+    plain = base_unet_state(unet)
     check_shapes(shapes(plain), shapes(base), "checkpoint encoder_unet (against the SDXL base UNet)")
     differ = []
     for key, value in base.items():
@@ -235,7 +236,7 @@ def convert(
     parts = load_sdxl(sdxl, None, variant, Path(vae).expanduser() if vae else None)
     unet = parts["unet"]
     if mapped is not None:
-        check_base_equal(mapped.base, base_unet_state(unet))
+        check_base_equal(mapped.base, unet)
         clip = CLIPVisionModelWithProjection(CLIPVisionConfig.from_pretrained(image_encoder, local_files_only=True))
         load_module_state(clip, mapped.image_encoder, f"{checkpoint} (image_encoder)")
         resampler_config = resampler_config_from_ip_adapter(mapped.image_proj, Path(checkpoint))

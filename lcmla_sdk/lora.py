@@ -1,7 +1,8 @@
 """peft LoRA adapters on the one shared SDXL UNet.
 
 Two adapters can live on the same base layers: ``kv_encoder`` (rank-4 LoRA of the KV-encoder: attn1/attn2
-q/k/v/out in 69 blocks and the K/V projections in all 70) and ``lcm`` (an SDXL LCM-LoRA).
+q/k/v/out in 69 blocks and the K/V projections in all 70, placed by :func:`lcmla_sdk.wiring.wire_unet`) and ``lcm``
+(an SDXL LCM-LoRA).
 
 The peft UNet is where weights are loaded, trained and saved. Inference never switches adapters on it: each network
 gets its own plain UNet from :func:`materialize`, with its adapters merged into copies of the layers they adapt and
@@ -31,43 +32,14 @@ LCM_LORA_TARGETS = (
 )  # fmt: skip
 
 
-def kv_encoder_lora_targets(kv_blocks: list[str], with_kv_projections: bool = True) -> list[str]:
-    """Full module names the KV-encoder LoRA adapts, as the authors do.
-
-    The last K/V block's own attention never influences any emitted K/V (they are taken from its norm1
-    output), so its attn1/attn2 get no LoRA; its K/V projections do (unless their LoRA was fused into them).
-    """
-    targets = []
-    for block in kv_blocks[:-1]:
-        for attn in ("attn1", "attn2"):
-            targets += [f"{block}.{attn}.{proj}" for proj in ("to_q", "to_k", "to_v", "to_out.0")]
-    if with_kv_projections:
-        for block in kv_blocks:
-            targets += [f"{block}.attn1.processor.to_k_kv", f"{block}.attn1.processor.to_v_kv"]
-    return targets
-
-
-def add_kv_encoder_lora(unet: UNet2DConditionModel, kv_blocks: list[str], rank: int, kv_rank: int | None = None) -> None:
-    """Attach the KV-encoder LoRA: no alpha scaling (alpha = rank), A ~ N(0, 1/r), B = 0.
-
-    ``kv_rank`` is the rank on the K/V projections (default ``rank``); 0 means they carry no LoRA (it was fused).
-    """
-    kv_rank = rank if kv_rank is None else kv_rank
-    pattern = {"to_k_kv": kv_rank, "to_v_kv": kv_rank} if kv_rank else {}
-    config = LoraConfig(
-        r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern, init_lora_weights="gaussian",
-        target_modules=kv_encoder_lora_targets(kv_blocks, with_kv_projections=kv_rank > 0),
-    )  # fmt: skip
-    _add_adapter(unet, config, KV_ENCODER_ADAPTER)
-
-
 def add_random_lcm_lora(unet: UNet2DConditionModel, rank: int) -> None:
     """Attach an ``lcm`` adapter with random (non-zero) weights: the tiny preset's stand-in for an LCM-LoRA."""
     config = LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=False, target_modules=list(LCM_LORA_TARGETS))
-    _add_adapter(unet, config, LCM_ADAPTER)
+    add_adapter(unet, config, LCM_ADAPTER)
 
 
-def _add_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
+def add_adapter(unet: UNet2DConditionModel, config: LoraConfig, name: str) -> None:
+    """peft's ``add_adapter`` under ``name``, beside the adapters the UNet has already."""
     with warnings.catch_warnings():
         # Several adapters on one model is the design here, not the mistake peft warns about.
         warnings.filterwarnings("ignore", message="Already found a `peft_config`")

@@ -22,7 +22,7 @@ from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
 from .integrity import sha256_json
 from .kv_cache import IdentityKVCache, compute_kv
-from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, add_random_lcm_lora, has_adapter, materialize
+from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter, materialize
 from .model_dir import checks, loading, saving
 from .model_dir.format import ModelLayout
 from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -212,7 +212,7 @@ class Personalizer:
         recipe = {"preset": label, "seed": seed, "dtype": str(dtype), "config": config}
         if device.type != "cpu":
             recipe["drawn_on"] = device.type
-        components = _randomised_preset(config, seed, dtype, device)
+        components = build_random_components(config, seed, dtype, device)
         return cls(components, device, dtype, sha256_json(recipe), faces, cuda_graphs=cuda_graphs)
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
@@ -551,23 +551,3 @@ def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
     """Frozen, eval-mode, on ``device`` in ``dtype``. (``nn.Module.to`` skips a diffusers warning that fires for
     models with no fp32-only modules.)"""
     return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def _randomised_preset(config: dict[str, Any], seed: int, dtype: torch.dtype, device: torch.device) -> Components:
-    """Random components with LCM-Lookahead's extra weights randomised too, so every path affects the output."""
-    components = build_random_components(config, seed, dtype, device)
-    unet = components.unet
-    with torch.device(device):
-        kv_blocks = wire_unet(unet, config["kv_encoder"], seed=seed + 1)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed + 2)
-        for name in kv_blocks:
-            processor = unet.get_submodule(name).attn2.processor
-            torch.nn.init.normal_(processor.to_k_ip.weight, std=processor.to_k_ip.in_features**-0.5)
-            torch.nn.init.normal_(processor.to_v_ip.weight, std=processor.to_v_ip.in_features**-0.5)
-        for param_name, param in unet.named_parameters():
-            if ".lora_B.kv_encoder" in param_name:
-                torch.nn.init.normal_(param, std=0.02)
-        if config.get("lcm_lora"):
-            add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
-    return components

@@ -1,7 +1,7 @@
 """A UNet wired for LCM-Lookahead, and the load/save pair of the weights the wiring adds.
 
-Wiring puts LCM-Lookahead's two attention processors on every SDXL transformer block (:mod:`lcmla_sdk.attention`)
-and the ``kv_encoder`` LoRA on the same UNet (:mod:`lcmla_sdk.lora`). Every path that needs a wired UNet (loading a
+Wiring puts LCM-Lookahead's two attention processors (:mod:`lcmla_sdk.attention`) on every SDXL transformer block
+and the ``kv_encoder`` LoRA, as the authors place it, on the same UNet (a peft adapter: :mod:`lcmla_sdk.lora`). Every path that needs a wired UNet (loading a
 model directory, ``lcmla convert``, the random presets, :class:`~lcmla_sdk.Personalizer`) calls :func:`wire_unet`;
 saving reads the added weights back with :func:`lookahead_weights`.
 
@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
+from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from torch import nn
 
-from .attention import install_lookahead_processors, kv_block_names
-from .lora import KV_ENCODER_ADAPTER, add_kv_encoder_lora, has_adapter
+from .attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor
+from .lora import KV_ENCODER_ADAPTER, add_adapter, has_adapter
 from .weights import check_shapes, shapes
 
 Tensors = dict[str, torch.Tensor]
+PARTS = ("ip_kv", "kv_projections", "kv_lora")  # the fields of LookaheadWeights, in loading order
 
 
 @dataclass
@@ -48,22 +51,91 @@ def wire_unet(
     Parts not given keep their initial values: IP K/V zero, K/V projections copies of attn1's K/V, and the LoRA as the
     authors initialise it (A ~ N(0, 1/r), B = 0), drawn from ``seed`` without touching the global random state.
     """
-    blocks = install_lookahead_processors(unet)
+    blocks = _install_processors(unet)
+    lora = kv_encoder_lora_config(blocks, kv_encoder["lora_rank"], kv_encoder.get("kv_lora_rank"))
     if not has_adapter(unet, KV_ENCODER_ADAPTER):
         device = next(unet.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
-            add_kv_encoder_lora(unet, blocks, kv_encoder["lora_rank"], kv_encoder.get("kv_lora_rank"))
+            add_adapter(unet, lora, KV_ENCODER_ADAPTER)
     weights = weights or LookaheadWeights()
-    for kind, part in (("ip", "ip_kv"), ("kv", "kv_projections")):
-        if getattr(weights, part) is not None:
-            _load_projections(unet, blocks, kind, getattr(weights, part), weights.sources.get(part, part))
-    if weights.kv_lora is not None:
-        source = f"{weights.sources.get('kv_lora', 'kv_lora')} (KV-encoder LoRA)"
-        check_shapes(shapes(_lora_state(unet)), shapes(weights.kv_lora), source)
-        with torch.no_grad():
-            set_peft_model_state_dict(unet, weights.kv_lora, adapter_name=KV_ENCODER_ADAPTER)
+    given = {part: getattr(weights, part) for part in PARTS if getattr(weights, part) is not None}
+    if not given:
+        return blocks
+    now = lookahead_weights(unet)  # the layers' own tensors, for the shapes and to copy into
+    for part, state in given.items():
+        source = weights.sources.get(part, part) + (" (KV-encoder LoRA)" if part == "kv_lora" else "")
+        check_shapes(shapes(getattr(now, part)), shapes(state), source)
+    with torch.no_grad():
+        for part, state in given.items():
+            if part == "kv_lora":
+                set_peft_model_state_dict(unet, state, adapter_name=KV_ENCODER_ADAPTER)
+            else:
+                for key, value in state.items():
+                    getattr(now, part)[key].copy_(value)
     return blocks
+
+
+def kv_block_names(unet: UNet2DConditionModel) -> list[str]:
+    """Names of the transformer blocks whose self-attention takes appended K/V, in forward order.
+
+    For SDXL this is the authors' 70-block list (down_blocks.1/2, mid_block, up_blocks.0/1).
+    """
+    # The UNet registers mid_block after up_blocks, so walk the stages explicitly in forward order.
+    stages = [f"down_blocks.{i}" for i in range(len(unet.down_blocks))] + ["mid_block"]
+    stages += [f"up_blocks.{i}" for i in range(len(unet.up_blocks))]
+    names = []
+    for stage in stages:
+        for name, module in unet.get_submodule(stage).named_modules(prefix=stage):
+            if isinstance(module, BasicTransformerBlock):
+                names.append(name)
+    return names
+
+
+def _install_processors(unet: UNet2DConditionModel) -> list[str]:
+    """Install the two processors on every SDXL transformer block; return the K/V block names in order.
+
+    Blocks that already carry them are left as they are, so calling this on a wired UNet changes nothing.
+
+    The K/V projections start as copies of the block's ``attn1.to_k``/``to_v`` (as the authors initialise
+    ``extract_kv1``); the IP projections start at zero until adapter weights are loaded.
+    """
+    names = kv_block_names(unet)
+    for index, name in enumerate(names):
+        block = unet.get_submodule(name)
+        self_attn, cross_attn = block.attn1, block.attn2
+        if isinstance(self_attn.processor, AppendedKVAttnProcessor):
+            continue
+        appended = AppendedKVAttnProcessor(index, self_attn.inner_dim)
+        appended.to_k_kv.weight.data.copy_(self_attn.to_k.weight.data)
+        appended.to_v_kv.weight.data.copy_(self_attn.to_v.weight.data)
+        ip = IPAdapterAttnProcessor(cross_attn.inner_dim, cross_attn.cross_attention_dim)
+        nn.init.zeros_(ip.to_k_ip.weight)
+        nn.init.zeros_(ip.to_v_ip.weight)
+        param = self_attn.to_k.weight
+        self_attn.set_processor(appended.to(device=param.device, dtype=param.dtype))
+        cross_attn.set_processor(ip.to(device=param.device, dtype=param.dtype))
+    return names
+
+
+def kv_encoder_lora_config(kv_blocks: list[str], rank: int, kv_rank: int | None = None) -> LoraConfig:
+    """The KV-encoder LoRA as the authors add it: no alpha scaling (alpha = rank), A ~ N(0, 1/r), B = 0.
+
+    ``kv_rank`` is the rank on the K/V projections (default ``rank``); 0 means they carry no LoRA (it was fused).
+    The last K/V block's own attention never influences any emitted K/V (they are taken from its norm1 output), so
+    its attn1/attn2 get no LoRA; its K/V projections do.
+    """
+    kv_rank = rank if kv_rank is None else kv_rank
+    targets = []
+    for block in kv_blocks[:-1]:
+        for attn in ("attn1", "attn2"):
+            targets += [f"{block}.{attn}.{proj}" for proj in ("to_q", "to_k", "to_v", "to_out.0")]
+    if kv_rank:
+        for block in kv_blocks:
+            targets += [f"{block}.attn1.processor.to_k_kv", f"{block}.attn1.processor.to_v_kv"]
+    pattern = {"to_k_kv": kv_rank, "to_v_kv": kv_rank} if kv_rank else {}
+    return LoraConfig(r=rank, lora_alpha=rank, rank_pattern=pattern, alpha_pattern=pattern,
+                      init_lora_weights="gaussian", target_modules=targets)  # fmt: skip
 
 
 def lookahead_weights(unet: UNet2DConditionModel) -> LookaheadWeights:
@@ -98,14 +170,6 @@ def _projections(unet: UNet2DConditionModel, blocks: list[str], kind: str) -> di
         for name in names:
             layers[f"{block}.{name}.weight"] = base_linear(getattr(processor, name))
     return layers
-
-
-@torch.no_grad()
-def _load_projections(unet: UNet2DConditionModel, blocks: list[str], kind: str, state: Tensors, source: str) -> None:
-    layers = _projections(unet, blocks, kind)
-    check_shapes({key: layer.weight.shape for key, layer in layers.items()}, shapes(state), source)
-    for key, layer in layers.items():
-        layer.weight.copy_(state[key])
 
 
 def _lora_state(unet: UNet2DConditionModel) -> Tensors:

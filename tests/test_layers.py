@@ -4,7 +4,8 @@ from importlib import resources
 import torch
 from diffusers import UNet2DConditionModel
 
-from lcmla_sdk.attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor, kv_block_names
+from lcmla_sdk.attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor
+from lcmla_sdk.wiring import kv_block_names
 
 
 def authors_70_blocks() -> list[str]:

@@ -62,10 +62,10 @@ def save(
 def _write(components: Components, faces_dir: Path | None, root: Path, links: dict[str, Component],
            linked: ModelLayout | None) -> None:  # fmt: skip
     unet, config = components.unet, components.config
-    added = lookahead_weights(unet)
+    added, base = lookahead_weights(unet), base_unet_state(unet)
     names: dict[str, Any] = {name: {"path": str(c.path.resolve()), **c.options} for name, c in links.items()}
     if "sdxl" not in links:
-        _save_sdxl(components, root / "sdxl")
+        _save_sdxl(components, base, root / "sdxl")
         names["sdxl"] = "sdxl"
     if "image_encoder" not in links:
         components.image_encoder.save_pretrained(root / "image_encoder")
@@ -103,13 +103,13 @@ def _linked_records(linked: ModelLayout | None, frozen: Iterable[Component]) -> 
     return records
 
 
-def _save_sdxl(components: Components, sdxl: Path) -> None:
+def _save_sdxl(components: Components, unet_state: dict[str, torch.Tensor], sdxl: Path) -> None:
     """The SDXL base in diffusers layout: the UNet's own weights (no LoRA, no LCM-Lookahead projections), VAE, text
     encoders, tokenizers, scheduler."""
     unet, config = components.unet, components.config
     (sdxl / "unet").mkdir(parents=True, exist_ok=True)
     unet.save_config(sdxl / "unet")
-    _save(base_unet_state(unet), sdxl / "unet" / "diffusion_pytorch_model.safetensors")
+    _save(unet_state, sdxl / "unet" / "diffusion_pytorch_model.safetensors")
     components.vae.save_pretrained(sdxl / "vae")
     for part in DIFFUSERS_PARTS:
         config_file = sdxl / part / "config.json"

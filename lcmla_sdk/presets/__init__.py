@@ -26,12 +26,16 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
+from ..lora import add_random_lcm_lora
+from ..wiring import wire_unet
+
 PRESETS = ("tiny", "sdxl")
 
 
 @dataclass
 class Components:
-    """Every module a :class:`~lcmla_sdk.Personalizer` is made of, before LCM-Lookahead wiring."""
+    """Every module a :class:`~lcmla_sdk.Personalizer` is made of (loaders wire the UNet for LCM-Lookahead:
+    :func:`lcmla_sdk.wiring.wire_unet`)."""
 
     config: dict[str, Any]
     unet: UNet2DConditionModel
@@ -72,16 +76,35 @@ def build_random_components(
     config: dict[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> Components:
     """Instantiate every component from its constructor arguments with seeded random weights, drawn directly on
-    ``device`` in ``dtype`` (a full-size model builds in seconds on a GPU instead of minutes on a CPU)."""
+    ``device`` in ``dtype`` (a full-size model builds in seconds on a GPU instead of minutes on a CPU); the UNet is
+    wired for LCM-Lookahead with random weights there too, so every path affects the output."""
     device = torch.device(device)
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
-            return _build(config)
+            components = _build(config)
         finally:
             torch.set_default_dtype(previous)
+        _randomise_lookahead(components.unet, config, seed)
+    return components
+
+
+def _randomise_lookahead(unet: UNet2DConditionModel, config: dict[str, Any], seed: int) -> None:
+    """Wire the UNet and draw LCM-Lookahead's weights: IP K/V, the KV-encoder LoRA's B (its A is drawn by
+    :func:`~lcmla_sdk.wiring.wire_unet`) and, if the preset has one, an LCM-LoRA."""
+    blocks = wire_unet(unet, config["kv_encoder"], seed=seed + 1)
+    torch.manual_seed(seed + 2)
+    for name in blocks:
+        processor = unet.get_submodule(name).attn2.processor
+        torch.nn.init.normal_(processor.to_k_ip.weight, std=processor.to_k_ip.in_features**-0.5)
+        torch.nn.init.normal_(processor.to_v_ip.weight, std=processor.to_v_ip.in_features**-0.5)
+    for param_name, param in unet.named_parameters():
+        if ".lora_B.kv_encoder" in param_name:
+            torch.nn.init.normal_(param, std=0.02)
+    if config.get("lcm_lora"):
+        add_random_lcm_lora(unet, config["lcm_lora"]["rank"])
 
 
 def _build(config: dict[str, Any]) -> Components:
