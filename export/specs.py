@@ -40,7 +40,7 @@ class ShapeRanges:
             if not 1 <= low <= opt <= high:
                 raise ValueError(f"{name}: range must satisfy 1 <= min <= opt <= max, got {low}:{opt}:{high}")
 
-    def steps(self, which: int) -> list[StepSpec]:
+    def step_specs(self, which: int) -> list[StepSpec]:
         """Every kind of generation step (each mode, K/V on and off) at the min (0), opt (1) or max (2) images and
         references."""
         batch, references = self.batch[which], self.references[which]
@@ -186,7 +186,7 @@ def _profile(
     largest at opt (the call that costs most, for TensorRT to tune) and at max; plus ``fixed``'s (min, opt, max)."""
 
     def span(which: int, pick: Callable) -> dict[str, int]:
-        calls = [sizes for step in ranges.steps(which) for sizes in sizes_of(step)]
+        calls = [sizes for step in ranges.step_specs(which) for sizes in sizes_of(step)]
         return {**{name: pick(call[name] for call in calls) for name in calls[0]}, **fixed[which]}
 
     return Profile(span(0, min), span(1, max), span(2, max))

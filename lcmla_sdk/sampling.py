@@ -45,9 +45,9 @@ def say_once(message: str, level: int = logging.WARNING) -> None:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What a step computes, besides tensor shapes: the branches, where the K/V come from, and so the rows every
-    network receives in a generation call. The pipeline builds its buffers from it and the export derives its
-    profiles from it (:func:`lcmla_sdk.export.specs.build_specs`)."""
+    """What a step computes, besides tensor shapes: the branches, where the K/V come from, and so the rows the
+    denoiser and the K/V-encoder receive in a generation call. The pipeline builds its buffers from it and the export
+    derives their profiles from it (:func:`lcmla_sdk.export.specs.build_specs`)."""
 
     mode: str  # "fast": LCM denoiser, conditional branch; "quality": three-branch guidance
     batch: int  # images B
