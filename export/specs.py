@@ -1,38 +1,50 @@
 """One spec per exported network: the single source of its I/O names, dims, profile and sample inputs.
 
 Export (ONNX names and dynamic axes), parity checks (sample inputs), the TensorRT build (profiles) and the
-runtime's buffers (via the manifest written from these specs) all read the same object.
+runtime's buffers (via the manifest written from these specs) all read the same object. The UNet networks' profiles
+come from the rows a generation step sends them (:class:`lcmla_sdk.sampling.StepSpec`), evaluated over the requested
+ranges.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from lcmla_sdk.manifest import Profile, Shape, TensorInfo
+from lcmla_sdk.manifest import Profile, TensorInfo
 from lcmla_sdk.pipeline import Personalizer
+from lcmla_sdk.request import MODES
+from lcmla_sdk.sampling import StepSpec
+from lcmla_sdk.text import time_ids
 
 TEXT_TOKENS = 77
-# Batch sizes the UNet-family graphs see per generated image: 2 for the [uncond, cond] halves of guidance.
-GUIDED_BATCH = 2
 
 
 @dataclass(frozen=True)
 class ShapeRanges:
-    """Requested ranges: images per call and generated height/width in pixels, each (min, opt, max)."""
+    """Requested ranges, each (min, opt, max): images per call, generated height/width in pixels and reference
+    photos per identity."""
 
     batch: tuple[int, int, int] = (1, 1, 4)
     height: tuple[int, int, int] = (1024, 1024, 1024)
     width: tuple[int, int, int] = (1024, 1024, 1024)
+    references: tuple[int, int, int] = (1, 1, 1)
 
     def __post_init__(self) -> None:
-        for name in ("batch", "height", "width"):
+        for name in ("batch", "height", "width", "references"):
             low, opt, high = getattr(self, name)
             if not 1 <= low <= opt <= high:
                 raise ValueError(f"{name}: range must satisfy 1 <= min <= opt <= max, got {low}:{opt}:{high}")
+
+    def step_specs(self, which: int) -> list[StepSpec]:
+        """Every kind of generation step (each mode, K/V on and off) at the min (0), opt (1) or max (2) images and
+        references."""
+        batch, references = self.batch[which], self.references[which]
+        return [StepSpec(mode, batch, references, use_kv) for mode in MODES for use_kv in (False, True)]
 
 
 @dataclass
@@ -48,6 +60,10 @@ class NetworkSpec:
     input_kinds: dict[str, str]
     # Latent sides must be multiples of this (every UNet downsampling halves them).
     latent_step: int = 1
+    # For "time_ids" inputs, which name the generated size in pixels: the latent "height" and "width" times
+    # vae_scale, or, in a graph without them (the K/V-encoder, given the generation's time ids), the default size.
+    vae_scale: int | None = None
+    default_size: int | None = None
 
     def dynamic_axes(self) -> dict[str, dict[int, str]]:
         tensors = self.inputs + self.outputs
@@ -56,23 +72,27 @@ class NetworkSpec:
     def sample_inputs(self, sizes: dict[str, int], device: torch.device, seed: int = 0) -> list[torch.Tensor]:
         """Fresh random inputs of the right dtypes and shapes for the symbolic ``sizes``."""
         generator = torch.Generator().manual_seed(seed)
-        return [_draw(self.input_kinds[t.name], t, t.shape(sizes), sizes, generator).to(device) for t in self.inputs]
+        return [self._draw(t, sizes, generator).to(device) for t in self.inputs]
 
+    def pixel_size(self, sizes: dict[str, int]) -> tuple[int, int]:
+        """The generated height and width in pixels that ``sizes`` stand for."""
+        if "height" in sizes:
+            return sizes["height"] * self.vae_scale, sizes["width"] * self.vae_scale
+        return self.default_size, self.default_size
 
-def _draw(kind: str, info: TensorInfo, shape: Shape, sizes: dict[str, int], generator: torch.Generator):
-    dtype = getattr(torch, info.dtype)
-    if kind == "normal":
-        return torch.randn(shape, generator=generator).to(dtype)
-    if kind == "timestep":
-        return (torch.rand(shape, generator=generator) * 999).round().to(dtype)
-    if kind == "unit":
-        return torch.rand(shape, generator=generator).to(dtype)
-    if kind.startswith("token_ids:"):
-        return torch.randint(0, int(kind.split(":")[1]), shape, generator=generator, dtype=dtype)
-    if kind == "time_ids":
-        height, width = sizes.get("height", 128) * 8, sizes.get("width", 128) * 8
-        return torch.tensor([height, width, 0, 0, height, width], dtype=dtype).expand(shape).clone()
-    raise ValueError(f"unknown input kind {kind!r}")
+    def _draw(self, info: TensorInfo, sizes: dict[str, int], generator: torch.Generator) -> torch.Tensor:
+        kind, shape, dtype = self.input_kinds[info.name], info.shape(sizes), getattr(torch, info.dtype)
+        if kind == "normal":
+            return torch.randn(shape, generator=generator).to(dtype)
+        if kind == "timestep":
+            return (torch.rand(shape, generator=generator) * 999).round().to(dtype)
+        if kind == "unit":
+            return torch.rand(shape, generator=generator).to(dtype)
+        if kind.startswith("token_ids:"):
+            return torch.randint(0, int(kind.split(":")[1]), shape, generator=generator, dtype=dtype)
+        if kind == "time_ids":
+            return time_ids(*self.pixel_size(sizes), shape[0], dtype, torch.device("cpu")).clone()
+        raise ValueError(f"unknown input kind {kind!r}")
 
 
 # --------------------------------------------------------------------------- flat-tensor wrappers
@@ -136,6 +156,8 @@ def _kv_levels(model: Personalizer) -> list[int]:
 
 
 def _kv_tensors(model: Personalizer, dtype: str) -> list[TensorInfo]:
+    """K/V tensors of every layer; ``face_tokens_<level>`` counts one reference's tokens out of the K/V-encoder and
+    all the references' of an image into a denoiser."""
     tensors = []
     for index, (name, level) in enumerate(zip(model.kv_blocks, _kv_levels(model))):
         width = model.unet.get_submodule(name).attn1.inner_dim
@@ -144,9 +166,30 @@ def _kv_tensors(model: Personalizer, dtype: str) -> list[TensorInfo]:
     return tensors
 
 
-def _face_token_sizes(model: Personalizer, empty: bool) -> dict[str, int]:
+def _face_token_sizes(model: Personalizer, references: int) -> dict[str, int]:
+    """``face_tokens_<level>`` of the K/V of ``references`` reference latents joined on the token axis."""
     side = model.face_size // model.vae_scale
-    return {f"face_tokens_{level}": 0 if empty else (side >> level) ** 2 for level in set(_kv_levels(model))}
+    return {f"face_tokens_{level}": references * (side >> level) ** 2 for level in set(_kv_levels(model))}
+
+
+def _denoiser_calls(step: StepSpec) -> list[tuple[int, int]]:
+    """``(rows, K/V token multiple)`` of each denoiser graph call of one step: the runtime runs the rows without K/V
+    (given empty K/V) and those taking them as separate calls (:class:`lcmla_sdk.engines.runtime.GraphDenoiser`)."""
+    plain = step.denoiser_rows - step.kv_rows
+    return [(rows, multiple) for rows, multiple in ((plain, 0), (step.kv_rows, step.kv_token_multiple)) if rows]
+
+
+def _profile(
+    ranges: ShapeRanges, sizes_of: Callable[[StepSpec], list[dict[str, int]]], fixed: list[dict[str, int]]
+) -> Profile:
+    """Each size of the calls ``sizes_of`` gives for a step: its smallest over the steps at the ranges' min, its
+    largest at opt (the call that costs most, for TensorRT to tune) and at max; plus ``fixed``'s (min, opt, max)."""
+
+    def span(which: int, pick: Callable) -> dict[str, int]:
+        calls = [sizes for step in ranges.step_specs(which) for sizes in sizes_of(step)]
+        return {**{name: pick(call[name] for call in calls) for name in calls[0]}, **fixed[which]}
+
+    return Profile(span(0, min), span(1, max), span(2, max))
 
 
 def _unet_conditioning(model: Personalizer, dtype: str, latent_dims: tuple) -> list[TensorInfo]:
@@ -168,16 +211,27 @@ def build_specs(model: Personalizer, ranges: ShapeRanges) -> dict[str, NetworkSp
     """Specs of every network ``model`` has, for the requested shape ranges."""
     dtype = str(model.dtype).removeprefix("torch.")
     vae_dtype = str(model.vae.dtype).removeprefix("torch.")
-    b_min, b_opt, b_max = ranges.batch
     lat = [(h // model.vae_scale, w // model.vae_scale) for h, w in zip(ranges.height, ranges.width)]
     face_side = model.face_size // model.vae_scale
     latent_step = model.size_multiple // model.vae_scale
-    full_faces, no_faces = _face_token_sizes(model, empty=False), _face_token_sizes(model, empty=True)
-    guided = Profile(
-        min={"batch": b_min, "height": lat[0][0], "width": lat[0][1], **no_faces},
-        opt={"batch": GUIDED_BATCH * b_opt, "height": lat[1][0], "width": lat[1][1], **full_faces},
-        max={"batch": GUIDED_BATCH * b_max, "height": lat[2][0], "width": lat[2][1], **full_faces},
+    # One profile for both denoiser graphs, spanning the calls of either mode.
+    denoising = _profile(
+        ranges,
+        lambda step: [{"batch": rows, **_face_token_sizes(model, kv)} for rows, kv in _denoiser_calls(step)],
+        [{"height": h, "width": w} for h, w in lat],
     )
+    # Per step, or once per identity for a K/V cache; every call gives one reference's tokens per row.
+    encoding = _profile(
+        ranges,
+        lambda step: [{"batch": rows} for rows in (step.encoder_rows, step.identity_encoder_rows) if rows],
+        [_face_token_sizes(model, 1)] * 3,
+    )
+    # The photos of one identity; up to the images per call too, as earlier exports allowed.
+    photos = Profile({"batch": 1}, {"batch": 1}, {"batch": max(ranges.batch[2], ranges.references[2])})
+    # Prompts and negatives are encoded apart, from one row (the K/V-encoder's prompt) up to one per image; the
+    # profile keeps room for both at once: the denoiser rows of a guided step without K/V.
+    text_rows = [StepSpec("quality", images, 1, False).denoiser_rows for images in ranges.batch]
+    time_ids_size = {"vae_scale": model.vae_scale, "default_size": model.default_size}
     kv = _kv_tensors(model, dtype)
     tokens = model.adapter.resampler.latents.shape[1]
     cross = model.unet.config.cross_attention_dim
@@ -192,9 +246,8 @@ def build_specs(model: Personalizer, ranges: ShapeRanges) -> dict[str, NetworkSp
     unet_tolerance = {"float32": 1e-4, "float16": 3e-2}
 
     def denoiser_spec(name: str, denoiser: nn.Module) -> NetworkSpec:
-        return NetworkSpec(
-            name, _DenoiserGraph(denoiser), denoiser_inputs, eps, guided, unet_tolerance, denoiser_kinds, latent_step
-        )
+        return NetworkSpec(name, _DenoiserGraph(denoiser), denoiser_inputs, eps, denoising, unet_tolerance,
+                           denoiser_kinds, latent_step, **time_ids_size)  # fmt: skip
 
     image_size = model.clip_size
     specs = {
@@ -203,16 +256,13 @@ def build_specs(model: Personalizer, ranges: ShapeRanges) -> dict[str, NetworkSp
             [TensorInfo("pixel_values", dtype, ("batch", 3, image_size, image_size))],
             [TensorInfo("image_tokens", dtype, ("batch", tokens, cross)),
              TensorInfo("uncond_image_tokens", dtype, ("batch", tokens, cross))],
-            Profile({"batch": 1}, {"batch": 1}, {"batch": b_max}),
-            {"float32": 1e-4, "float16": 2e-2}, {"pixel_values": "normal"},
+            photos, {"float32": 1e-4, "float16": 2e-2}, {"pixel_values": "normal"},
         ),
         "kv_encoder": NetworkSpec(
             "kv_encoder", model.kv_encoder,
             _unet_conditioning(model, dtype, (face_side, face_side)),
             [TensorInfo(t.name, t.dtype, t.dims) for t in kv],
-            Profile({"batch": 1, **full_faces}, {"batch": GUIDED_BATCH * b_opt, **full_faces},
-                    {"batch": GUIDED_BATCH * b_max, **full_faces}),
-            unet_tolerance, _UNET_KINDS,
+            encoding, unet_tolerance, _UNET_KINDS, **time_ids_size,
         ),
         "denoiser": denoiser_spec("denoiser", model.denoiser),
         "vae_decoder": NetworkSpec(
@@ -228,13 +278,12 @@ def build_specs(model: Personalizer, ranges: ShapeRanges) -> dict[str, NetworkSp
             [TensorInfo("image", vae_dtype, ("batch", 3, model.face_size, model.face_size))],
             [TensorInfo("latent_mean", vae_dtype, ("batch", 4, face_side, face_side)),
              TensorInfo("latent_std", vae_dtype, ("batch", 4, face_side, face_side))],
-            Profile({"batch": 1}, {"batch": 1}, {"batch": b_max}),
-            {"float32": 1e-4, "float16": 2e-2}, {"image": "normal"},
+            photos, {"float32": 1e-4, "float16": 2e-2}, {"image": "normal"},
         ),
     }  # fmt: skip
     if model.lcm_denoiser is not None:
         specs["denoiser_lcm"] = denoiser_spec("denoiser_lcm", model.lcm_denoiser)
-    text_profile = Profile({"batch": 1}, {"batch": GUIDED_BATCH * b_opt}, {"batch": GUIDED_BATCH * b_max})
+    text_profile = Profile({"batch": 1}, {"batch": text_rows[1]}, {"batch": text_rows[2]})
     for index, (name, encoder) in enumerate(zip(("text_encoder", "text_encoder_2"), model.text_encoders)):
         # Always fp32: transformers' fp16 CLIP text path traces into LayerNorms of mixed input types, which
         # onnxruntime and TensorRT reject; the text encoders run once per prompt, so this costs nothing per step.

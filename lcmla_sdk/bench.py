@@ -260,8 +260,8 @@ def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: 
     timestep = buffers["timestep"].expand(face.shape[0])
     encoder_args = (face, timestep, buffers["encoder_text"], buffers["encoder_pooled"], buffers["encoder_time_ids"])
     kv_ms = _graph_ms(device, lambda: model.kv_encoder(*encoder_args))
-    kv = join_references(model.kv_encoder(*encoder_args), spec.groups * spec.batch)
-    latents = buffers["latents"].repeat(1 if mode == "fast" else 4, 1, 1, 1)
+    kv = join_references(model.kv_encoder(*encoder_args), spec.kv_rows)
+    latents = buffers["latents"].repeat(len(spec.denoiser_blocks), 1, 1, 1)
     network = model.lcm_denoiser if mode == "fast" else model.denoiser
     rest = [buffers[n] for n in ("text", "pooled", "time_ids", "image_tokens", "adapter_scale")]
     denoise_ms = _graph_ms(device, lambda: network(latents, buffers["timestep"].expand(latents.shape[0]), *rest, kv))

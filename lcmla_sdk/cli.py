@@ -179,6 +179,7 @@ def export(
     fp16: bool = typer.Option(False, "--fp16", help="Export fp16 graphs and build fp16 engines."),
     onnx_only: bool = typer.Option(False, "--onnx-only", help="Stop after the ONNX graphs and manifest."),
     batch: str = typer.Option("1:1:4", help="Images per call, MIN:OPT:MAX (UNet graphs get twice that for CFG)."),
+    references: str = typer.Option("1:1:1", help="Reference photos per identity, MIN:OPT:MAX (the K/V grow with them)."),
     height: Optional[str] = typer.Option(None, help="Image height range in pixels, MIN:OPT:MAX."),
     width: Optional[str] = typer.Option(None, help="Image width range in pixels, MIN:OPT:MAX."),
     static: Optional[tuple[int, int]] = typer.Option(None, help="Static image size H W (instead of ranges)."),
@@ -210,7 +211,7 @@ def export(
         for name, values in (("height", heights), ("width", widths)):
             if any(v % loaded.size_multiple for v in values):
                 raise ValueError(f"{name}: {values} must be multiples of {loaded.size_multiple}")
-        ranges = ShapeRanges(parse_range(batch, "batch"), heights, widths)
+        ranges = ShapeRanges(parse_range(batch, "batch"), heights, widths, parse_range(references, "references"))
         folder = out if out is not None else Path("engines") / Path(model).name
         report = export_model(
             loaded, folder, ranges, networks.split(",") if networks else None, check, log=console.print

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -422,33 +423,31 @@ class Personalizer:
         batch, refs = text.shape[0], identity.num_references
         to = {"device": self.device, "dtype": self.dtype}
         tokens, uncond_tokens = (x.to(**to).expand(batch, -1, -1) for x in (identity.cond_tokens, identity.uncond_tokens))
-        ids = time_ids(request.height, request.width, batch, self.dtype, self.device)
-        scale = torch.full((batch,), request.adapter_scale, device=self.device)
-        kv_cache, layout = (None, None)
+        spec = StepSpec(request.mode, batch, refs, request.use_kv)
+        kv_cache = None
         if request.use_kv and request.kv_cache:
-            kv_cache, layout = self.identity_kv(identity, request, table, neg_text[:1], neg_pooled[:1])
-        spec = StepSpec(request.mode, batch, refs, request.use_kv, layout)
-        if request.mode == "fast":
-            values = {"text": text, "pooled": pooled, "time_ids": ids, "image_tokens": tokens, "adapter_scale": scale}
-        else:
-            halves = 2 if request.use_kv else 1  # [uncond, cond] without K/V, then with them
-            values = {
-                "text": torch.cat([neg_text, text] * halves), "pooled": torch.cat([neg_pooled, pooled] * halves),
-                "time_ids": ids.repeat(2 * halves, 1), "image_tokens": torch.cat([uncond_tokens, tokens] * halves),
-                "adapter_scale": scale.repeat(2 * halves),
-                "guidance": torch.tensor(request.guidance, dtype=torch.float32, device=self.device),
-            }  # fmt: skip
+            kv_cache, layout = self.identity_kv(identity, spec, request, table, neg_text[:1], neg_pooled[:1])
+            spec = replace(spec, kv_layout=layout)
+        blocks = spec.denoiser_blocks
+        values = {
+            "text": torch.cat([text if cond else neg_text for cond, _ in blocks]),
+            "pooled": torch.cat([pooled if cond else neg_pooled for cond, _ in blocks]),
+            "time_ids": time_ids(request.height, request.width, spec.denoiser_rows, self.dtype, self.device),
+            "image_tokens": torch.cat([tokens if cond else uncond_tokens for cond, _ in blocks]),
+            "adapter_scale": torch.full((spec.denoiser_rows,), request.adapter_scale, device=self.device),
+        }
+        if request.mode == "quality":
+            values["guidance"] = torch.tensor(request.guidance, dtype=torch.float32, device=self.device)
         values["latents"] = noise.latents
         if request.freeu is not None:
             values["freeu"] = stage_values(request.freeu, self.device)
         if request.use_kv and kv_cache is None:
             negatives = (neg_text.repeat_interleave(refs, 0), neg_pooled.repeat_interleave(refs, 0))
             enc_text, enc_pooled = self.encoder_rows(*negatives, spec.groups)
-            rows = enc_text.shape[0]
             values.update({
                 "encoder_text": enc_text, "encoder_pooled": enc_pooled,
                 # The authors give the encoder the generation's micro-conditioning, not the face's size.
-                "encoder_time_ids": time_ids(request.height, request.width, rows, self.dtype, self.device),
+                "encoder_time_ids": time_ids(request.height, request.width, spec.encoder_rows, self.dtype, self.device),
                 "face_latents": noise.face_latents.repeat(spec.groups, 1, 1, 1),
                 "face_noise": noise.face_noise.repeat(spec.groups, 1, 1, 1),
             })  # fmt: skip
@@ -523,20 +522,19 @@ class Personalizer:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""
         return self.decoder.compile(self.default_size // self.vae_scale, cache)
 
-    def identity_kv(self, identity: Identity, request: Request, table: StepTable, neg_text, neg_pooled):
+    def identity_kv(self, identity: Identity, spec: StepSpec, request: Request, table: StepTable, neg_text, neg_pooled):
         """``(K/V per step (steps, G, elements), layout)`` of the identity for this schedule, from the cache
         (:mod:`lcmla_sdk.kv_cache`) or computed with its fixed reference noise."""
-        groups = 1 if request.mode == "fast" else 2
         key = (identity.digest(), request.mode, tuple(table.host_timesteps), request.height, request.width,
                str(request.negative_prompts[0]) if request.negative_prompts else None)  # fmt: skip
 
         def compute():
-            refs = identity.num_references
+            refs, groups = spec.references, spec.groups
             eps, noise = fixed_face_noise(identity)
             to = {"device": self.device, "dtype": self.dtype}
             face = face_latents(identity, eps, self.vae.config.scaling_factor).to(**to).repeat(groups, 1, 1, 1)
             text, pooled = self.encoder_rows(neg_text.expand(refs, -1, -1), neg_pooled.expand(refs, -1), groups)
-            ids = time_ids(request.height, request.width, face.shape[0], self.dtype, self.device)
+            ids = time_ids(request.height, request.width, spec.identity_encoder_rows, self.dtype, self.device)
             return compute_kv(self.kv_encoder, table, face, noise.to(**to).repeat(groups, 1, 1, 1), text, pooled, ids,
                               groups, self._kv_cache.max_bytes)  # fmt: skip
 

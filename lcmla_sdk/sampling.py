@@ -5,15 +5,17 @@ the next latents back into it, so the eager loop and the graph loop are the same
 :func:`run_step` once per :class:`StepSpec` and shape, then, for every step of every later call of that shape, copies
 the step's values into the buffers and replays it.
 
-Buffers (``B`` images, ``R`` references, ``G`` = 1 in fast mode and 2 (uncond, cond) in quality mode):
+Buffers (``B`` images, ``R`` references, ``G`` = 1 in fast mode and 2 (uncond, cond) in quality mode; every row
+count is a :class:`StepSpec` property):
 
 ``latents`` (B, 4, h, w), ``previous`` (B, 4, h, w) fp32 (the last data prediction), ``coefficients`` (8,) and
 ``timestep`` (1,) (a :class:`~lcmla_sdk.schedule.StepTable` row), ``noise`` (B, 4, h, w) (LCM's injected noise);
-denoiser rows ``text``, ``pooled``, ``time_ids``, ``image_tokens``, ``adapter_scale`` (fast: B rows; quality: [uncond,
-cond] or, with K/V, [uncond, cond, uncond, cond] of B rows each), ``guidance`` (3,) fp32;
-K/V-encoder rows (G x B x R) ``face_latents``, ``face_noise``, ``encoder_text``, ``encoder_pooled``,
-``encoder_time_ids``; or, with a per-identity K/V cache, ``kv`` (G, R x K/V elements of all layers); with FreeU,
-``freeu`` (2,) fp32.
+denoiser rows (``denoiser_rows``: fast: B; quality: [uncond, cond] or, with K/V, [uncond, cond, uncond, cond] of B
+rows each) ``text``, ``pooled``, ``time_ids``, ``image_tokens``, ``adapter_scale``, of which, with K/V, the last
+G x B (``kv_rows``) take them, R x one reference's tokens each; ``guidance`` (3,) fp32;
+K/V-encoder rows (``encoder_rows``: G x B x R) ``face_latents``, ``face_noise``, ``encoder_text``, ``encoder_pooled``,
+``encoder_time_ids``; or, with a per-identity K/V cache (computed once from G x R encoder rows), ``kv`` (G, R x K/V
+elements of all layers); with FreeU, ``freeu`` (2,) fp32.
 """
 
 from __future__ import annotations
@@ -43,11 +45,13 @@ def say_once(message: str, level: int = logging.WARNING) -> None:
 
 @dataclass(frozen=True)
 class StepSpec:
-    """What a step computes, besides tensor shapes: the branches and where the K/V come from."""
+    """What a step computes, besides tensor shapes: the branches, where the K/V come from, and so the rows the
+    denoiser and the K/V-encoder receive in a generation call. The pipeline builds its buffers from it and the export
+    derives their profiles from it (:func:`lcmla_sdk.export.specs.build_specs`)."""
 
     mode: str  # "fast": LCM denoiser, conditional branch; "quality": three-branch guidance
-    batch: int
-    references: int
+    batch: int  # images B
+    references: int  # reference photos R of the identity
     use_kv: bool
     # (tokens, width) of each K/V tensor when they come from a per-identity cache; None: run the K/V-encoder.
     kv_layout: tuple[tuple[int, int], ...] | None = None
@@ -56,6 +60,39 @@ class StepSpec:
     def groups(self) -> int:
         """K/V-encoder row groups: the conditional one, plus the unconditional one under guidance."""
         return 1 if self.mode == "fast" else 2
+
+    @property
+    def denoiser_blocks(self) -> tuple[tuple[bool, bool], ...]:
+        """The denoiser's rows in blocks of B, each ``(conditional, takes K/V)``: fast: [cond]; quality: [uncond,
+        cond] without K/V, then, with K/V, [uncond, cond] again taking them (one pass gives all three branches)."""
+        if self.mode == "fast":
+            return ((True, self.use_kv),)
+        plain = ((False, False), (True, False))
+        return plain + ((False, True), (True, True)) if self.use_kv else plain
+
+    @property
+    def denoiser_rows(self) -> int:
+        return len(self.denoiser_blocks) * self.batch
+
+    @property
+    def kv_rows(self) -> int:
+        """Denoiser rows taking K/V: the last G x B (0 without K/V)."""
+        return sum(takes_kv for _, takes_kv in self.denoiser_blocks) * self.batch
+
+    @property
+    def kv_token_multiple(self) -> int:
+        """K/V tokens of a row taking them, in one reference's tokens: each image attends over all its references."""
+        return self.references if self.use_kv else 0
+
+    @property
+    def encoder_rows(self) -> int:
+        """K/V-encoder rows of a step that runs it: G x B x R (0 without K/V)."""
+        return self.batch * self.identity_encoder_rows
+
+    @property
+    def identity_encoder_rows(self) -> int:
+        """K/V-encoder rows of a per-identity K/V cache: G x R, computed once for every image (0 without K/V)."""
+        return self.groups * self.references if self.use_kv else 0
 
 
 @dataclass
@@ -101,7 +138,7 @@ def _encoder_kv(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Ten
     kv = networks.kv_encoder(
         face, timestep, buffers["encoder_text"], buffers["encoder_pooled"], buffers["encoder_time_ids"]
     )
-    return join_references(kv, spec.groups * spec.batch)
+    return join_references(kv, spec.kv_rows)
 
 
 def run_step(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor]) -> None:
@@ -115,15 +152,14 @@ def run_step(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor
             buffers["adapter_scale"], kv, buffers.get("freeu"),
         )  # fmt: skip
     else:
-        # One denoiser pass over [uncond, cond] without K/V and, with K/V, [uncond, cond] with them.
-        branches = 4 if spec.use_kv else 2
-        rows = latents.repeat(branches, 1, 1, 1)
+        # One denoiser pass over all blocks; the last [uncond, cond] pair is the one with K/V when there are any.
+        blocks = len(spec.denoiser_blocks)
+        rows = latents.repeat(blocks, 1, 1, 1)
         out = networks.denoiser(
             rows, buffers["timestep"].expand(rows.shape[0]), buffers["text"], buffers["pooled"], buffers["time_ids"],
             buffers["image_tokens"], buffers["adapter_scale"], kv, buffers.get("freeu"),
-        ).float().chunk(branches)  # fmt: skip
-        full = out[2:] if spec.use_kv else out[:2]
-        eps = three_branch(out[0], out[1], full[0], full[1], buffers["guidance"])
+        ).float().chunk(blocks)  # fmt: skip
+        eps = three_branch(out[0], out[1], out[-2], out[-1], buffers["guidance"])
     new_latents, x0 = apply_step(buffers["coefficients"], latents, eps, buffers["previous"], buffers["noise"])
     latents.copy_(new_latents)
     buffers["previous"].copy_(x0)
