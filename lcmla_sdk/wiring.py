@@ -1,9 +1,10 @@
 """A UNet wired for LCM-Lookahead, and the load/save pair of the weights the wiring adds.
 
 Wiring puts LCM-Lookahead's two attention processors (:mod:`lcmla_sdk.attention`) on every SDXL transformer block
-and the ``kv_encoder`` LoRA, as the authors place it, on the same UNet (a peft adapter: :mod:`lcmla_sdk.lora`). Every path that needs a wired UNet (loading a
-model directory, ``lcmla convert``, the random presets, :class:`~lcmla_sdk.Personalizer`) calls :func:`wire_unet`;
-saving reads the added weights back with :func:`lookahead_weights`.
+and the ``kv_encoder`` LoRA, as the authors place it, on the same UNet (a peft adapter: :mod:`lcmla_sdk.lora`).
+Every path that needs a wired UNet (loading a model directory, ``lcmla convert``, the random presets,
+:class:`~lcmla_sdk.Personalizer`) calls :func:`wire_unet`; saving reads the added weights back with
+:func:`lookahead_weights`.
 
 The added weights are stored in three parts (:class:`LookaheadWeights`) under the diffusers name of their
 transformer block: ``<block>.to_k_ip.weight``/``<block>.to_v_ip.weight`` (IP-Adapter K/V of attn2),
