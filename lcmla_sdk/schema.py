@@ -100,12 +100,12 @@ class Either(Schema):
     description: str
 
     def problem(self, value: Any, field: str) -> str | None:
-        if all(option.problem(value, field) is not None for option in self.options):
-            found = [option.problem(value, field) for option in self.options]
-            # Name the deepest problem when the value has the shape of one option but a bad part.
-            deeper = [p for p in found if not p.startswith(f"{_where(field)}: expected ")]
-            return deeper[0] if deeper else f"{_where(field)}: expected {self.description}, got {_show(value)}"
-        return None
+        found = [option.problem(value, field) for option in self.options]
+        if None in found:
+            return None
+        # Name the deepest problem when the value has the shape of one option but a bad part.
+        deeper = [p for p in found if not p.startswith(f"{_where(field)}: expected ")]
+        return deeper[0] if deeper else f"{_where(field)}: expected {self.description}, got {_show(value)}"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,6 @@
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -66,3 +67,10 @@ def astronaut_pack(tmp_path_factory):
     from facepack import astronaut_face, write_face_pack
 
     return write_face_pack(tmp_path_factory.mktemp("faces") / "one", [astronaut_face()])
+
+
+def run_together(call, count: int) -> list:
+    """``call(i)`` for ``i`` in ``range(count)``, each on its own thread at once; the results in order (a call's
+    exception is raised here, not lost in its thread)."""
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(call, range(count)))

@@ -268,6 +268,7 @@ def _tensorrt_and_gpu():
     return trt
 
 
+@pytest.mark.gpu
 def test_tensorrt_engine_matches_pytorch(tmp_path):
     _tensorrt_and_gpu()
     from lcmla_sdk.engines import build_engines
@@ -287,6 +288,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path):
     }
 
 
+@pytest.mark.gpu
 def test_engine_folder_from_another_gpu_or_tensorrt_is_refused(tmp_path, exported):
     _tensorrt_and_gpu()
     manifest = Manifest.load(exported.folder)

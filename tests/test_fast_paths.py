@@ -1,12 +1,11 @@
 """The speed paths compute what the plain paths compute: merged adapters, batched guidance branches, the
 per-identity K/V cache, independent outputs, concurrent calls."""
 
-import threading
 
 import numpy as np
 import pytest
 import torch
-from conftest import unet_inputs
+from conftest import run_together, unet_inputs
 
 from lcmla_sdk.guidance import Guidance, three_branch
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
@@ -137,16 +136,7 @@ def test_concurrent_encode_face_calls_equal_the_calls_made_one_at_a_time(fresh_t
     photos = [face, astronaut, face, astronaut]
     alone = [fresh_tiny.encode_face(p) for p in photos]
     model = type(fresh_tiny).from_pretrained("tiny", device="cpu")  # the face analyzer not started yet
-    together = [None] * len(photos)
-
-    def work(index):
-        together[index] = model.encode_face(photos[index])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(photos))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = run_together(lambda i: model.encode_face(photos[i]), len(photos))
     for a, b in zip(alone, together):
         assert a.digest() == b.digest() and a.boxes == b.boxes
 
@@ -160,16 +150,7 @@ def test_concurrent_generate_calls_give_the_images_of_the_same_calls_made_one_at
         {"mode": "fast", "seed": 4, "kv_cache": True},
     ] * 2
     alone = [tiny.generate(identity, "a face", output="latent", **c) for c in calls]
-    together = [None] * len(calls)
-
-    def work(index):
-        together[index] = tiny.generate(identity, "a face", output="latent", **calls[index])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = run_together(lambda i: tiny.generate(identity, "a face", output="latent", **calls[i]), len(calls))
     for index, (a, b) in enumerate(zip(alone, together)):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=str(calls[index]))
 

@@ -1,10 +1,9 @@
 """CUDA-graph sampling and graph-ready networks, on a GPU (fp16). Run on the device: ``python -m pytest -m gpu``."""
 
-import threading
 
 import pytest
 import torch
-from conftest import unet_inputs
+from conftest import run_together, unet_inputs
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
@@ -140,16 +139,7 @@ def test_rebuilt_networks_drop_stale_graphs(face):
 def test_concurrent_calls_with_graphs_equal_the_calls_one_at_a_time(model, identity):
     calls = [{"mode": "fast", "seed": s} for s in range(4)] + [{"mode": "quality", "steps": 2, "seed": s} for s in range(4)]
     alone = [_generate(model, identity, True, **c) for c in calls]
-    together = [None] * len(calls)
-
-    def work(index):
-        together[index] = model.generate(identity, "a face", output="latent", **calls[index])
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    together = run_together(lambda i: model.generate(identity, "a face", output="latent", **calls[i]), len(calls))
     for a, b in zip(alone, together):
         assert torch.equal(a, b)
 
