@@ -20,14 +20,27 @@ Entry = tuple[torch.Tensor, tuple[tuple[int, int], ...]]  # (steps, G, elements)
 
 
 class IdentityKVCache:
+    """Entries keyed by tuples whose first item is the identity's :meth:`~lcmla_sdk.Identity.digest`; ``computed``
+    and ``evicted`` count the entries computed (misses) and pushed out by the bound since the cache was made."""
+
     def __init__(self, max_bytes: int = KV_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
+        self.computed = 0
+        self.evicted = 0
         self._lock = threading.Lock()
         self._entries: OrderedDict[tuple, Entry] = OrderedDict()
 
     def clear(self) -> None:
         with self._lock:
             self._entries.clear()
+
+    def discard(self, digest: str) -> int:
+        """Drop every entry of the identity with this digest; return how many there were."""
+        with self._lock:
+            keys = [key for key in self._entries if key[0] == digest]
+            for key in keys:
+                del self._entries[key]
+        return len(keys)
 
     def entries(self) -> list[Entry]:
         with self._lock:
@@ -40,9 +53,11 @@ class IdentityKVCache:
                 return self._entries[key]
         entry = compute()
         with self._lock:
+            self.computed += 1
             self._entries[key] = entry
             while len(self._entries) > 1 and sum(_bytes(e) for e in self._entries.values()) > self.max_bytes:
                 self._entries.popitem(last=False)
+                self.evicted += 1
         return entry
 
 

@@ -241,6 +241,11 @@ class Personalizer:
         return Path(path)
 
     @property
+    def kv_cache(self) -> IdentityKVCache:
+        """The per-identity K/V cache of ``generate(..., kv_cache=True)`` (bound: its ``max_bytes``)."""
+        return self._kv_cache
+
+    @property
     def has_kv_encoder(self) -> bool:
         """``False`` for a model converted from the authors' no-K/V checkpoint (``encoder_plus_adapter_no_kv.bin``,
         made for their IP-Adapter-only pipeline): it generates without encoder K/V and refuses ``use_kv=True``."""

@@ -1,0 +1,235 @@
+"""The model deployment: one ``Personalizer`` per replica, and ``@serve.batch`` merging the compatible requests of a
+batch into one ``generate`` pass.
+
+Requests are compatible when every argument that shapes the pass is equal (identity, mode, steps, size, guidance,
+K/V options, adapter scale, VAE, FreeU); their rows (prompt, negative prompt, seed) are stacked. Each image has its
+own generator, so an image does not depend on the pass it was made in. The replica's K/V cache is the
+``Personalizer``'s, bounded by ``kv_cache_gib`` (least recently used out); an identity whose store file is deleted
+or replaced loses its K/V here before the next batch and at every health check.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import io
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+
+from ..identity import Identity
+from ..pipeline import Personalizer
+from .failures import Failure, failure
+from .settings import ServeSettings, store_path
+from .store import IdentityStore
+
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+RESIDENT_IDENTITIES = 256  # identities kept loaded per replica (their K/V are bounded by kv_cache_gib)
+GENERATE_DEFAULTS = {
+    name: parameter.default
+    for name, parameter in inspect.signature(Personalizer.generate).parameters.items()
+    if parameter.default is not inspect.Parameter.empty
+}
+# What makes two requests' rows share a pass: the Request fields besides prompts, negatives, seeds and output.
+PASS_FIELDS = ("mode", "steps", "guidance", "height", "width", "use_kv", "adapter_scale", "kv_cache", "face_noise",
+               "vae", "freeu")  # fmt: skip
+
+
+@dataclass
+class Job:
+    """One HTTP generate request: ``generate``'s keyword arguments as sent, and the face (a store id or photos)."""
+
+    arguments: dict[str, Any]
+    identity: str | None = None
+    photos: list[bytes] | None = None
+    crop: str = "none"
+    face_resize: str = "squash"
+    image_format: str = "png"
+    affinity: str | None = None  # read by routing.IdentityAffinityRouter
+    received: float = field(default_factory=time.time)
+    deadline: float = float("inf")  # time.time() after which no one waits for the images
+
+
+@dataclass
+class Outcome:
+    images: list[bytes] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    replica: str = ""
+    kv_cache_hit: bool | None = None
+    batch_requests: int = 0  # requests in the replica's batch
+    pass_images: int = 0  # images in the generate pass that made these
+    queue_ms: float = 0.0
+    generate_ms: float = 0.0
+    failure: Failure | None = None
+
+
+class PastDeadline(Exception):
+    """Every request of a pass is past its deadline: the pass stops at its next step."""
+
+
+@dataclass
+class Prepared:
+    job: Job
+    identity: Identity
+    request: Any  # lcmla_sdk.request.Request
+    key: tuple
+
+
+@serve.deployment(name="Generator", health_check_period_s=5.0)
+class Generator:
+    def __init__(self, args: dict[str, Any]) -> None:
+        settings = ServeSettings.from_args(args)
+        self.model = Personalizer.from_pretrained(settings.model, device=settings.device, faces=settings.faces)
+        self.model.kv_cache.max_bytes = int(settings.kv_cache_gib * 2**30)
+        self.store = IdentityStore(store_path(settings))
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        self.resident: OrderedDict[str, tuple[Identity, tuple[int, int]]] = OrderedDict()  # id -> (identity, file stamp)
+        self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
+        self.generate.set_max_batch_size(settings.max_batch_size)
+        self.generate.set_batch_wait_timeout_s(settings.batch_wait_s)
+        for shape in settings.warmup:
+            self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
+        self.warmed = [str(shape) for shape in settings.warmup]
+        self.kv_hits = Counter("lcmla_kv_cache_hits", "Generate passes whose identity K/V came from the cache.")
+        self.kv_misses = Counter("lcmla_kv_cache_misses", "Generate passes that computed their identity's K/V.")
+        self.kv_evictions = Counter("lcmla_kv_cache_evictions", "Identity K/V dropped by the cache's bound.")
+        self.pass_images = Histogram("lcmla_pass_images", "Images per generate pass.", [1, 2, 4, 8, 16, 32, 64])
+
+    def ready(self) -> dict[str, Any]:
+        return {"replica": self.replica, "fingerprint": self.model.fingerprint, "warmed": self.warmed}
+
+    def check_health(self) -> None:
+        self._drop_changed()
+
+    async def encode(self, photos: list[bytes], crop: str, face_resize: str) -> Identity | Failure:
+        try:
+            return await asyncio.to_thread(self.model.encode_face, photos, crop=crop, face_resize=face_resize)
+        except ValueError as error:
+            return failure(error)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    async def generate(self, jobs: list[Job]) -> list[Outcome]:
+        self._drop_changed()
+        return await asyncio.to_thread(self._run_batch, jobs, time.time())
+
+    # ------------------------------------------------------------------ one batch
+    def _run_batch(self, jobs: list[Job], started: float) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        groups: dict[tuple, list[tuple[int, Prepared]]] = {}
+        for index, job in enumerate(jobs):
+            try:
+                prepared = self._prepare(job)
+            except (ValueError, LookupError) as error:
+                outcomes[index] = Outcome(replica=self.replica, failure=failure(error))
+                continue
+            groups.setdefault(prepared.key, []).append((index, prepared))
+        for members in groups.values():
+            for index, outcome in self._run_group(members):
+                outcome.batch_requests, outcome.queue_ms = len(jobs), (started - jobs[index].received) * 1000
+                outcomes[index] = outcome
+        return [outcomes[index] for index in range(len(jobs))]
+
+    def _prepare(self, job: Job) -> Prepared:
+        identity = self._identity(job)
+        request = self.model.check_inputs(**{**GENERATE_DEFAULTS, **job.arguments, "output": "pil", "callback": None})
+        face = job.identity if job.identity is not None else identity.digest()
+        key = (face, request.negative_prompts is None, *(getattr(request, name) for name in PASS_FIELDS))
+        if request.kv_cache:  # the cached unconditional K/V hold one negative prompt
+            key += (request.negative_prompts[0] if request.negative_prompts else None,)
+        return Prepared(job, identity, request, key)
+
+    def _run_group(self, members: list[tuple[int, Prepared]]) -> list[tuple[int, Outcome]]:
+        try:
+            return self._generate_together(members)
+        except PastDeadline as error:
+            late = Failure(504, "timeout", f"timeout: {error}")
+            return [(index, Outcome(replica=self.replica, failure=late)) for index, _ in members]
+        except ValueError as error:
+            if len(members) == 1:  # the pass of one request: its own mistake
+                return [(members[0][0], Outcome(replica=self.replica, failure=failure(error)))]
+        # A merged pass refused (e.g. its memory estimate): each request alone, so an error stays with its request.
+        return [result for member in members for result in self._run_group([member])]
+
+    def _generate_together(self, members: list[tuple[int, Prepared]]) -> list[tuple[int, Outcome]]:
+        rows = [row for _, prepared in members for row in _rows(prepared.request)]
+        first = members[0][1]
+        request = first.request
+        computed, evicted = self.model.kv_cache.computed, self.model.kv_cache.evicted
+        deadline = max(prepared.job.deadline for _, prepared in members)
+
+        def stop_when_late(*_) -> None:
+            if time.time() > deadline:
+                raise PastDeadline("stopped: the client's request timed out")
+
+        begin = time.perf_counter()
+        images = self.model.generate(
+            first.identity, [r[0] for r in rows], None if request.negative_prompts is None else [r[1] for r in rows],
+            num_images=1, seed=[r[2] for r in rows], output="pil", callback=stop_when_late,
+            **{name: getattr(request, name) for name in PASS_FIELDS},
+        )  # fmt: skip
+        elapsed = (time.perf_counter() - begin) * 1000
+        hit = None
+        if request.kv_cache:
+            hit = self.model.kv_cache.computed == computed
+            (self.kv_hits if hit else self.kv_misses).inc()
+            self.kv_evictions.inc(self.model.kv_cache.evicted - evicted)
+        self.pass_images.observe(len(rows))
+        results, start = [], 0
+        for index, prepared in members:
+            count = len(prepared.request.seeds)
+            encoded = [_encode(image, prepared.job.image_format) for image in images[start : start + count]]
+            results.append((index, Outcome(encoded, prepared.request.seeds, self.replica, hit, 0, len(rows), 0.0, elapsed)))
+            start += count
+        return results
+
+    # ------------------------------------------------------------------ identities
+    def _identity(self, job: Job) -> Identity:
+        if job.identity is None:
+            return self.model.encode_face(job.photos, crop=job.crop, face_resize=job.face_resize)
+        stamp = _stamp(self.store.path(job.identity))
+        with self.resident_lock:
+            if job.identity in self.resident and self.resident[job.identity][1] == stamp:
+                self.resident.move_to_end(job.identity)
+                return self.resident[job.identity][0]
+        identity = self.store.load(job.identity, self.model.fingerprint)
+        with self.resident_lock:
+            self.resident[job.identity] = (identity, stamp)
+            while len(self.resident) > RESIDENT_IDENTITIES:
+                self.model.kv_cache.discard(self.resident.popitem(last=False)[1][0].digest())
+        return identity
+
+    def _drop_changed(self) -> None:
+        """Forget identities whose store file is gone or replaced, and their K/V (a deleted face leaves no trace)."""
+        with self.resident_lock:
+            for id_, (identity, stamp) in list(self.resident.items()):
+                if _stamp(self.store.path(id_)) != stamp:
+                    del self.resident[id_]
+                    self.model.kv_cache.discard(identity.digest())
+
+
+def _rows(request) -> list[tuple[str, str | None, int]]:
+    """(prompt, negative prompt, seed) of each image of a request, in ``generate``'s order."""
+    per_prompt = len(request.seeds) // len(request.prompts)
+    negatives = request.negative_prompts or [None] * len(request.prompts)
+    return [(request.prompts[i // per_prompt], negatives[i // per_prompt], seed) for i, seed in enumerate(request.seeds)]
+
+
+def _stamp(path) -> tuple[int, int] | None:
+    try:
+        status = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return status.st_ino, status.st_mtime_ns
+
+
+def _encode(image, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
+    image.save(buffer, format=FORMATS[image_format], **options)
+    return buffer.getvalue()

@@ -1,0 +1,298 @@
+"""``lcmla serve`` for real: Ray Serve on this machine (one Ray instance for the module), real HTTP on a free port of
+127.0.0.1, the tiny preset on two CPU replicas. Every image is checked against a direct ``generate`` call."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from PIL import Image, ImageOps
+
+pytest.importorskip("ray.serve", reason="needs the [serve] extra")
+requests = pytest.importorskip("requests")
+
+import ray  # noqa: E402
+from typer.testing import CliRunner  # noqa: E402
+
+from lcmla_sdk.cli import app as cli  # noqa: E402
+from lcmla_sdk.identity import Identity  # noqa: E402
+from lcmla_sdk.images import pixel_sha256  # noqa: E402
+from lcmla_sdk.serve import ServeSettings  # noqa: E402
+from lcmla_sdk.serve import launch  # noqa: E402
+from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
+from lcmla_sdk.serve.store import identity_id  # noqa: E402
+
+FAST = {"mode": "fast", "steps": 2}
+# One tiny identity's K/V for 2 fast steps at 128^2 is 2.6 MB: each replica's cache holds one.
+KV_CACHE_GIB = 4e6 / 2**30
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pixels(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+
+
+def assert_same_image(data: bytes, direct: Image.Image) -> None:
+    difference = np.abs(pixels(data) - np.asarray(direct, dtype=np.int16)).max()
+    assert difference <= 1, f"served image differs from the direct call by up to {difference}"
+
+
+class Service:
+    def __init__(self, settings: ServeSettings) -> None:
+        self.settings, self.url = settings, settings.url
+
+    def post(self, path: str, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, timeout=120, **kwargs)
+
+    def get(self, path: str, **kwargs) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kwargs)
+
+    def identity(self, image: Image.Image, **form) -> str:
+        response = self.post("/v1/identities", files=[("photos", ("face.png", png(image), "image/png"))], data=form)
+        assert response.status_code in (200, 201), response.text
+        return response.json()["id"]
+
+    def generate(self, **body) -> dict:
+        response = self.post("/v1/generate", json=body)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    settings = ServeSettings(
+        model="tiny", port=free_port(), replicas=2, store=str(tmp_path_factory.mktemp("identities")), device="cpu",
+        max_batch_size=4, batch_wait_s=0.3, max_queued_requests=2, request_timeout_s=8.0, kv_cache_gib=KV_CACHE_GIB,
+        max_upload_mib=0.5,
+    )  # fmt: skip
+    try:
+        launch.start(settings)
+        yield Service(settings)
+    finally:
+        launch.stop()
+
+
+def replica_ids() -> list:
+    from ray.serve._private.common import ReplicaID
+
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    return [ReplicaID.from_full_id_str(n) for n in names if n.startswith("SERVE_REPLICA::") and "#Generator#" in n]
+
+
+def preferred_replica(id_: str) -> str:
+    """The replica the affinity router offers ``id_`` first (the router's own ordering over the live replicas)."""
+
+    class Candidate:
+        def __init__(self, replica_id) -> None:
+            self.replica_id = replica_id
+
+    return rendezvous_order(id_, [Candidate(r) for r in replica_ids()])[0].replica_id.to_full_id_str()
+
+
+def test_settings_and_config_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="^port:"):
+        ServeSettings(port=70000)
+    with pytest.raises(ValueError, match="^warmup:"):
+        ServeSettings(warmup=("fast:1:1024",))
+    out = tmp_path / "serve.yaml"
+    result = CliRunner().invoke(cli, ["serve", "--replicas", "3", "--store", "/shared/ids", "--write-config", str(out)])
+    assert result.exit_code == 0, result.output
+    import yaml
+
+    application = yaml.safe_load(out.read_text())["applications"][0]
+    assert application["import_path"] == "lcmla_sdk.serve.launch:app_builder"
+    assert ServeSettings.from_args(application["args"]) == ServeSettings(replicas=3, store="/shared/ids")
+    bad = CliRunner().invoke(cli, ["serve", "--max-batch-size", "0", "--write-config", str(out)])
+    assert bad.exit_code == 2 and "max_batch_size" in bad.output
+
+
+def test_round_trip_matches_direct_generate(service, tiny, face):
+    assert service.get("/v1/health").json() == {"status": "ok"}
+    ready = service.get("/v1/ready").json()
+    assert ready["ready"] and ready["fingerprint"] == tiny.fingerprint
+    assert "/v1/generate" in service.get("/openapi.json").json()["paths"]
+    assert service.get("/docs").status_code == 200
+
+    created = service.post("/v1/identities", files=[("photos", ("face.png", png(face), "image/png"))])
+    assert created.status_code == 201, created.text
+    info = created.json()
+    assert info["references"] == 1 and info["faces"][0]["box"] is not None
+    again = service.post("/v1/identities", files=[("photos", ("copy.png", png(face), "image/png"))])
+    assert again.status_code == 200 and again.json()["id"] == info["id"]
+    assert service.get(f"/v1/identities/{info['id']}").json() == info
+
+    stored = Identity.load(service.settings.store + f"/{info['id']}.safetensors", tiny.fingerprint)
+    body = {"identity": info["id"], "prompt": ["a painting", "a photo"], "num_images": 2, "seed": [3, 4, 5, 6], **FAST}
+    answer = service.generate(**body)
+    direct = tiny.generate(stored, ["a painting", "a photo"], num_images=2, seed=[3, 4, 5, 6], **FAST)
+    assert [image["seed"] for image in answer["images"]] == [3, 4, 5, 6]
+    for image, expected in zip(answer["images"], direct):
+        assert_same_image(base64.b64decode(image["data"]), expected)
+
+    bare = service.post("/v1/generate", json={"identity": info["id"], "prompt": "a photo", "seed": 5, **FAST},
+                        headers={"Accept": "image/png"})  # fmt: skip
+    assert bare.headers["content-type"] == "image/png" and bare.headers["x-seed"] == "5"
+    assert_same_image(bare.content, tiny.generate(stored, "a photo", seed=5, **FAST)[0])
+    inline = service.generate(photos=[base64.b64encode(png(face)).decode()], prompt="a photo", seed=5, format="webp", **FAST)
+    assert Image.open(io.BytesIO(base64.b64decode(inline["images"][0]["data"]))).format == "WEBP"
+
+
+def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
+    id_ = service.identity(face)
+    stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
+    clients = 8
+    answers: list = [None] * clients
+
+    def client(index: int) -> None:
+        answers[index] = service.generate(identity=id_, prompt=f"portrait {index}", seed=100 + index, **FAST)
+
+    begin = time.monotonic()
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert time.monotonic() - begin < 60 and all(answers), "some clients got no answer in time"
+    assert max(answer["batch"]["pass_images"] for answer in answers) > 1, "no two requests shared a pass"
+    for index, answer in enumerate(answers):
+        direct = tiny.generate(stored, f"portrait {index}", seed=100 + index, **FAST)[0]
+        assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct)
+
+
+def candidate_faces(face: Image.Image):
+    """Distinct photos of the same face (slightly cropped): each a distinct identity id."""
+    for margin in range(1, 40):
+        yield ImageOps.crop(face, margin)
+
+
+def test_kv_cache_affinity_eviction_and_delete(service, tiny, face):
+    first = service.identity(face, face_resize="crop")
+    owner = preferred_replica(first)
+    # Another identity that the router sends to the same replica: computing ids needs no upload.
+    other_face = next(f for f in candidate_faces(face)
+                      if preferred_replica(identity_id(tiny.fingerprint, [pixel_sha256(f)], "none", "squash")) == owner)  # fmt: skip
+    other = service.identity(other_face)
+
+    def cached(id_: str) -> dict:
+        return service.generate(identity=id_, prompt="a photo", seed=1, kv_cache=True, **FAST)
+
+    answers = [cached(first), cached(first), cached(other), cached(first)]
+    assert [a["replica"] for a in answers] == [owner] * 4, "identity affinity: each went to the replica holding it"
+    assert [a["kv_cache_hit"] for a in answers] == [False, True, False, False], "a one-identity cache evicts LRU"
+    stored = Identity.load(service.settings.store + f"/{first}.safetensors", tiny.fingerprint)
+    assert_same_image(base64.b64decode(answers[1]["images"][0]["data"]),
+                      tiny.generate(stored, "a photo", seed=1, kv_cache=True, **FAST)[0])  # fmt: skip
+
+    assert cached(first)["kv_cache_hit"] is True
+    assert service.post("/v1/identities", files=[]).status_code == 400
+    assert requests.delete(f"{service.url}/v1/identities/{first}", timeout=10).status_code == 204
+    assert service.get(f"/v1/identities/{first}").status_code == 404
+    assert service.post("/v1/generate", json={"identity": first, "prompt": "a"}).status_code == 404
+    assert service.identity(face, face_resize="crop") == first  # the same photo, the same id
+    assert cached(first)["kv_cache_hit"] is False, "the deleted identity's K/V were dropped"
+
+
+def test_bad_input_names_the_field(service, face):
+    id_ = service.identity(face)
+
+    def error(path: str, expected: int, **kwargs) -> str:
+        response = service.post(path, **kwargs)
+        assert response.status_code == expected, response.text
+        return response.json()["field"]
+
+    for body, field in (
+        ({"identity": id_, "prompt": "a", "steps": 0, "mode": "fast"}, "steps"),
+        ({"identity": id_, "prompt": 5}, "prompt"),
+        ({"identity": id_, "prompt": "a", "sed": 1}, "sed"),
+        ({"identity": id_, "prompt": "a", "mode": "slow"}, "mode"),
+        ({"identity": id_, "prompt": "a", "use_kv": False, "kv_cache": True}, "kv_cache"),
+        ({"identity": "../../etc/passwd", "prompt": "a"}, "identity"),
+        ({"prompt": "a"}, "identity"),
+        ({"photos": ["not base64!"], "prompt": "a"}, "photos"),
+    ):
+        assert error("/v1/generate", 400, json=body) == field
+    assert error("/v1/generate", 404, json={"identity": "0" * 32, "prompt": "a"}) == "identity"
+    assert service.get("/v1/identities/NOT-AN-ID").status_code == 400
+
+    def upload(data: bytes) -> dict:
+        return {"files": [("photos", ("x.png", data, "image/png"))]}
+
+    assert error("/v1/identities", 415, **upload(b"this is text, not an image")) == "photos"
+    assert error("/v1/identities", 422, **upload(png(Image.new("RGB", (128, 128), "gray")))) == "photos"
+    assert error("/v1/identities", 413, **upload(b"\0" * (service.settings.max_upload_bytes + 1))) == "photos"
+
+
+def test_full_queue_is_503_and_slow_request_times_out(service, face):
+    id_ = service.identity(face)
+    statuses: list = []
+
+    def client(index: int) -> None:
+        response = service.post("/v1/generate", json={"identity": id_, "prompt": "a", "seed": index, "mode": "fast",
+                                                      "steps": 1, "height": 64, "width": 64})  # fmt: skip
+        statuses.append((response.status_code, response.headers.get("retry-after")))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(30)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert {status for status, _ in statuses} == {200, 503}
+    assert all(retry == "1" for status, retry in statuses if status == 503)
+
+    slow = service.post("/v1/generate", json={"identity": id_, "prompt": "a", "steps": 60, "height": 256, "width": 256})
+    assert slow.status_code == 504 and slow.json()["field"] == "timeout"
+
+
+def test_replica_killed_mid_request_is_retried(service, tiny, face):
+    id_ = service.identity(face, crop="face")
+    owner = preferred_replica(id_)
+    folder = Path(service.settings.store)
+    files = sorted(p.name for p in folder.iterdir())
+    body = {"identity": id_, "prompt": "a photo", "seed": 7, "kv_cache": True, "mode": "fast", "steps": 12,
+            "height": 256, "width": 256}  # fmt: skip
+    answer: dict = {}
+    thread = threading.Thread(target=lambda: answer.update(service.generate(**body)))
+    thread.start()
+    time.sleep(1.5)
+    ray.kill(ray.get_actor(owner, namespace="serve"), no_restart=True)
+    thread.join(60)
+    assert answer["attempts"] == 2 and answer["replica"] != owner
+    stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
+    direct = tiny.generate(stored, "a photo", seed=7, kv_cache=True, mode="fast", steps=12, height=256, width=256)
+    assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct[0])
+    assert sorted(p.name for p in folder.iterdir()) == files  # nothing lost, no temporary left
+    for path in folder.iterdir():
+        Identity.load(path, tiny.fingerprint)
+    deadline = time.monotonic() + 30
+    while len(replica_ids()) < 2 or owner in {r.to_full_id_str() for r in replica_ids()}:
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(0.5)
+
+
+def test_shutdown_leaves_no_ray_process(service):
+    children = psutil.Process().children(recursive=True)
+    assert any("raylet" in " ".join(c.cmdline()) for c in children)
+    launch.stop()
+    assert not ray.is_initialized()
+    gone, alive = psutil.wait_procs(children, timeout=15)
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    launch.stop()  # a second stop must not start Ray again (serve.shutdown would)
+    assert not ray.is_initialized()
