@@ -345,7 +345,8 @@ def serve_command(
         raise fail(ValueError(f"serving needs the [serve] extra (pip install 'lcmla[serve]'): {error}")) from None
     try:
         settings = ServeSettings(
-            model=model, host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica, store=store,
+            model=model, host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
+            store=str(Path(store).expanduser().resolve()),
             max_batch_size=max_batch_size, batch_wait_s=batch_wait_ms / 1000, max_queued_requests=max_queued,
             request_timeout_s=timeout, kv_cache_gib=kv_cache_gib, max_upload_mib=max_upload_mib,
             warmup=tuple(warmup or ()), faces=faces, device=device,

@@ -11,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import io
 import time
 from typing import Any, Literal
 
+import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from ray.exceptions import RayActorError
@@ -28,11 +31,12 @@ from ..guidance import DEFAULT_GUIDANCE
 from ..identity import Identity
 from ..images import load_rgb, pixel_sha256
 from .failures import Failure, failure
-from .model import FORMATS, Job, Outcome
+from .model import Job, Outcome
 from .settings import ServeSettings, store_path
 from .store import IdentityStore, UnknownIdentity, check_id, identity_id
 
 RETRY_AFTER_S = 1
+FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 ACCEPTED = {f"image/{name}": name for name in FORMATS}
 
 
@@ -143,10 +147,8 @@ class Ingress:
         (jpeg, webp) the bare image of a one-image request."""
         accept = request.headers.get("accept", "").split(",")[0].strip()
         image_format = ACCEPTED.get(accept, body.format)
-        job = Job(
-            body.model_dump(exclude=set(FACE_FIELDS)), body.identity, None, body.crop, body.face_resize, image_format,
-            affinity=body.identity if body.kv_cache else None,
-        )  # fmt: skip
+        job = Job(body.model_dump(exclude=set(FACE_FIELDS)), body.identity, None, body.crop, body.face_resize,
+                  affinity=body.identity if body.kv_cache else None)  # fmt: skip
         if (body.identity is None) == (body.photos is None):
             raise ApiError(Failure(400, "identity", "identity: give either an identity id or photos"))
         if body.identity is not None and not self._guard(lambda: self.store.exists(body.identity)):
@@ -161,12 +163,13 @@ class Ingress:
         outcome, attempts = await self._call(lambda: self.generator.generate.remote(job), count_attempts=True)
         if outcome.failure is not None:
             raise ApiError(outcome.failure)
+        if accept in ACCEPTED and len(outcome.images) != 1:
+            raise ApiError(Failure(406, "num_images", f"num_images: Accept {accept} takes one image, not {len(outcome.images)}"))
+        images = await asyncio.to_thread(lambda: [encode_image(image, image_format) for image in outcome.images])
         total_ms = (time.perf_counter() - began) * 1000
         if accept in ACCEPTED:
-            if len(outcome.images) != 1:
-                raise ApiError(Failure(406, "num_images", f"num_images: Accept {accept} takes one image, not {len(outcome.images)}"))
-            return Response(outcome.images[0], media_type=accept, headers=_headers(outcome, attempts))
-        return JSONResponse(_response(outcome, image_format, attempts, total_ms))
+            return Response(images[0], media_type=accept, headers=_headers(outcome, attempts))
+        return JSONResponse(_response(outcome, images, image_format, attempts, total_ms))
 
     # ------------------------------------------------------------------ helpers
     async def _call(self, send, timeout: float | None = None, retry_after: bool = False, count_attempts: bool = False):
@@ -240,10 +243,17 @@ def _headers(outcome: Outcome, attempts: int) -> dict[str, str]:
             "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower()}  # fmt: skip
 
 
-def _response(outcome: Outcome, image_format: str, attempts: int, total_ms: float) -> dict[str, Any]:
+def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
+    Image.fromarray(pixels).save(buffer, format=FORMATS[image_format], **options)
+    return buffer.getvalue()
+
+
+def _response(outcome: Outcome, images: list[bytes], image_format: str, attempts: int, total_ms: float) -> dict[str, Any]:
     return {
         "images": [{"seed": seed, "format": image_format, "data": base64.b64encode(data).decode()}
-                   for seed, data in zip(outcome.seeds, outcome.images)],
+                   for seed, data in zip(outcome.seeds, images)],
         "replica": outcome.replica, "kv_cache_hit": outcome.kv_cache_hit, "attempts": attempts,
         "batch": {"requests": outcome.batch_requests, "pass_images": outcome.pass_images},
         "timings": {"queue_ms": round(outcome.queue_ms, 1), "generate_ms": round(outcome.generate_ms, 1),

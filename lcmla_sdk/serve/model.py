@@ -3,7 +3,8 @@ batch into one ``generate`` pass.
 
 Requests are compatible when every argument that shapes the pass is equal (identity, mode, steps, size, guidance,
 K/V options, adapter scale, VAE, FreeU); their rows (prompt, negative prompt, seed) are stacked. Each image has its
-own generator, so an image does not depend on the pass it was made in. The replica's K/V cache is the
+own generator, so an image does not depend on the pass it was made in. Images go back as arrays: the ingress encodes
+them, so this process keeps the GPU busy. The replica's K/V cache is the
 ``Personalizer``'s, bounded by ``kv_cache_gib`` (least recently used out); an identity whose store file is deleted
 or replaced loses its K/V here before the next batch and at every health check.
 """
@@ -12,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import io
 import os
 import threading
 import time
@@ -20,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
@@ -29,7 +30,6 @@ from .failures import Failure, failure
 from .settings import ServeSettings, store_path
 from .store import IdentityStore
 
-FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 RESIDENT_IDENTITIES = 256  # identities kept loaded per replica (their K/V are bounded by kv_cache_gib)
 GENERATE_DEFAULTS = {
     name: parameter.default
@@ -50,7 +50,6 @@ class Job:
     photos: list[bytes] | None = None
     crop: str = "none"
     face_resize: str = "squash"
-    image_format: str = "png"
     affinity: str | None = None  # read by routing.IdentityAffinityRouter
     received: float = field(default_factory=time.time)
     deadline: float = float("inf")  # time.time() after which no one waits for the images
@@ -58,7 +57,7 @@ class Job:
 
 @dataclass
 class Outcome:
-    images: list[bytes] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)  # (H, W, 3) uint8; the ingress encodes them
     seeds: list[int] = field(default_factory=list)
     replica: str = ""
     kv_cache_hit: bool | None = None
@@ -137,7 +136,7 @@ class Generator:
 
     def _prepare(self, job: Job) -> Prepared:
         identity = self._identity(job)
-        request = self.model.check_inputs(**{**GENERATE_DEFAULTS, **job.arguments, "output": "pil", "callback": None})
+        request = self.model.check_inputs(**{**GENERATE_DEFAULTS, **job.arguments, "output": "np", "callback": None})
         face = job.identity if job.identity is not None else identity.digest()
         key = (face, request.negative_prompts is None, *(getattr(request, name) for name in PASS_FIELDS))
         if request.kv_cache:  # the cached unconditional K/V hold one negative prompt
@@ -170,7 +169,7 @@ class Generator:
         begin = time.perf_counter()
         images = self.model.generate(
             first.identity, [r[0] for r in rows], None if request.negative_prompts is None else [r[1] for r in rows],
-            num_images=1, seed=[r[2] for r in rows], output="pil", callback=stop_when_late,
+            num_images=1, seed=[r[2] for r in rows], output="np", callback=stop_when_late,
             **{name: getattr(request, name) for name in PASS_FIELDS},
         )  # fmt: skip
         elapsed = (time.perf_counter() - begin) * 1000
@@ -183,8 +182,8 @@ class Generator:
         results, start = [], 0
         for index, prepared in members:
             count = len(prepared.request.seeds)
-            encoded = [_encode(image, prepared.job.image_format) for image in images[start : start + count]]
-            results.append((index, Outcome(encoded, prepared.request.seeds, self.replica, hit, 0, len(rows), 0.0, elapsed)))
+            mine = list(images[start : start + count])
+            results.append((index, Outcome(mine, prepared.request.seeds, self.replica, hit, 0, len(rows), 0.0, elapsed)))
             start += count
         return results
 
@@ -227,9 +226,3 @@ def _stamp(path) -> tuple[int, int] | None:
         return None
     return status.st_ino, status.st_mtime_ns
 
-
-def _encode(image, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
-    image.save(buffer, format=FORMATS[image_format], **options)
-    return buffer.getvalue()

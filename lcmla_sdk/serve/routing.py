@@ -40,6 +40,8 @@ class IdentityAffinityRouter(FIFOMixin, RequestRouter):
         key = affinity_key(pending_request)
         if not candidate_replicas:
             return []
+        if pending_request is not None:  # every replica is offered at once: wait between tries when all are full
+            pending_request.routing_context.should_backoff = True
         if key is not None:
             first, *rest = rendezvous_order(key, candidate_replicas)
             return [[first], random.sample(rest, min(2, len(rest)))] if rest else [[first]]
