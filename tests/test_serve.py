@@ -266,7 +266,8 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face):
     owner = preferred_replica(id_)
     folder = Path(service.settings.store)
     files = sorted(p.name for p in folder.iterdir())
-    body = {"identity": id_, "prompt": "a photo", "seed": 7, "kv_cache": True, "mode": "fast", "steps": 12,
+    # About 3 s of work: killed 1.5 s in, it is done again on the other replica within the 8 s request timeout.
+    body = {"identity": id_, "prompt": "a photo", "seed": 7, "kv_cache": True, "mode": "fast", "steps": 6,
             "height": 256, "width": 256}  # fmt: skip
     answer: dict = {}
     thread = threading.Thread(target=lambda: answer.update(service.generate(**body)))
@@ -276,7 +277,7 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face):
     thread.join(60)
     assert answer["attempts"] == 2 and answer["replica"] != owner
     stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
-    direct = tiny.generate(stored, "a photo", seed=7, kv_cache=True, mode="fast", steps=12, height=256, width=256)
+    direct = tiny.generate(stored, "a photo", seed=7, kv_cache=True, mode="fast", steps=6, height=256, width=256)
     assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct[0])
     assert sorted(p.name for p in folder.iterdir()) == files  # nothing lost, no temporary left
     for path in folder.iterdir():

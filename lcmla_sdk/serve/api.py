@@ -88,6 +88,42 @@ async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
     return JSONResponse({"error": f"{name}: {first['msg']}", "field": name}, 400)
 
 
+# Everything the ingress's methods use is defined above it: serve.ingress serializes the app when the class is made.
+async def _awaited(response):
+    return await response
+
+
+def describe(id_: str, identity: Identity) -> dict[str, Any]:
+    return {
+        "id": id_, "references": identity.num_references, "sources": identity.sources, "crop": identity.crop,
+        "face_resize": identity.face_resize, "face_backend": identity.face_backend or None,
+        "faces": [{"box": box, "landmarks": marks} for box, marks in zip(identity.boxes, identity.landmarks or [None] * len(identity.boxes))],
+    }  # fmt: skip
+
+
+def _headers(outcome: Outcome, attempts: int) -> dict[str, str]:
+    return {"X-Seed": str(outcome.seeds[0]), "X-Replica": outcome.replica, "X-Attempts": str(attempts),
+            "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower()}  # fmt: skip
+
+
+def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
+    buffer = io.BytesIO()
+    options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
+    Image.fromarray(pixels).save(buffer, format=FORMATS[image_format], **options)
+    return buffer.getvalue()
+
+
+def _response(outcome: Outcome, images: list[bytes], image_format: str, attempts: int, total_ms: float) -> dict[str, Any]:
+    return {
+        "images": [{"seed": seed, "format": image_format, "data": base64.b64encode(data).decode()}
+                   for seed, data in zip(outcome.seeds, images)],
+        "replica": outcome.replica, "kv_cache_hit": outcome.kv_cache_hit, "attempts": attempts,
+        "batch": {"requests": outcome.batch_requests, "pass_images": outcome.pass_images},
+        "timings": {"queue_ms": round(outcome.queue_ms, 1), "generate_ms": round(outcome.generate_ms, 1),
+                    "total_ms": round(total_ms, 1)},
+    }  # fmt: skip
+
+
 @serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -225,37 +261,3 @@ class Ingress:
         except (ValueError, UnknownIdentity) as error:
             raise ApiError(failure(error)) from None
 
-
-async def _awaited(response):
-    return await response
-
-
-def describe(id_: str, identity: Identity) -> dict[str, Any]:
-    return {
-        "id": id_, "references": identity.num_references, "sources": identity.sources, "crop": identity.crop,
-        "face_resize": identity.face_resize, "face_backend": identity.face_backend or None,
-        "faces": [{"box": box, "landmarks": marks} for box, marks in zip(identity.boxes, identity.landmarks or [None] * len(identity.boxes))],
-    }  # fmt: skip
-
-
-def _headers(outcome: Outcome, attempts: int) -> dict[str, str]:
-    return {"X-Seed": str(outcome.seeds[0]), "X-Replica": outcome.replica, "X-Attempts": str(attempts),
-            "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower()}  # fmt: skip
-
-
-def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
-    buffer = io.BytesIO()
-    options = {"compress_level": 1} if image_format == "png" else {"quality": 95}
-    Image.fromarray(pixels).save(buffer, format=FORMATS[image_format], **options)
-    return buffer.getvalue()
-
-
-def _response(outcome: Outcome, images: list[bytes], image_format: str, attempts: int, total_ms: float) -> dict[str, Any]:
-    return {
-        "images": [{"seed": seed, "format": image_format, "data": base64.b64encode(data).decode()}
-                   for seed, data in zip(outcome.seeds, images)],
-        "replica": outcome.replica, "kv_cache_hit": outcome.kv_cache_hit, "attempts": attempts,
-        "batch": {"requests": outcome.batch_requests, "pass_images": outcome.pass_images},
-        "timings": {"queue_ms": round(outcome.queue_ms, 1), "generate_ms": round(outcome.generate_ms, 1),
-                    "total_ms": round(total_ms, 1)},
-    }  # fmt: skip

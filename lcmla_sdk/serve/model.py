@@ -95,8 +95,8 @@ class Generator:
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
         self.warmed = [str(shape) for shape in settings.warmup]
-        self.kv_hits = Counter("lcmla_kv_cache_hits", "Generate passes whose identity K/V came from the cache.")
-        self.kv_misses = Counter("lcmla_kv_cache_misses", "Generate passes that computed their identity's K/V.")
+        self.kv_hits = Counter("lcmla_kv_cache_hits", "Identities whose K/V came from the cache (per pass).")
+        self.kv_misses = Counter("lcmla_kv_cache_misses", "Identities whose K/V a pass computed.")
         self.kv_evictions = Counter("lcmla_kv_cache_evictions", "Identity K/V dropped by the cache's bound.")
         self.pass_images = Histogram("lcmla_pass_images", "Images per generate pass.", [1, 2, 4, 8, 16, 32, 64])
 
@@ -177,7 +177,7 @@ class Generator:
         if request.kv_cache:
             hit = self.model.kv_cache.computed == computed
             (self.kv_hits if hit else self.kv_misses).inc()
-            self.kv_evictions.inc(self.model.kv_cache.evicted - evicted)
+            _count(self.kv_evictions, self.model.kv_cache.evicted - evicted)
         self.pass_images.observe(len(rows))
         results, start = [], 0
         for index, prepared in members:
@@ -210,6 +210,11 @@ class Generator:
                 if _stamp(self.store.path(id_)) != stamp:
                     del self.resident[id_]
                     self.model.kv_cache.discard(identity.digest())
+
+
+def _count(counter: Counter, amount: int) -> None:
+    if amount > 0:  # Ray's counters take positive increments only
+        counter.inc(amount)
 
 
 def _rows(request) -> list[tuple[str, str | None, int]]:
