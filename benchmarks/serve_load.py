@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import random
 import socket
@@ -129,6 +130,7 @@ def main() -> None:
         store.save(identity, id_)
     device = str(model.device)
     del model, identities
+    gc.collect()  # the replica loads its own copy on this GPU
     torch.cuda.empty_cache() if torch.cuda.is_available() else None
 
     warmup = tuple(f"{mode}:{n}:{size}x{size}" for mode in modes for n in range(1, args.batch + 1))
