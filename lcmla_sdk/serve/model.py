@@ -135,8 +135,8 @@ class Generator:
         return [outcomes[index] for index in range(len(jobs))]
 
     def _prepare(self, job: Job) -> Prepared:
-        identity = self._identity(job)
         request = self.model.check_inputs(**{**GENERATE_DEFAULTS, **job.arguments, "output": "np", "callback": None})
+        identity = self._identity(job)
         face = job.identity if job.identity is not None else identity.digest()
         key = (face, request.negative_prompts is None, *(getattr(request, name) for name in PASS_FIELDS))
         if request.kv_cache:  # the cached unconditional K/V hold one negative prompt
