@@ -6,8 +6,7 @@ large, 415 not an image, 422 no face or several, 503 with ``Retry-After`` when t
 request timeout. A request whose replica dies is sent once more (generation is deterministic by seed).
 """
 
-from __future__ import annotations
-
+# No ``from __future__ import annotations``: FastAPI reads the routes' annotations as objects in the replica.
 import asyncio
 import base64
 import binascii
