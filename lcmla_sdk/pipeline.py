@@ -92,7 +92,7 @@ class Personalizer:
 
         self.step_tables = StepTables(config["scheduler"], device)
         self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
-        self._kv_cache = IdentityKVCache()
+        self.identity_kv_cache = IdentityKVCache()
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -173,7 +173,7 @@ class Personalizer:
         ``replacements`` (``kv_encoder=...``) install networks with the same call signatures instead."""
         self._networks.replace(**replacements)
         self.step_graphs.clear()
-        self._kv_cache.clear()
+        self.identity_kv_cache.clear()
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
@@ -236,7 +236,7 @@ class Personalizer:
             time_ids(request.height, request.width, batch, self.dtype, self.device),
             torch.tensor(request.guidance, dtype=torch.float32, device=self.device) if request.mode == "quality" else None,
             stage_values(request.freeu, self.device) if request.freeu is not None else None,
-            self.prompt_encoder.encoder_prompt(self._graphed) if request.use_kv else None,
+            self.prompt_encoder.encoder_prompt() if request.use_kv else None,
             noise.face_latents, noise.face_noise,
         )  # fmt: skip
         latents = self.denoise(request, identity, inputs, table, noise.steps)
@@ -314,8 +314,8 @@ class Personalizer:
         kv = None
         if request.use_kv and request.kv_cache:
             compute = lambda: compute_kv(self.kv_encoder, identity, spec, table, inputs,  # noqa: E731
-                                         self.vae.config.scaling_factor, self._kv_cache.max_bytes)  # fmt: skip
-            kv, layout = self._kv_cache.get(cache_key(identity, request, table), compute)
+                                         self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes)  # fmt: skip
+            kv, layout = self.identity_kv_cache.get(cache_key(identity, request, table), compute)
             spec = replace(spec, kv_layout=layout)
         networks = self._networks.for_step(spec)
         graphs = self.step_graphs if self._graphed and self._capturable(networks) else None
@@ -355,7 +355,7 @@ class Personalizer:
         self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height, width=width,
                       use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
         if kv_cache:
-            self._kv_cache.clear()
+            self.identity_kv_cache.clear()
 
     def compile_decoder(self, cache: str | Path | None = None) -> float:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""

@@ -73,7 +73,7 @@ class GraphedTextEncoders:
 
 
 class PromptEncoder:
-    """Prompts -> SDXL text conditioning on the encoders' device: replayed from CUDA graphs when asked, the
+    """Prompts -> SDXL text conditioning on the encoders' device, replayed from CUDA graphs when asked; the
     K/V-encoder's own prompt (it never changes) encoded once."""
 
     def __init__(self, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], encoders: TextEncoders, encoder_prompt: str) -> None:
@@ -97,11 +97,11 @@ class PromptEncoder:
             return (text, pooled), (torch.zeros_like(text), torch.zeros_like(pooled))
         return (text, pooled), self.encode(negatives, graphs)
 
-    def encoder_prompt(self, graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """The K/V-encoder's prompt, ``(1, 77, d)`` and ``(1, d)``."""
+    def encoder_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V-encoder's prompt, ``(1, 77, d)`` and ``(1, d)`` (encoded once, eagerly)."""
         with self._lock:
             if self._encoder_prompt is None:
-                self._encoder_prompt = self.encode([self.encoder_prompt_text], graphs)
+                self._encoder_prompt = self.encode([self.encoder_prompt_text])
             return self._encoder_prompt
 
 
