@@ -141,7 +141,7 @@ class Personalizer:
         GPU's random streams differ, so the device kind is part of the fingerprint).
         """
         device, dtype = loading.device_and_dtype(device, dtype)
-        model = loading.random_model(config, device, dtype, seed, label, faces)
+        model = loading.random_model(label, device, dtype, seed, faces, config)
         return cls(model.components, device, dtype, model.fingerprint, model.faces, cuda_graphs=cuda_graphs)
 
     def save_pretrained(self, path: str | Path, link_frozen: bool = False) -> Path:

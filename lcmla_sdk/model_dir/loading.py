@@ -52,7 +52,7 @@ def load_model(
     the sha256 of its files when ``verify``), then loaded in ``dtype``; ``faces="auto"`` takes its face pack if it
     has one. ``tiny_vae``: a local ``AutoencoderTiny`` folder instead of the model's."""
     if str(name) in PRESETS:
-        model = random_model(preset_config(str(name)), device, dtype, seed, str(name), faces)
+        model = random_model(str(name), device, dtype, seed, faces)
     elif not Path(name).expanduser().is_dir():
         raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
     else:
@@ -66,12 +66,14 @@ def load_model(
 
 
 def random_model(
-    config: dict[str, Any], device: torch.device, dtype: torch.dtype, seed: int = 0, label: str = "custom",
-    faces: str | Path | None = AUTO,
+    label: str, device: torch.device, dtype: torch.dtype, seed: int = 0, faces: str | Path | None = AUTO,
+    config: dict[str, Any] | None = None,
 ) -> LoadedModel:  # fmt: skip
-    """Seeded random weights for an architecture given as constructor arguments (the presets' JSON format), drawn
-    on ``device`` in ``dtype`` (:func:`~lcmla_sdk.presets.build_random_components`). The CPU's and a GPU's random
-    streams differ, so the device kind is part of the fingerprint."""
+    """Seeded random weights for the embedded preset ``label``, or for an architecture ``config`` given as
+    constructor arguments (the presets' JSON format), drawn on ``device`` in ``dtype``
+    (:func:`~lcmla_sdk.presets.build_random_components`). The CPU's and a GPU's random streams differ, so the device
+    kind is part of the fingerprint."""
+    config = preset_config(label) if config is None else config
     recipe = {"preset": label, "seed": seed, "dtype": str(dtype), "config": config}
     if device.type != "cpu":
         recipe["drawn_on"] = device.type
