@@ -193,26 +193,18 @@ class Personalizer:
         """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
         from :meth:`encode_face`, which skips all face work).
 
-        ``options``: the keywords of :class:`lcmla_sdk.request.Request`, with its defaults: ``negative_prompt``,
-        ``num_images``, ``seed``, ``mode``, ``steps``, ``guidance``, ``height``, ``width``, ``use_kv``,
-        ``adapter_scale``, ``output``, ``callback``, ``kv_cache``, ``face_noise``, ``vae``, ``freeu``.
-        ``mode="quality"``: DPM-Solver++ with three-branch guidance ``guidance`` = (no_kv, full, kv).
-        ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, conditional branch only. ``steps``: by default
-        each mode's in :data:`lcmla_sdk.request.MODES`. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale
-        ``no_kv + full``; ``None``: the model's default (:attr:`has_kv_encoder`). ``kv_cache=True``: the
-        K/V-encoder's output for this schedule is computed once per identity, with the identity's fixed reference
-        noise (``face_noise="fixed"``) instead of each image's initial noise (the authors' pairing), and reused by
-        later calls. ``vae="tiny"``: decode with the tiny VAE (previews). ``freeu``: (b1, b2, s1, s2) of FreeU on
-        the denoiser, as the authors' README enables it (their code changes the second up-stage only, with b2 and
-        s2; :mod:`lcmla_sdk.freeu`); ``None`` turns it off. ``callback(step_index, timestep, latents)`` runs after
-        every step.
+        ``options``: the keywords of :class:`lcmla_sdk.request.Request` (``negative_prompt``, ``num_images``,
+        ``seed``, ``mode``, ``steps``, ``guidance``, ``height``, ``width``, ``use_kv``, ``adapter_scale``,
+        ``output``, ``callback``, ``kv_cache``, ``face_noise``, ``vae``, ``freeu``), where each is described.
         """
         # 1. Check inputs
         request = Request.from_call(self, prompt=prompt, **options)
 
         # 2. Encode prompts (one row per image)
         (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompt, request.negative_prompt)
-        per_image = (x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled))
+        text, pooled, neg_text, neg_pooled = (
+            x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled)
+        )
 
         # 3. Encode the face once (image tokens and VAE latents), or take a ready Identity
         if isinstance(face, Identity):
@@ -227,17 +219,19 @@ class Personalizer:
         noise = draw_noise(request.seed, shape, identity, table.noise_steps, request.face_noise,
                            self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
 
-        # 5. Denoising loop (a CUDA graph per shape on a GPU)
-        batch, to = len(request.seed), {"device": self.device, "dtype": self.dtype}
+        # 5. Denoising loop (a CUDA graph per shape on a GPU), from the call's inputs by name, one row per image
+        rows, to = len(request.seed), {"device": self.device, "dtype": self.dtype}
+        quality = request.mode == "quality"
         inputs = StepInputs(
-            noise.latents, *per_image, identity.cond_tokens.to(**to).expand(batch, -1, -1),
-            identity.uncond_tokens.to(**to).expand(batch, -1, -1),
-            torch.full((batch,), request.adapter_scale, device=self.device),
-            time_ids(request.height, request.width, batch, self.dtype, self.device),
-            torch.tensor(request.guidance, dtype=torch.float32, device=self.device) if request.mode == "quality" else None,
-            stage_values(request.freeu, self.device) if request.freeu is not None else None,
-            self.prompt_encoder.encoder_prompt() if request.use_kv else None,
-            noise.face_latents, noise.face_noise,
+            latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
+            image_tokens=identity.cond_tokens.to(**to).expand(rows, -1, -1),
+            uncond_image_tokens=identity.uncond_tokens.to(**to).expand(rows, -1, -1),
+            adapter_scale=torch.full((rows,), request.adapter_scale, device=self.device),
+            time_ids=time_ids(request.height, request.width, rows, self.dtype, self.device),
+            guidance=torch.tensor(request.guidance, dtype=torch.float32, device=self.device) if quality else None,
+            freeu=stage_values(request.freeu, self.device) if request.freeu is not None else None,
+            encoder_prompt=self.prompt_encoder.encoder_prompt() if request.use_kv else None,
+            face_latents=noise.face_latents, face_noise=noise.face_noise,
         )  # fmt: skip
         latents = self.denoise(request, identity, inputs, table, noise.steps)
 
@@ -317,10 +311,9 @@ class Personalizer:
                                          self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes)  # fmt: skip
             kv, layout = self.identity_kv_cache.get(cache_key(identity, request, table), compute)
             spec = replace(spec, kv_layout=layout)
-        networks = self._networks.for_step(spec)
-        graphs = self.step_graphs if self._graphed and self._capturable(networks) else None
-        return sample(networks, spec, step_values(spec, inputs), table, step_noise, kv, graphs, self._networks.version,
-                      request.callback)  # fmt: skip
+        graphs = self.step_graphs if self._graphed else None
+        return sample(self._networks.for_step(spec), spec, step_values(spec, inputs), table, step_noise, kv, graphs,
+                      self._networks.version, request.callback)  # fmt: skip
 
     @property
     def _graphed(self) -> bool:
@@ -328,13 +321,6 @@ class Personalizer:
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         return self.device.type == "cuda" and self.cuda_graphs
-
-    @staticmethod
-    def _capturable(networks) -> bool:
-        if not networks.are_torch_modules():
-            say_once("exported networks run their own engines: the sampling loop runs eagerly over them")
-            return False
-        return True
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
                references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip

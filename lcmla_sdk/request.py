@@ -19,10 +19,22 @@ MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 
 @dataclass(frozen=True, kw_only=True)
 class Request:
-    """The keywords of ``Personalizer.generate`` and their defaults. :meth:`from_call` checks them and normalises
-    them: ``prompt``, ``negative_prompt`` and ``seed`` become lists (one prompt per prompt row, one seed per image),
-    ``steps``, ``height``, ``width``, ``use_kv`` and ``face_noise`` their values for this model, ``guidance`` a
-    :class:`Guidance`."""
+    """The keywords of ``Personalizer.generate`` and their defaults.
+
+    ``mode="quality"``: DPM-Solver++ with three-branch guidance ``guidance`` = (no_kv, full, kv).
+    ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, conditional branch only. ``steps``: by default each
+    mode's in :data:`MODES`. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``; ``None``:
+    the model's default (``Personalizer.has_kv_encoder``). ``kv_cache=True``: the K/V-encoder's output for the
+    schedule is computed once per identity, with the identity's fixed reference noise (``face_noise="fixed"``)
+    instead of each image's initial noise (the authors' pairing), and reused by later calls. ``vae="tiny"``: decode
+    with the tiny VAE (previews). ``freeu``: (b1, b2, s1, s2) of FreeU on the denoiser, as the authors' README
+    enables it (their code changes the second up-stage only, with b2 and s2; :mod:`lcmla_sdk.freeu`); ``None``
+    turns it off. ``callback(step_index, timestep, latents)`` runs after every step.
+
+    :meth:`from_call` checks them and normalises them: ``prompt``, ``negative_prompt`` and ``seed`` become lists
+    (one prompt per prompt row, one seed per image), ``steps``, ``height``, ``width``, ``use_kv`` and
+    ``face_noise`` their values for the model, ``guidance`` a :class:`Guidance`.
+    """
 
     prompt: str | Sequence[str]
     negative_prompt: str | Sequence[str] | None = None

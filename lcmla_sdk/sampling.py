@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from .cuda_graphs import GraphCache, capture
+from .cuda_graphs import GraphCache, capture, say_once
 from .guidance import three_branch
 from .schedule import StepTable, apply_step, noise_reference
 
@@ -252,6 +252,9 @@ def sample(
     on fresh buffers.
     """
     run = functools.partial(run_step, networks, spec)
+    if graphs is not None and not networks.are_torch_modules():
+        say_once("exported networks run their own engines: the sampling loop runs eagerly over them")
+        graphs = None
     if graphs is not None:
         with graphs.lock:
             key = shape_key(spec, values, graph_key)
