@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,6 @@ from .text import PromptEncoder, time_ids
 
 CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
-StepCallback = Callable[[int, int, torch.Tensor], Any]
 
 
 class Personalizer:
