@@ -30,7 +30,7 @@ from .noise import draw as draw_noise
 from .presets import Components
 from .request import Request
 from .sampling import StepInputs, StepSpec, sample, step_values
-from .schedule import StepTables, make_scheduler
+from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder, time_ids
 
 CROPS = ("none", "face")
@@ -300,16 +300,21 @@ class Personalizer:
         """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
         return make_scheduler(self.config["scheduler"], mode)
 
-    def denoise(self, request: Request, identity: Identity, inputs: StepInputs, table, step_noise) -> torch.Tensor:
+    def denoise(self, request: Request, identity: Identity, inputs: StepInputs, table: StepTable,
+                step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with the identity's cached
         K/V when ``request.kv_cache``."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identity.num_references, request.use_kv)
         kv = None
         if request.use_kv and request.kv_cache:
-            compute = lambda: compute_kv(self.kv_encoder, identity, spec, table, inputs,  # noqa: E731
-                                         self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes)  # fmt: skip
+            def compute():
+                scaling, max_bytes = self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes
+                return compute_kv(self.kv_encoder, identity, spec, table, inputs, scaling, max_bytes)
+
             kv, layout = self.identity_kv_cache.get(cache_key(identity, request, table), compute)
             spec = replace(spec, kv_layout=layout)
+        if self.device.type != "cuda":
+            say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         graphs = self.step_graphs if self._graphed else None
         return sample(self._networks.for_step(spec), spec, step_values(spec, inputs), table, step_noise, kv, graphs,
                       self._networks.version, request.callback)  # fmt: skip
@@ -317,8 +322,6 @@ class Personalizer:
     @property
     def _graphed(self) -> bool:
         """Whether CUDA graphs are used: on a CUDA device, unless ``cuda_graphs`` is off."""
-        if self.device.type != "cuda":
-            say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         return self.device.type == "cuda" and self.cuda_graphs
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
