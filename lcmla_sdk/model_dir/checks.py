@@ -31,6 +31,8 @@ from .format import FLOAT_DTYPES, INDEX, ModelLayout, file_header, read_layout
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 CLIP_PARTS = ("text_encoder", "text_encoder_2", "image_encoder")
+# The weight files checked, in this order (so a message names the first broken one of several).
+CHECKED_PARTS = ("unet", "vae", *CLIP_PARTS, "kv_projections", "kv_lora", "ip_kv", "resampler")
 # How each checked weight file's module is built from the configs (on the meta device: shapes only).
 META_BUILDS: dict[str, Callable[[dict], torch.nn.Module]] = {
     "unet": lambda configs: UNet2DConditionModel.from_config(configs["unet"]),
@@ -70,9 +72,9 @@ def _check_weights(layout: ModelLayout) -> None:
     """Every weight file's keys, shapes and dtypes (from its header) against a meta-device build of its config, and
     its size against its record."""
     records, expected = layout.index.get("files", {}), _expected_shapes(layout)
-    for part, path in layout.weight_files.items():
-        if part not in expected:  # an LCM-LoRA (diffusers converts it), an original IP-Adapter file (checked when read)
-            continue
+    # Not checked here: an LCM-LoRA (diffusers converts it), an original IP-Adapter file (checked when read).
+    for part in (p for p in CHECKED_PARTS if p in layout.weight_files):
+        path = layout.weight_files[part]
         header = file_header(path)
         ignored = IGNORED_SUFFIXES if part in CLIP_PARTS else ()
         found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignored) or k in expected[part]}
