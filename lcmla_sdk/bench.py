@@ -367,7 +367,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 if "compile_s" not in results:
                     results["compile_s"] = model.compile_decoder(config.compile_cache)
                     report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
-                model.decoder.use_compiled = True
+                model.decoder.compiled = True
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -385,7 +385,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 results["kv_cache"] = kv_cache_effect(model, x, steps)
                 report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs, model.decoder.use_compiled = True, False
+            model.cuda_graphs, model.decoder.compiled = True, False
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

@@ -29,8 +29,8 @@ class Decoder:
 
     def __init__(self, vae: AutoencoderKL, tiny_vae: AutoencoderTiny | None) -> None:
         self.vae, self.tiny_vae = vae, tiny_vae
-        self.compiled: Callable[[torch.Tensor], torch.Tensor] | None = None  # the full VAE's decode, by compile()
-        self.use_compiled = False  # whether the full VAE decodes through ``compiled`` (compile() turns it on)
+        self.compiled = False  # the full VAE's decode runs compiled (compile() turns it on; off: eager again)
+        self._compiled_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, latents: torch.Tensor, output: str, which: str = "full"):
         """``"pt"``: float in [0, 1] on the latents' device; ``"np"``: uint8 arrays; ``"pil"``; ``"latent"``: as is."""
@@ -39,7 +39,7 @@ class Decoder:
         if which == "tiny":
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
         else:
-            decode = self.compiled if self.use_compiled and self.compiled is not None else self._eager
+            decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self._eager
             images = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
@@ -77,7 +77,7 @@ class Decoder:
                 temporary = path.with_name(path.name + ".tmp")
                 temporary.write_bytes(artifacts[0])
                 temporary.replace(path)
-        self.compiled, self.use_compiled = decode, True
+        self._compiled_decode, self.compiled = decode, True
         return seconds
 
     def _eager(self, latents: torch.Tensor) -> torch.Tensor:
