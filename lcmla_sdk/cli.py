@@ -336,7 +336,7 @@ def identity_create(
 ) -> None:
     """Encode FACE photo(s) with MODEL into an identity file for `lcmla generate --identity`."""
     from . import validation
-    from .face_analyzer import ON_MULTIPLE
+    from .faces import ON_MULTIPLE
     from .images import FACE_RESIZES
     from .pipeline import CROPS, Personalizer
 

@@ -15,11 +15,10 @@ from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
 from .errors import InvalidImageError, ModelFilesError
-from .face_analyzer import ON_MULTIPLE, FaceAnalyzer
-from .faces import AUTO, FaceBackend, align_face
+from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, prepare_references
 from .freeu import stage_values
 from .identity import Identity, detection_fields
-from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
+from .images import FACE_RESIZES, FaceInput, clip_pixels, vae_pixels
 from .integrity import sha256_json
 from .kv_cache import IdentityKVCache, cache_key, compute_kv
 from .model_dir import loading, saving
@@ -273,23 +272,17 @@ class Personalizer:
                 "install the dlib backend (pip install 'lcmla[faces]') or pass faces='dlib' or an insightface pack "
                 "folder to from_pretrained"
             )
-        pictures, sources, detections = [], [], []
-        for face in faces:
-            image = load_rgb(face)
-            sources.append(pixel_sha256(image))
-            with self._face_lock:  # the detectors keep per-call state: one photo at a time
-                found = analyzer.find_face(image, on_multiple) if analyzer is not None else None
-            detections.append(found)
-            picture = align_face(image, found.landmarks, self.face_size) if crop == "face" else image
-            pictures.append(squash(picture, self.face_size) if face_resize == "squash" else picture)
+        references = prepare_references(faces, analyzer, self.face_size, crop=crop, on_multiple=on_multiple,
+                                        face_resize=face_resize, lock=self._face_lock)  # fmt: skip
+        pictures = references.pictures
         clip = torch.cat([clip_pixels(p, self.clip_size) for p in pictures]).to(self.device, self.dtype)
         cond, uncond = self.adapter(clip)
         pixels = torch.cat([vae_pixels(p, self.face_size) for p in pictures]).to(self.device, self.vae.dtype)
         dist = self.vae.encode(pixels).latent_dist
         return Identity(
             cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
-            latent_std=dist.std.float(), sources=sources, model_fingerprint=self.fingerprint, crop=crop,
-            face_resize=face_resize, **detection_fields(detections, analyzer),
+            latent_std=dist.std.float(), sources=references.sources, model_fingerprint=self.fingerprint, crop=crop,
+            face_resize=face_resize, **detection_fields(references.detections, analyzer),
         )  # fmt: skip
 
     def load_identity(self, path: str | Path) -> Identity:
