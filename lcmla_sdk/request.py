@@ -9,11 +9,9 @@ from typing import Any
 
 from . import validation
 from .decoding import OUTPUTS, VAES
-from .freeu import AUTHORS_FREEU
+from .defaults import AUTHORS_FREEU, MODES
 from .guidance import Guidance
 from .noise import FACE_NOISES
-
-MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 
 
 @dataclass
