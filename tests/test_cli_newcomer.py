@@ -13,6 +13,7 @@ from lcmla_sdk import Personalizer
 from lcmla_sdk.assets import sample_face_path
 from lcmla_sdk.cli import app
 from lcmla_sdk.cli_checks import image_paths
+from lcmla_sdk.defaults import MODES
 
 TINY_RUN = ["generate", "--model", "tiny", "--mode", "fast", "--steps", "1", "--height", "64", "--width", "64",
             "--device", "cpu", "--faces", "none"]  # fmt: skip
@@ -115,6 +116,7 @@ def test_the_readme_example_runs_in_ten_lines(tmp_path, monkeypatch):
     code = readme.split("```python\n", 1)[1].split("```", 1)[0]
     assert len(code.strip().splitlines()) <= 10
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(MODES, "quality", 2)  # the example's default 50 steps, cut for the test's time
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     assert len(namespace["images"]) == 2 and len(namespace["more"]) == 2
