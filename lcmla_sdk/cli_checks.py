@@ -1,6 +1,6 @@
-"""What ``lcmla generate`` checks and decides without the model: the model directory's files, the face photo (it
-is read, and the face found with the backend the model will use, which loads without the model), the identity
-file, and the names of the images it writes. Loading a full-size model takes minutes on a CPU; a wrong path or a
+"""What ``lcmla generate`` and ``lcmla identity create`` check and decide without the model: the model directory's
+files, the face photo (it is read, and the face found with the backend the model will use, which loads without the
+model), and the names of the images written. Loading a full-size model takes minutes on a CPU; a wrong path or a
 photo without a face is reported before that, not after."""
 
 from __future__ import annotations
