@@ -12,12 +12,13 @@ from .errors import (
     NoFaceError,
     WriteError,
 )
+from .diffusers_pipeline import LCMLookaheadPipeline
 from .identity import Identity
 from .pipeline import FaceEncoding, Personalizer
 
 __version__ = "0.1.0"
 __all__ = [
     "Denoiser", "FaceEncoding", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "IntegrityError",
-    "InvalidImageError", "KVEncoder", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
+    "InvalidImageError", "KVEncoder", "LCMLookaheadPipeline", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
     "Personalizer", "WriteError", "__version__",
 ]  # fmt: skip

@@ -387,7 +387,8 @@ class Personalizer:
         the tiny VAE (previews). ``freeu``: (b1, b2, s1, s2) of FreeU on the denoiser, as the authors' README
         enables it (their code changes the second up-stage only, with b2 and s2; :mod:`lcmla_sdk.freeu`); ``None``
         turns it off.
-        ``callback(step_index, timestep, latents)`` runs after every step.
+        ``seed``: an int (image *i* uses ``seed + i``), one per image, or ``torch.Generator`` (s) to draw from.
+        ``callback(step_index, timestep, latents)`` runs after every step; latents it returns continue the loop.
         """
         # 1. Check inputs
         request = self.check_inputs(

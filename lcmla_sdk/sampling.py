@@ -281,6 +281,11 @@ def _loop(step, networks, spec, buffers, values, table, step_noise, kv_cache, ca
             buffers["kv"].copy_(kv_cache[index])
         step(networks, spec, buffers)
         if callback is not None:
-            # A copy: the buffer is overwritten by the next step.
-            callback(index, table.host_timesteps[index], buffers["latents"].clone())
+            # A copy: the buffer is overwritten by the next step. Latents it returns are the next step's input.
+            replaced = callback(index, table.host_timesteps[index], buffers["latents"].clone())
+            if isinstance(replaced, torch.Tensor):
+                if replaced.shape != buffers["latents"].shape:
+                    raise ValueError(f"callback: returned latents of shape {tuple(replaced.shape)}, "
+                                     f"expected {tuple(buffers['latents'].shape)}")  # fmt: skip
+                buffers["latents"].copy_(replaced)
     return buffers["latents"].clone()
