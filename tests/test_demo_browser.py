@@ -22,7 +22,7 @@ from lcmla_sdk.demo.backends import LocalBackend  # noqa: E402
 # Headless, and nothing reaches out: no GPU, QUIC, sync, component updates or background requests.
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
-TIMEOUT_MS = 60_000
+TIMEOUT_MS = 30_000
 SAMPLE_FACE = Path(__file__).parents[1] / "lcmla_sdk" / "assets" / "sample_face.jpg"
 
 

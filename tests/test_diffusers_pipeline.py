@@ -129,6 +129,7 @@ def test_diffusers_habits_from_pretrained_save_to_progress_bar(face, identity, t
     pipe.save_pretrained(tmp_path / "saved")
     loaded = fast(LCMLookaheadPipeline.from_pretrained(tmp_path / "saved"))
     loaded.set_progress_bar_config(disable=True)
+    capsys.readouterr()
     again = loaded("a", generator=torch.Generator().manual_seed(1), **kw)  # the same weights, from the directory
     np.testing.assert_array_equal(again.images, before)
     assert "2/2" not in capsys.readouterr().err  # the progress bar was turned off
