@@ -21,6 +21,7 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
+    from .diffusers_pipeline import LCMLookaheadPipeline
     from .guidance import Guidance
     from .identity import Identity
     from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -30,11 +31,11 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it, imported when the name is first read.
 _LAZY = {
     "Denoiser": "networks", "ImageAdapter": "networks", "KVEncoder": "networks", "Guidance": "guidance",
-    "Identity": "identity", "Personalizer": "pipeline",
+    "Identity": "identity", "Personalizer": "pipeline", "LCMLookaheadPipeline": "diffusers_pipeline",
 }  # fmt: skip
 __all__ = [
     "Denoiser", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "IntegrityError",
-    "InvalidImageError", "KVEncoder", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
+    "InvalidImageError", "KVEncoder", "LCMLookaheadPipeline", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
     "Personalizer", "WriteError", "__version__",
 ]  # fmt: skip
 

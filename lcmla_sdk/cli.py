@@ -473,5 +473,33 @@ def info(
         raise fail(error) from None
 
 
+@app.command()
+def demo(
+    model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
+    server: Optional[str] = typer.Option(None, help="URL of an `lcmla serve` service to use instead of a model."),
+    host: str = typer.Option("127.0.0.1", help="Address to serve the page on (127.0.0.1: this machine only)."),
+    port: int = typer.Option(7860, help="Port of the page."),
+    faces: str = typer.Option("auto", help=FACES_HELP),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    open_browser: bool = typer.Option(False, "--open", help="Open the page in the default browser."),
+) -> None:
+    """Open the web app (Gradio; the `demo` extra): photos in, a gallery out."""
+    from . import validation
+
+    try:
+        validation.device(device)
+        validation.integer(port, "port", 1, 65535)
+        if server is not None and not server.startswith(("http://", "https://")):
+            raise ValueError(f"server: expected an http:// or https:// URL, got {server!r}")
+        try:
+            from .demo.app import launch
+        except ImportError as error:
+            raise ValueError(f"demo: needs Gradio ({error}); install it with: pip install 'lcmla[demo]'") from None
+        console.print(f"lcmla demo on http://{host}:{port} (Ctrl-C stops it)", highlight=False)
+        launch(model, server, host, port, device, faces, open_browser)
+    except USER_ERRORS as error:
+        raise fail(error) from None
+
+
 if __name__ == "__main__":
     app()

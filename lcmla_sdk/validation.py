@@ -109,12 +109,16 @@ def strings(value: Any, name: str) -> list[str]:
 
 
 # ------------------------------------------------------------------ generation arguments
-def seeds(seed: Any, count: int) -> list[int] | None:
-    """``None`` (random seeds), one seed for ``count`` images (``seed``, ``seed + 1``, ...) or a seed per image."""
+def seeds(seed: Any, count: int) -> list[int | torch.Generator] | None:
+    """``None`` (random seeds), one seed for ``count`` images (``seed``, ``seed + 1``, ...) or a seed per image;
+    a ``torch.Generator`` (drawn from by every image in turn) or one per image instead of seeds."""
     if seed is None:
         return None
+    if isinstance(seed, torch.Generator):
+        return [seed] * count
     if isinstance(seed, (list, tuple, np.ndarray)):
-        values = [integer(s, "seed", 0, MAX_SEED, f"seed {i}: ") for i, s in enumerate(seed)]
+        values = [s if isinstance(s, torch.Generator) else integer(s, "seed", 0, MAX_SEED, f"seed {i}: ")
+                  for i, s in enumerate(seed)]  # fmt: skip
         if len(values) != count:
             raise ValueError(f"seed: {len(values)} seeds given for {count} images (prompts x num_images)")
         return values
