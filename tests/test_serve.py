@@ -80,7 +80,7 @@ class Service:
 def service(tmp_path_factory):
     settings = ServeSettings(
         model="tiny", port=free_port(), replicas=2, store=str(tmp_path_factory.mktemp("identities")), device="cpu",
-        max_batch_size=4, batch_wait_s=0.3, max_queued_requests=2, request_timeout_s=8.0, kv_cache_gib=KV_CACHE_GIB,
+        max_batch_size=4, batch_wait_s=0.3, max_queued_requests=8, request_timeout_s=8.0, kv_cache_gib=KV_CACHE_GIB,
         max_upload_mib=0.5,
     )  # fmt: skip
     try:

@@ -12,7 +12,6 @@ or replaced loses its K/V here before the next batch and at every health check.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import os
 import threading
 import time
@@ -26,16 +25,12 @@ from ray.serve.metrics import Counter, Histogram
 
 from ..identity import Identity
 from ..pipeline import Personalizer
+from ..request import Request
 from .failures import Failure, failure
 from .settings import ServeSettings, store_path
 from .store import IdentityStore
 
 RESIDENT_IDENTITIES = 256  # identities kept loaded per replica (their K/V are bounded by kv_cache_gib)
-GENERATE_DEFAULTS = {
-    name: parameter.default
-    for name, parameter in inspect.signature(Personalizer.generate).parameters.items()
-    if parameter.default is not inspect.Parameter.empty
-}
 # What makes two requests' rows share a pass: the Request fields besides prompts, negatives, seeds and output.
 PASS_FIELDS = ("mode", "steps", "guidance", "height", "width", "use_kv", "adapter_scale", "kv_cache", "face_noise",
                "vae", "freeu")  # fmt: skip
@@ -85,7 +80,8 @@ class Generator:
     def __init__(self, args: dict[str, Any]) -> None:
         settings = ServeSettings.from_args(args)
         self.model = Personalizer.from_pretrained(settings.model, device=settings.device, faces=settings.faces)
-        self.model.kv_cache.max_bytes = int(settings.kv_cache_gib * 2**30)
+        self.kv_cache = self.model.identity_kv_cache
+        self.kv_cache.max_bytes = int(settings.kv_cache_gib * 2**30)
         self.store = IdentityStore(store_path(settings))
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.resident: OrderedDict[str, tuple[Identity, tuple[int, int]]] = OrderedDict()  # id -> (identity, file stamp)
@@ -135,12 +131,12 @@ class Generator:
         return [outcomes[index] for index in range(len(jobs))]
 
     def _prepare(self, job: Job) -> Prepared:
-        request = self.model.check_inputs(**{**GENERATE_DEFAULTS, **job.arguments, "output": "np", "callback": None})
+        request = Request.from_call(self.model, **{**job.arguments, "output": "np"})
         identity = self._identity(job)
         face = job.identity if job.identity is not None else identity.digest()
-        key = (face, request.negative_prompts is None, *(getattr(request, name) for name in PASS_FIELDS))
+        key = (face, request.negative_prompt is None, *(getattr(request, name) for name in PASS_FIELDS))
         if request.kv_cache:  # the cached unconditional K/V hold one negative prompt
-            key += (request.negative_prompts[0] if request.negative_prompts else None,)
+            key += (request.negative_prompt[0] if request.negative_prompt else None,)
         return Prepared(job, identity, request, key)
 
     def _run_group(self, members: list[tuple[int, Prepared]]) -> list[tuple[int, Outcome]]:
@@ -159,7 +155,7 @@ class Generator:
         rows = [row for _, prepared in members for row in _rows(prepared.request)]
         first = members[0][1]
         request = first.request
-        computed, evicted = self.model.kv_cache.computed, self.model.kv_cache.evicted
+        made, evicted = self.kv_cache.made, self.kv_cache.evicted
         deadline = max(prepared.job.deadline for _, prepared in members)
 
         def stop_when_late(*_) -> None:
@@ -168,22 +164,22 @@ class Generator:
 
         begin = time.perf_counter()
         images = self.model.generate(
-            first.identity, [r[0] for r in rows], None if request.negative_prompts is None else [r[1] for r in rows],
+            first.identity, [r[0] for r in rows], negative_prompt=None if request.negative_prompt is None else [r[1] for r in rows],
             num_images=1, seed=[r[2] for r in rows], output="np", callback=stop_when_late,
             **{name: getattr(request, name) for name in PASS_FIELDS},
         )  # fmt: skip
         elapsed = (time.perf_counter() - begin) * 1000
         hit = None
-        if request.kv_cache:
-            hit = self.model.kv_cache.computed == computed
+        if request.kv_cache:  # batches run one at a time: what the cache made since is this pass's
+            hit = self.kv_cache.made == made
             (self.kv_hits if hit else self.kv_misses).inc()
-            _count(self.kv_evictions, self.model.kv_cache.evicted - evicted)
+            _count(self.kv_evictions, self.kv_cache.evicted - evicted)
         self.pass_images.observe(len(rows))
         results, start = [], 0
         for index, prepared in members:
-            count = len(prepared.request.seeds)
+            count = len(prepared.request.seed)
             mine = list(images[start : start + count])
-            results.append((index, Outcome(mine, prepared.request.seeds, self.replica, hit, 0, len(rows), 0.0, elapsed)))
+            results.append((index, Outcome(mine, prepared.request.seed, self.replica, hit, 0, len(rows), 0.0, elapsed)))
             start += count
         return results
 
@@ -200,7 +196,7 @@ class Generator:
         with self.resident_lock:
             self.resident[job.identity] = (identity, stamp)
             while len(self.resident) > RESIDENT_IDENTITIES:
-                self.model.kv_cache.discard(self.resident.popitem(last=False)[1][0].digest())
+                self._drop_kv(self.resident.popitem(last=False)[1][0])
         return identity
 
     def _drop_changed(self) -> None:
@@ -209,7 +205,12 @@ class Generator:
             for id_, (identity, stamp) in list(self.resident.items()):
                 if _stamp(self.store.path(id_)) != stamp:
                     del self.resident[id_]
-                    self.model.kv_cache.discard(identity.digest())
+                    self._drop_kv(identity)
+
+
+    def _drop_kv(self, identity: Identity) -> None:
+        digest = identity.digest()
+        self.kv_cache.discard(lambda key: key[0] == digest)  # kv_cache.cache_key: the digest first
 
 
 def _count(counter: Counter, amount: int) -> None:
@@ -219,9 +220,9 @@ def _count(counter: Counter, amount: int) -> None:
 
 def _rows(request) -> list[tuple[str, str | None, int]]:
     """(prompt, negative prompt, seed) of each image of a request, in ``generate``'s order."""
-    per_prompt = len(request.seeds) // len(request.prompts)
-    negatives = request.negative_prompts or [None] * len(request.prompts)
-    return [(request.prompts[i // per_prompt], negatives[i // per_prompt], seed) for i, seed in enumerate(request.seeds)]
+    negatives = request.negative_prompt or [None] * len(request.prompt)
+    return [(request.prompt[i // request.num_images], negatives[i // request.num_images], seed)
+            for i, seed in enumerate(request.seed)]  # fmt: skip
 
 
 def _stamp(path) -> tuple[int, int] | None:
