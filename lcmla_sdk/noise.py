@@ -26,6 +26,14 @@ class Noise:
     steps: torch.Tensor | None  # (noise_steps, B, 4, h, w): the scheduler's injected noise (LCM)
 
 
+def join(parts: list[Noise]) -> Noise:
+    """The draws of consecutive groups of images as one, in order."""
+    if len(parts) == 1:
+        return parts[0]
+    steps = None if parts[0].steps is None else torch.cat([p.steps for p in parts], dim=1)
+    return Noise(*(torch.cat([getattr(p, name) for p in parts]) for name in ("latents", "face_latents", "face_noise")), steps)
+
+
 def fixed_face_noise(face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
     """The identity's own reference-latent sample noise and noising noise (``face_noise="fixed"``)."""
     generator = torch.Generator("cpu").manual_seed(FIXED_FACE_NOISE_SEED)

@@ -26,6 +26,7 @@ from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
 from .networks import ImageAdapter
 from .noise import draw as draw_noise
+from .noise import join as join_noise
 from .presets import Components
 from .request import Request
 from .sampling import StepInputs, StepSpec, sample, step_values
@@ -189,7 +190,9 @@ class Personalizer:
     @torch.inference_mode()
     def generate(self, face: FaceInput | Sequence[FaceInput] | Identity, prompt: str | Sequence[str], **options: Any):
         """Generate ``num_images`` images per prompt of the person in ``face`` (photo(s), or an :class:`Identity`
-        from :meth:`encode_face`, which skips all face work).
+        from :meth:`encode_face`, which skips all face work), or of one person per prompt: ``face`` a list with one
+        entry per prompt, each an :class:`Identity` or a list of photos, all with as many reference photos. Each
+        prompt's images have their own image tokens and K/V, and equal those of a call with that prompt alone.
 
         ``options``: the keywords of :class:`lcmla_sdk.request.Request` (``negative_prompt``, ``num_images``,
         ``seed``, ``mode``, ``steps``, ``guidance``, ``height``, ``width``, ``use_kv``, ``adapter_scale``,
@@ -204,26 +207,30 @@ class Personalizer:
             x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled)
         )
 
-        # 3. Encode the face once (image tokens and VAE latents), or take a ready Identity
-        if isinstance(face, Identity):
-            validation.identity(self, face)
-            identity = face
-        else:
-            identity = self.encode_face(face)
+        # 3. Encode each face once (image tokens and VAE latents), or take ready Identities: one per prompt
+        identities = self.prompt_identities(face, len(request.prompt))
 
-        # 4. Schedule and every random draw
+        # 4. Schedule and every random draw (each image from its own generator: drawn per prompt, as in one draw)
         table = self.step_tables(request.mode, request.steps)
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
-        noise = draw_noise(request.seed, shape, identity, table.noise_steps, request.face_noise,
-                           self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
+        groups = [(request.seed, identities[0])] if all(i is identities[0] for i in identities) else [
+            (request.seed[p * request.num_images : (p + 1) * request.num_images], identity)
+            for p, identity in enumerate(identities)
+        ]  # fmt: skip
+        noise = join_noise([draw_noise(seeds, shape, identity, table.noise_steps, request.face_noise,
+                                       self.vae.config.scaling_factor, self.dtype, self.device)
+                            for seeds, identity in groups])  # fmt: skip
 
         # 5. Denoising loop (a CUDA graph per shape on a GPU), from the call's inputs by name, one row per image
         rows, to = len(request.seed), {"device": self.device, "dtype": self.dtype}
         quality = request.mode == "quality"
+
+        def per_image(name: str) -> torch.Tensor:  # each prompt's identity, one row per image
+            return torch.cat([getattr(i, name).to(**to).expand(request.num_images, -1, -1) for i in identities])
+
         inputs = StepInputs(
             latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
-            image_tokens=identity.cond_tokens.to(**to).expand(rows, -1, -1),
-            uncond_image_tokens=identity.uncond_tokens.to(**to).expand(rows, -1, -1),
+            image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
             adapter_scale=torch.full((rows,), request.adapter_scale, device=self.device),
             time_ids=time_ids(request.height, request.width, rows, self.dtype, self.device),
             guidance=torch.tensor(request.guidance, dtype=torch.float32, device=self.device) if quality else None,
@@ -231,7 +238,7 @@ class Personalizer:
             encoder_prompt=self.prompt_encoder.encoder_prompt() if request.use_kv else None,
             face_latents=noise.face_latents, face_noise=noise.face_noise,
         )  # fmt: skip
-        latents = self.denoise(request, identity, inputs, table, noise.steps)
+        latents = self.denoise(request, identities, inputs, table, noise.steps)
 
         # 6. Decode
         return self.decode(latents, request.output, request.vae)
@@ -293,24 +300,61 @@ class Personalizer:
         """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
         return make_scheduler(self.config["scheduler"], mode)
 
-    def denoise(self, request: Request, identity: Identity, inputs: StepInputs, table: StepTable,
-                step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with the identity's cached
-        K/V when ``request.kv_cache``."""
-        spec = StepSpec(request.mode, inputs.latents.shape[0], identity.num_references, request.use_kv)
-        kv = None
-        if request.use_kv and request.kv_cache:
-            def compute():
-                scaling, max_bytes = self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes
-                return compute_kv(self.kv_encoder, identity, spec, table, inputs, scaling, max_bytes)
+    def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
+        """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
+        ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
+        per_prompt = isinstance(face, (list, tuple)) and bool(face) and all(isinstance(f, (Identity, list, tuple)) for f in face)
+        faces = list(face) if per_prompt else [face]
+        if per_prompt and len(faces) != prompts:
+            raise ValueError(f"face: {len(faces)} faces for {prompts} prompts; give one face, or one per prompt")
+        identities = []
+        for item in faces:
+            if isinstance(item, Identity):
+                validation.identity(self, item)
+            identities.append(item if isinstance(item, Identity) else self.encode_face(item))
+        references = sorted({identity.num_references for identity in identities})
+        if len(references) > 1:
+            raise ValueError(f"face: the prompts' identities have {references} reference photos; one call takes "
+                             "identities with as many (group the prompts by it)")  # fmt: skip
+        return identities if per_prompt else identities * prompts
 
-            kv, layout = self.identity_kv_cache.get(cache_key(identity, request, table), compute)
+    def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
+                step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+        """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with the identities'
+        cached K/V when ``request.kv_cache`` (``identities``: one per prompt)."""
+        spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)
+        kv = kv_rows = None
+        if request.use_kv and request.kv_cache:
+            kv, layout, kv_rows = self.cached_kv(request, identities, spec, table, inputs)
             spec = replace(spec, kv_layout=layout)
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         graphs = self.step_graphs if self._graphed else None
-        return sample(self._networks.for_step(spec), spec, step_values(spec, inputs), table, step_noise, kv, graphs,
+        values = step_values(spec, inputs)
+        if kv_rows is not None:
+            values["kv_rows"] = kv_rows
+        return sample(self._networks.for_step(spec), spec, values, table, step_noise, kv, graphs,
                       self._networks.version, request.callback)  # fmt: skip
+
+    def cached_kv(self, request: Request, identities: list[Identity], spec: StepSpec, table: StepTable,
+                  inputs: StepInputs) -> tuple[torch.Tensor, tuple, torch.Tensor]:  # fmt: skip
+        """The cached K/V of each distinct identity side by side, ``(steps, G x identities, elements)``, their layout,
+        and for each of the G x B denoiser rows taking K/V the row of them it reads."""
+        distinct: dict[str, int] = {}
+        entries, rows = [], []
+        for identity in identities:
+            digest = identity.digest()
+            if digest not in distinct:
+                def compute(identity=identity):
+                    scaling, max_bytes = self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes
+                    return compute_kv(self.kv_encoder, identity, spec, table, inputs, scaling, max_bytes)
+
+                distinct[digest] = len(entries)
+                entries.append(self.identity_kv_cache.get(cache_key(identity, request, table), compute))
+            rows += [distinct[digest]] * request.num_images
+        kv = entries[0][0] if len(entries) == 1 else torch.stack([entry[0] for entry in entries], 2).flatten(1, 2)
+        index = [group * len(entries) + row for group in range(spec.groups) for row in rows]
+        return kv, entries[0][1], torch.tensor(index, device=self.device)
 
     @property
     def _graphed(self) -> bool:

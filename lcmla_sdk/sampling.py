@@ -14,8 +14,9 @@ denoiser rows (``denoiser_rows``: fast: B; quality: [uncond, cond] or, with K/V,
 rows each) ``text``, ``pooled``, ``time_ids``, ``image_tokens``, ``adapter_scale``, of which, with K/V, the last
 G x B (``kv_rows``) take them, R x one reference's tokens each; ``guidance`` (3,) fp32;
 K/V-encoder rows (``encoder_rows``: G x B x R) ``face_latents``, ``face_noise``, ``encoder_text``, ``encoder_pooled``,
-``encoder_time_ids``; or, with a per-identity K/V cache (computed once from G x R encoder rows), ``kv`` (G, R x K/V
-elements of all layers); with FreeU, ``freeu`` (2,) fp32.
+``encoder_time_ids``; or, with a per-identity K/V cache (computed once from G x R encoder rows), ``kv`` (G x U, R x
+K/V elements of all layers) for U distinct identities side by side, and ``kv_rows`` (G x B) the ``kv`` row of each
+denoiser row taking K/V; with FreeU, ``freeu`` (2,) fp32.
 """
 
 from __future__ import annotations
@@ -180,9 +181,8 @@ def unflatten_kv(flat: torch.Tensor, layout: Sequence[tuple[int, int]]) -> tuple
 def _encoder_kv(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """This step's K/V for the denoiser rows that take them: (G x B, R x tokens, width) per layer."""
     if spec.kv_layout is not None:
-        cached = unflatten_kv(buffers["kv"], spec.kv_layout)  # (G, R x tokens, width): the same for every image
-        batch = spec.batch
-        return tuple(x[:, None].expand(x.shape[0], batch, *x.shape[1:]).reshape(-1, *x.shape[1:]) for x in cached)
+        cached = unflatten_kv(buffers["kv"], spec.kv_layout)  # (G x identities, R x tokens, width)
+        return tuple(x.index_select(0, buffers["kv_rows"]) for x in cached)
     face = noise_reference(buffers["coefficients"], buffers["face_latents"], buffers["face_noise"])
     timestep = buffers["timestep"].expand(face.shape[0])
     kv = networks.kv_encoder(

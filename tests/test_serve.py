@@ -156,13 +156,14 @@ def test_round_trip_matches_direct_generate(service, tiny, face):
 
 
 def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
-    id_ = service.identity(face)
-    stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
+    """Clients of two people: their requests share passes (one identity per row)."""
+    ids = [service.identity(face), service.identity(ImageOps.mirror(face))]
+    stored = [Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint) for id_ in ids]
     clients = 8
     answers: list = [None] * clients
 
     def client(index: int) -> None:
-        answers[index] = service.generate(identity=id_, prompt=f"portrait {index}", seed=100 + index, **FAST)
+        answers[index] = service.generate(identity=ids[index % 2], prompt=f"portrait {index}", seed=100 + index, **FAST)
 
     begin = time.monotonic()
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
@@ -173,7 +174,7 @@ def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
     assert time.monotonic() - begin < 60 and all(answers), "some clients got no answer in time"
     assert max(answer["batch"]["pass_images"] for answer in answers) > 1, "no two requests shared a pass"
     for index, answer in enumerate(answers):
-        direct = tiny.generate(stored, f"portrait {index}", seed=100 + index, **FAST)[0]
+        direct = tiny.generate(stored[index % 2], f"portrait {index}", seed=100 + index, **FAST)[0]
         assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct)
 
 

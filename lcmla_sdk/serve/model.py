@@ -1,8 +1,9 @@
 """The model deployment: one ``Personalizer`` per replica, and ``@serve.batch`` merging the compatible requests of a
 batch into one ``generate`` pass.
 
-Requests are compatible when every argument that shapes the pass is equal (identity, mode, steps, size, guidance,
-K/V options, adapter scale, VAE, FreeU); their rows (prompt, negative prompt, seed) are stacked. Each image has its
+Requests are compatible when every argument that shapes the pass is equal (mode, steps, size, guidance, K/V
+options, adapter scale, VAE, FreeU, the identity's number of reference photos); their rows (identity, prompt,
+negative prompt, seed) are stacked, each row with its own identity (``generate`` takes one per prompt). Each image has its
 own generator, so an image does not depend on the pass it was made in. Images go back as arrays: the ingress encodes
 them, so this process keeps the GPU busy. The replica's K/V cache is the
 ``Personalizer``'s, bounded by ``kv_cache_gib`` (least recently used out); an identity whose store file is deleted
@@ -133,8 +134,7 @@ class Generator:
     def _prepare(self, job: Job) -> Prepared:
         request = Request.from_call(self.model, **{**job.arguments, "output": "np"})
         identity = self._identity(job)
-        face = job.identity if job.identity is not None else identity.digest()
-        key = (face, request.negative_prompt is None, *(getattr(request, name) for name in PASS_FIELDS))
+        key = (identity.num_references, request.negative_prompt is None, *(getattr(request, name) for name in PASS_FIELDS))
         if request.kv_cache:  # the cached unconditional K/V hold one negative prompt
             key += (request.negative_prompt[0] if request.negative_prompt else None,)
         return Prepared(job, identity, request, key)
@@ -152,9 +152,8 @@ class Generator:
         return [result for member in members for result in self._run_group([member])]
 
     def _generate_together(self, members: list[tuple[int, Prepared]]) -> list[tuple[int, Outcome]]:
-        rows = [row for _, prepared in members for row in _rows(prepared.request)]
-        first = members[0][1]
-        request = first.request
+        rows = [(prepared.identity, *row) for _, prepared in members for row in _rows(prepared.request)]
+        request = members[0][1].request
         made, evicted = self.kv_cache.made, self.kv_cache.evicted
         deadline = max(prepared.job.deadline for _, prepared in members)
 
@@ -164,20 +163,23 @@ class Generator:
 
         begin = time.perf_counter()
         images = self.model.generate(
-            first.identity, [r[0] for r in rows], negative_prompt=None if request.negative_prompt is None else [r[1] for r in rows],
-            num_images=1, seed=[r[2] for r in rows], output="np", callback=stop_when_late,
+            [r[0] for r in rows], [r[1] for r in rows], negative_prompt=None if request.negative_prompt is None else
+            [r[2] for r in rows], num_images=1, seed=[r[3] for r in rows], output="np", callback=stop_when_late,
             **{name: getattr(request, name) for name in PASS_FIELDS},
         )  # fmt: skip
         elapsed = (time.perf_counter() - begin) * 1000
-        hit = None
+        missed: set[str] = set()
         if request.kv_cache:  # batches run one at a time: what the cache made since is this pass's
-            hit = self.kv_cache.made == made
-            (self.kv_hits if hit else self.kv_misses).inc()
+            count = self.kv_cache.made - made
+            missed = {key[0] for key in list(self.kv_cache.made_keys)[len(self.kv_cache.made_keys) - count :]}
+            _count(self.kv_misses, count)
+            _count(self.kv_hits, len({prepared.identity.digest() for _, prepared in members}) - count)
             _count(self.kv_evictions, self.kv_cache.evicted - evicted)
         self.pass_images.observe(len(rows))
         results, start = [], 0
         for index, prepared in members:
             count = len(prepared.request.seed)
+            hit = prepared.identity.digest() not in missed if request.kv_cache else None
             mine = list(images[start : start + count])
             results.append((index, Outcome(mine, prepared.request.seed, self.replica, hit, 0, len(rows), 0.0, elapsed)))
             start += count
