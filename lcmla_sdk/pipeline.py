@@ -333,8 +333,10 @@ class Personalizer:
         values = step_values(spec, inputs)
         if kv_rows is not None:
             values["kv_rows"] = kv_rows
-        return sample(self._networks.for_step(spec), spec, values, table, step_noise, kv, graphs,
-                      self._networks.version, request.callback)  # fmt: skip
+        # The cached K/V's buffer holds one row group per distinct identity: its shape is part of a captured step's.
+        key = (self._networks.version, None if kv is None else tuple(kv.shape[1:]))
+        return sample(self._networks.for_step(spec), spec, values, table, step_noise, kv, graphs, key,
+                      request.callback)  # fmt: skip
 
     def cached_kv(self, request: Request, identities: list[Identity], spec: StepSpec, table: StepTable,
                   inputs: StepInputs) -> tuple[torch.Tensor, tuple, torch.Tensor]:  # fmt: skip
