@@ -17,13 +17,13 @@ def people(tiny, face):
     return tiny.encode_face(face), tiny.encode_face(mirrored), tiny.encode_face([face, mirrored])
 
 
-def rows_equal_alone(model: Personalizer, identities, **options) -> None:
+def rows_equal_alone(model: Personalizer, identities, atol: float = 2e-3, **options) -> None:
     prompts = [f"a portrait {i}" for i in range(len(identities))]
     seeds = [11 + 2 * i for i in range(len(identities))]
     together = model.generate(identities, prompts, seed=seeds, **options)
     for i, identity in enumerate(identities):
         alone = model.generate(identity, prompts[i], seed=seeds[i], **options)
-        torch.testing.assert_close(together[i : i + 1], alone, atol=2e-3, rtol=0)
+        torch.testing.assert_close(together[i : i + 1], alone, atol=atol, rtol=0)
 
 
 @pytest.mark.parametrize("options", [
@@ -53,5 +53,6 @@ def test_people_differ_and_references_must_match(tiny, people, face):
 def test_each_prompt_row_equals_its_call_alone_on_gpu(face, cuda_graphs, kv_cache):
     model = Personalizer.from_pretrained("tiny", device="cuda", cuda_graphs=cuda_graphs)
     people = [model.encode_face(face), model.encode_face(ImageOps.mirror(face))]
-    rows_equal_alone(model, [people[0], people[1], people[0]], **FAST, kv_cache=kv_cache)
-    rows_equal_alone(model, people, mode="quality", steps=3, output="pt")
+    # fp16 kernels differ with the batch size: a looser bound than on the CPU.
+    rows_equal_alone(model, [people[0], people[1], people[0]], atol=1e-2, **FAST, kv_cache=kv_cache)
+    rows_equal_alone(model, people, atol=1e-2, mode="quality", steps=3, output="pt")
