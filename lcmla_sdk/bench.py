@@ -10,9 +10,10 @@ the device, with the VAE in fp16 (the fp16-fix SDXL VAE the authors decode with)
 * ``diffusers``: what a user would pick instead: diffusers' ``StableDiffusionXLPipeline`` with IP-Adapter Plus-Face
   (no K/V: the method's identity path is missing), LCM-LoRA merged for fast mode, CFG 5.0 for quality mode.
 * ``eager``: lcmla with ``cuda_graphs=False``; ``graphs``: the default; ``kv_cache``: graphs + the per-identity K/V
-  cache; ``tiny_vae``: the latter decoded by the tiny VAE; ``compiled`` and ``compiled_kv``: ``graphs`` and
-  ``kv_cache`` with the VAE decode compiled (:meth:`~lcmla_sdk.Personalizer.compile_decoder`; its compile time is
-  reported, and with ``compile_cache`` Inductor's artefacts are loaded from and saved to that file).
+  cache; ``tiny_vae``: the latter decoded by the tiny VAE; ``compiled``, ``compiled_kv`` and ``compiled_tiny``: the
+  same three with the networks and the VAE decode compiled, loaded from a folder built by ``lcmla export --backend
+  torch`` (``compiled``; built first, in other processes, when the folder does not exist: its build time and a fresh
+  process's time from ``from_pretrained`` to the first image are reported). The compiled ways run after every other.
 
 Per mode and way: latency at batch 1 (median, after the first call, whose time is reported as first-call time),
 throughput at ``--batch`` (fast mode), the memory the way holds (its UNet weights) and its peak extra memory during a
@@ -23,7 +24,11 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -43,8 +48,9 @@ from .sampling import join_references
 from .schedule import noise_reference
 from .text import time_ids
 
-WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv")
-FAST_ONLY = ("kv_cache", "tiny_vae", "compiled", "compiled_kv")
+WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv", "compiled_tiny")
+FAST_ONLY = ("kv_cache", "tiny_vae", "compiled_kv", "compiled_tiny")
+COMPILED_WAYS = ("compiled", "compiled_kv", "compiled_tiny")
 PROMPT = "An oil painting of a face"
 
 
@@ -59,7 +65,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("fast", "quality")
     ways: tuple[str, ...] = WAYS
     device: str | None = None
-    compile_cache: str | None = None
+    compiled: str | None = None  # folder of compiled networks (built when missing)
 
 
 @dataclass
@@ -232,7 +238,8 @@ class DiffusersWay:
 
 
 def _lcmla(model: Personalizer, way: str, mode: str):
-    options = {"kv_cache": way in ("kv_cache", "tiny_vae", "compiled_kv"), "vae": "tiny" if way == "tiny_vae" else "full"}
+    cached = way in ("kv_cache", "tiny_vae", "compiled_kv", "compiled_tiny")
+    options = {"kv_cache": cached, "vae": "tiny" if way in ("tiny_vae", "compiled_tiny") else "full"}
 
     def run(x: Inputs, batch: int, steps: int) -> torch.Tensor:
         model.cuda_graphs = way != "eager"
@@ -332,9 +339,10 @@ def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) 
 
 
 def planned_runs(config: BenchConfig) -> list[tuple[str, str]]:
-    """(mode, way) pairs to run. No K/V cache in quality mode: 50 steps x [uncond, cond] of K/V are tens of GiB per
-    identity at 1024^2 (docs/PERFORMANCE.md)."""
-    return [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in FAST_ONLY)]
+    """(mode, way) pairs to run, the compiled ways last (compiling is for the rest of the process). No K/V cache in
+    quality mode: 50 steps x [uncond, cond] of K/V are tens of GiB per identity at 1024^2 (docs/PERFORMANCE.md)."""
+    runs = [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in FAST_ONLY)]
+    return sorted(runs, key=lambda run: run[1] in COMPILED_WAYS)
 
 
 def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: Path | None = None) -> dict[str, Any]:
@@ -361,15 +369,10 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             report("networks: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["networks"].items()))
         for mode, way in planned_runs(config):
             steps = config.fast_steps if mode == "fast" else config.quality_steps
-            if way == "tiny_vae" and model.decoder.tiny_vae is None:
+            if way in ("tiny_vae", "compiled_tiny") and model.decoder.tiny_vae is None:
                 continue
-            eager_decode = model.decoder._full
-            if way.startswith("compiled"):
-                if "compiled_decode" not in results:
-                    results["compile_s"] = model.compile_decoder(config.compile_cache)
-                    results["compiled_decode"] = model.decoder._full
-                    report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
-                model.decoder._full = results["compiled_decode"]
+            if way in COMPILED_WAYS and "compiled" not in results:
+                results["compiled"] = use_compiled(model, config, report)
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -377,7 +380,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             for batch in batches:
                 first, ms, peak = _measure(device, lambda: run(x, batch, steps), config.iters)
                 row = Row(mode, way, batch, first, ms, 1000 * batch / ms, weights, peak)
-                if way == "graphs" and batch == 1 and device.type == "cuda":
+                if way in ("graphs", "compiled") and batch == 1 and device.type == "cuda":
                     row.shares = step_shares(model, x, mode, steps, ms)
                 results["rows"].append(asdict(row))
                 if path is not None:
@@ -387,10 +390,64 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 results["kv_cache"] = kv_cache_effect(model, x, steps)
                 report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs, model.decoder._full = True, eager_decode
+            model.cuda_graphs = True
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
+
+
+def use_compiled(model: Personalizer, config: BenchConfig, report: Callable[[str], None]) -> dict[str, Any]:
+    """Switch ``model`` to the compiled networks of ``config.compiled``, building the folder first (in other
+    processes) when it does not exist; returns the build's and a cold start's seconds."""
+    from .engines.compiled import CompiledShape, build_compiled
+
+    folder = Path(config.compiled or "compiled")
+    facts: dict[str, Any] = {"folder": str(folder)}
+    if not (folder / "compiled.json").exists():
+        shapes = [CompiledShape(mode, batch, config.size, config.size, kv_cache=way in ("compiled_kv", "compiled_tiny"))
+                  for mode, way in planned_runs(config) if way in COMPILED_WAYS
+                  for batch in ((1, config.batch) if mode == "fast" else (1,))]  # fmt: skip
+        manifest = build_compiled(config.preset, folder, shapes, str(model.device), log=report)
+        facts["build_s"] = float(manifest["build_s"])
+        report(f"built the compiled networks in {facts['build_s']:.0f} s")
+        facts["cold_start_s"] = cold_start(config.preset, folder, config.size, str(model.device))
+        report(f"cold start (fresh process, from_pretrained to the first fast image): {facts['cold_start_s']:.1f} s")
+    begin = time.perf_counter()
+    model.use_exported(folder, backend="torch")
+    facts["load_s"] = time.perf_counter() - begin
+    return facts
+
+
+_COLD_START = """
+import sys, time, torch
+from lcmla_sdk import Personalizer
+preset, folder, size, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = Personalizer.from_pretrained(preset, device=device, faces=None, compiled=folder)
+identity = model.encode_face(torch.rand(size, size, 3).numpy())
+model.generate(identity, "a face", mode="fast", height=size, width=size, output="pt")
+torch.cuda.synchronize() if device.startswith("cuda") else None
+"""
+
+
+def cold_start(preset: str, folder: Path, size: int, device: str) -> float:
+    """Seconds a fresh process (empty Inductor cache) takes from starting Python to its first fast image, with the
+    compiled folder: imports, ``from_pretrained(..., compiled=folder)``, face encoding and the call."""
+    with tempfile.TemporaryDirectory() as cache:
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _COLD_START, preset, str(folder), str(size), device], check=True,
+                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))  # fmt: skip
+        return time.perf_counter() - begin
+
+
+def compare(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """A Markdown table of the rows two runs share: milliseconds of each and the first over the second."""
+    before = {(r["mode"], r["way"], r["batch"]): r["ms"] for r in first["rows"]}
+    lines = ["| mode | way | batch | first ms | second ms | first / second |", "|---|---|---|---|---|---|"]
+    for r in second["rows"]:
+        key = (r["mode"], r["way"], r["batch"])
+        if key in before:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {before[key]:.1f} | {r['ms']:.1f} | {before[key] / r['ms']:.2f}x |")
+    return "\n".join(lines)
 
 
 def table(results: dict[str, Any]) -> str:

@@ -14,12 +14,14 @@ from diffusers import DPMSolverMultistepScheduler, LCMScheduler
 
 from . import validation
 from .decoding import Decoder, load_tiny_vae
+from .engines.engine import EngineMismatchError
 from .errors import InvalidImageError, ModelFilesError
 from .face_analyzer import ON_MULTIPLE, FaceAnalyzer
 from .faces import AUTO, FaceBackend, align_face
 from .freeu import AUTHORS_FREEU, install_freeu, stage_values
 from .guidance import DEFAULT_GUIDANCE
 from .identity import Identity, detection_fields
+from .progress import stages
 from .images import FACE_RESIZES, FaceInput, clip_pixels, load_rgb, pixel_sha256, squash, vae_pixels
 from .integrity import sha256_json
 from .kv_cache import IdentityKVCache, compute_kv
@@ -114,6 +116,7 @@ class Personalizer:
         self._encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
         self._text_graphs = GraphedTextEncoders(self.tokenizers, self.text_encoders)
         self._tables: dict[tuple[str, int], StepTable] = {}
+        self._compile = False  # networks compiled whole (compile_networks)
 
     # ------------------------------------------------------------------ networks
     def _network(self, name: str):
@@ -124,14 +127,28 @@ class Personalizer:
 
     def _build_network(self, name: str):
         if name == "kv_encoder":
-            return KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
-        if name in ("denoiser", "lcm_denoiser"):
+            network = KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
+        elif name in ("denoiser", "lcm_denoiser"):
             if name == "lcm_denoiser" and not self.has_lcm:
                 return None
             unet = materialize(self.unet, (LCM_ADAPTER,) if name == "lcm_denoiser" else ())
             install_freeu(unet)  # on the denoisers' own copies: the K/V-encoder's stage stays plain
-            return Denoiser(unet)
-        raise KeyError(name)
+            network = Denoiser(unet)
+        else:
+            raise KeyError(name)
+        if self._compile:
+            from .engines.compiled import CompiledNetwork
+
+            return CompiledNetwork(network)
+        return network
+
+    def compile_networks(self) -> None:
+        """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
+        (:mod:`lcmla_sdk.engines.compiled`): each shape compiles on its first call, which takes minutes, or seconds
+        once the caches of a folder built by ``lcmla export --backend torch`` are loaded (:meth:`use_exported`)."""
+        if not self._compile:
+            self._compile = True
+            self.rebuild_networks()
 
     kv_encoder = property(lambda self: self._network("kv_encoder"), doc="The K/V-encoder (kv_encoder LoRA merged).")
     denoiser = property(lambda self: self._network("denoiser"), doc="The authors' decoder: no adapter.")
@@ -164,6 +181,8 @@ class Personalizer:
         tiny_vae: str | Path | None = None,
         cuda_graphs: bool = True,
         verify: bool = True,
+        compiled: str | Path | None = None,
+        compiled_fallback: bool = False,
     ) -> Personalizer:
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
@@ -175,6 +194,9 @@ class Personalizer:
         detection. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder (TAESD-XL) for
         ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights, drawn directly on
         ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
+        ``compiled``: a folder built by ``lcmla export --backend torch`` for this model, GPU and PyTorch (see
+        :meth:`use_exported`); one made for anything else is refused, or with ``compiled_fallback=True`` skipped with a
+        warning (the networks then run uncompiled).
         """
         validation.loading(name, device, dtype, seed, faces, tiny_vae, cuda_graphs, verify)
         device, dtype = default_device_and_dtype(device, dtype)
@@ -190,6 +212,13 @@ class Personalizer:
             model = cls(components, device, dtype, layout.fingerprint(), faces, layout, cuda_graphs)
         if tiny_vae is not None:
             model.decoder.tiny_vae = _place(load_tiny_vae(tiny_vae), device, dtype)
+        if compiled is not None:
+            try:
+                model.use_exported(compiled, backend="torch", verify=verify)
+            except EngineMismatchError as error:
+                if not compiled_fallback:
+                    raise
+                say_once(f"{error}: running uncompiled")
         return model
 
     @classmethod
@@ -219,11 +248,18 @@ class Personalizer:
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
-        ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
-        must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
-        The sampling loop then runs eagerly over them (TensorRT engines are graph-free already). ``verify``: check the
-        sha256 of every file the backend loads against the manifest first (cached like model directories').
+        ``backend`` is ``"tensorrt"`` (engines, GPU), ``"onnxruntime"`` (ONNX graphs, CPU) or ``"torch"``
+        (``torch.compile`` caches: the networks and the VAE decode run compiled inside the graphed sampling step,
+        :mod:`lcmla_sdk.engines.compiled`). The folder's manifest must have been made for this model (its
+        fingerprint) and, for TensorRT and torch, this GPU and these versions. Over exported graphs the sampling
+        loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
+        backend loads against the manifest first (cached like model directories').
         """
+        if backend == "torch":
+            from .engines.compiled import load_compiled
+
+            load_compiled(self, folder, verify)
+            return
         from .engines.runtime import load_networks
 
         self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype, verify))
@@ -481,11 +517,15 @@ class Personalizer:
         return True
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
-               references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
-        """Capture the sampling step of one shape (images per call, size, references, K/V options) ahead of the
-        first real call, by generating once from a blank identity. Only where the loop is graphed (a CUDA device,
-        ``cuda_graphs=True``); elsewhere it returns at once."""
-        if self.device.type != "cuda" or not self.cuda_graphs:
+               references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None,
+               compile: bool = False, progress: bool = True) -> None:  # fmt: skip
+        """Prepare one shape (images per call, size, references, K/V options) ahead of the first real call, by
+        generating once from a blank identity: capture its sampling step where the loop is graphed (a CUDA device,
+        ``cuda_graphs=True``) and, with ``compile=True``, compile the networks (:meth:`compile_networks`) and the
+        VAE decode first, under a progress display (``progress``). Without either it returns at once."""
+        if compile:
+            self.compile_networks()
+        elif self.device.type != "cuda" or not self.cuda_graphs:
             say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
             return
         latent = self.face_size // self.vae_scale
@@ -496,8 +536,13 @@ class Personalizer:
             latent_mean=torch.zeros(references, 4, latent, latent), latent_std=torch.ones(references, 4, latent, latent),
             model_fingerprint=self.fingerprint,
         )  # fmt: skip
-        self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height, width=width,
-                      use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
+        with stages(progress) as stage:
+            if compile and not self.decoder.compiled:
+                with stage("compiling the VAE decode"):
+                    self.compile_decoder()
+            with stage(f"{'compiling and ' if compile else ''}capturing {mode} x{num_images}"):
+                self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height,
+                              width=width, use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
         if kv_cache:
             self._kv_cache.clear()
 
