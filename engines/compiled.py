@@ -149,11 +149,14 @@ def build_compiled(
     from lcmla_sdk.pipeline import Personalizer
 
     model = Personalizer.from_pretrained(model_name, device=device, faces=None)
-    size = model.default_size
+    size, fingerprint, on = model.default_size, model.fingerprint, model.device
     shapes = [replace(s, height=s.height or size, width=s.width or size) for s in shapes]
     for shape in shapes:
         if shape.height % model.size_multiple or shape.width % model.size_multiple:
             raise ValueError(f"shapes: {shape.height}x{shape.width} is not a multiple of {model.size_multiple}")
+    del model  # the jobs load their own
+    if on.type == "cuda":
+        torch.cuda.empty_cache()
     groups: dict[tuple, CompiledShape] = {}
     for shape in shapes:
         groups.setdefault(shape.job(), CompiledShape(*shape.job()))
@@ -166,21 +169,24 @@ def build_compiled(
                 index, shape = pending.pop(0)
                 running.append((index, shape, _start_job(model_name, device, shape, staging / f"inductor-{index}.bin")))
             index, shape, process = running.pop(0)
-            _, error = process.communicate()
+            process.wait()
+            job_log = staging / f"inductor-{index}.log"
             if process.returncode != 0:
-                raise RuntimeError(f"compile job {index} ({shape or 'decode'}) failed:\n{error[-3000:]}")
+                raise RuntimeError(f"compile job {index} ({shape or 'decode'}) failed:\n{job_log.read_text()[-3000:]}")
+            job_log.unlink()
             log(f"compiled {asdict(shape) if shape else 'the VAE decode'} ({time.perf_counter() - begin:.0f} s)")
-        return write_manifest(staging, model, str(model_name), shapes, time.perf_counter() - begin)
+        return write_manifest(staging, fingerprint, on, str(model_name), shapes, time.perf_counter() - begin)
 
 
-def write_manifest(folder: Path, model, model_name: str, shapes: Sequence[CompiledShape], build_s: float) -> dict:
-    """``compiled.json`` for the artefacts in ``folder``, made with ``model`` on this machine."""
-    found_versions, gpu = versions(), device_identity(model.device)
+def write_manifest(folder: Path, fingerprint: str, device: torch.device, model_name: str,
+                   shapes: Sequence[CompiledShape], build_s: float) -> dict:  # fmt: skip
+    """``compiled.json`` for the artefacts in ``folder``, made for the model ``fingerprint`` on this machine."""
+    found_versions, gpu = versions(), device_identity(device)
     manifest = {
-        "schema": SCHEMA_VERSION, "model": model_name, "model_fingerprint": model.fingerprint,
+        "schema": SCHEMA_VERSION, "model": model_name, "model_fingerprint": fingerprint,
         "versions": found_versions, "gpu": gpu, "shapes": [asdict(s) for s in shapes],
         "artefacts": {p.name: sha256_file(p) for p in sorted(folder.glob("inductor-*.bin"))},
-        "cache_key": cache_key(model.fingerprint, shapes, found_versions, gpu), "build_s": f"{build_s:.1f}",
+        "cache_key": cache_key(fingerprint, shapes, found_versions, gpu), "build_s": f"{build_s:.1f}",
     }  # fmt: skip
     write_json(folder / MANIFEST, manifest, indent=1)
     return manifest
@@ -190,7 +196,8 @@ def _start_job(model_name: str, device: str, shape: CompiledShape | None, artefa
     job = {"model": model_name, "device": device, "shape": asdict(shape) if shape else None, "out": str(artefact)}
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(artefact.with_suffix(".cache")))
     command = [sys.executable, "-m", "lcmla_sdk.engines.compiled", json.dumps(job)]
-    return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    with open(artefact.with_suffix(".log"), "w") as job_log:  # a file, not a pipe: a chatty job never blocks
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=job_log)
 
 
 def run_job(job: dict[str, Any]) -> None:
@@ -203,6 +210,7 @@ def run_job(job: dict[str, Any]) -> None:
             model.compile_decoder()
         else:
             shape = CompiledShape(**job["shape"])
+            model.decoder.compile(model.default_size // model.vae_scale, warm=False)  # the decode is a job of its own
             model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
                          shape.kv_cache, compile=True, progress=False)  # fmt: skip
     artefacts = torch.compiler.save_cache_artifacts()
