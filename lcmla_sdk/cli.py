@@ -6,6 +6,8 @@ Only typer and rich are imported here; each command imports what it needs (torch
 
 from __future__ import annotations
 
+import json
+
 import time
 from pathlib import Path
 from typing import Optional
@@ -182,20 +184,26 @@ def bench(
     iters: int = typer.Option(3, help="Timed calls per run, after the first."),
     modes: str = typer.Option("fast,quality", help="Comma-separated modes."),
     ways: str = typer.Option("all", help="Comma-separated: authors, diffusers, eager, graphs, kv_cache, tiny_vae, "
-                             "compiled, compiled_kv."),  # fmt: skip
-    compile_cache: Optional[Path] = typer.Option(None, help="File that keeps torch.compile's artefacts across runs."),
+                             "compiled, compiled_kv, compiled_tiny."),  # fmt: skip
+    compiled: Optional[Path] = typer.Option(None, help="Folder of compiled networks for the compiled ways (`lcmla export "
+                                            "--backend torch`); built there first when missing."),
+    compare: Optional[tuple[Path, Path]] = typer.Option(None, help="Compare two result JSON files and stop."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
     json_path: Path = typer.Option(Path("bench.json"), "--json", help="Where the results go (JSON)."),
     markdown: Optional[Path] = typer.Option(None, help="Also write the table as Markdown here."),
 ) -> None:
-    """Time generation end to end: lcmla (eager, CUDA graphs, K/V cache, tiny VAE) against the authors' way and
-    plain diffusers, in one process (run it on a GPU)."""
+    """Time generation end to end: lcmla (eager, CUDA graphs, K/V cache, tiny VAE, compiled networks) against the
+    authors' way and plain diffusers, in one process (run it on a GPU)."""
     from .bench import WAYS, BenchConfig, planned_runs, run_bench, table
+    from .bench_compiled import compare as compare_runs
 
     try:
+        if compare is not None:
+            print(compare_runs(*(json.loads(path.read_text()) for path in compare)))
+            return
         chosen = WAYS if ways == "all" else tuple(ways.split(","))
         config = BenchConfig(preset, size, batch, MODES["fast"], quality_steps, iters, tuple(modes.split(",")), chosen,
-                             device, str(compile_cache) if compile_cache else None)  # fmt: skip
+                             device, str(compiled) if compiled else None)  # fmt: skip
         unknown = set(config.ways) - set(WAYS)
         if unknown or not set(config.modes) <= {"fast", "quality"}:
             raise ValueError(f"ways/modes: unknown {sorted(unknown) or config.modes}")
@@ -235,11 +243,22 @@ def export(
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level 0..5."),
     device: Optional[str] = typer.Option(None, help="Device to trace on (default: cuda if available)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
+    backend: str = typer.Option("tensorrt", help="'tensorrt': ONNX graphs, then engines when TensorRT is installed; "
+                                "'torch': networks compiled by torch.compile for --shapes (on this GPU)."),
+    shapes: str = typer.Option("fast:1,fast:8,quality:1", help="With --backend torch: MODE:IMAGES[:HxW], comma-separated "
+                               "(size: the model's default)."),
+    jobs: int = typer.Option(4, help="With --backend torch: build processes at once."),
 ) -> None:
-    """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network."""
+    """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network, or build compiled
+    networks (--backend torch)."""
     import torch
 
     from . import validation
+
+    if backend == "torch":
+        return _export_compiled(model, out, shapes, device, jobs)
+    if backend != "tensorrt":
+        raise fail(ValueError(f"backend: expected 'tensorrt' or 'torch', got {backend!r}"))
     from .engines import BuildOptions, TensorRTUnavailable, build_engines
     from .export import ShapeRanges, export_model, parse_range
     from .pipeline import Personalizer
@@ -276,6 +295,19 @@ def export(
     except TensorRTUnavailable as error:
         console.print(f"[red]error:[/red] ONNX graphs written to {folder}, but no engines: {escape(str(error))}")
         raise typer.Exit(code=3) from None
+
+
+def _export_compiled(model: str, out: Optional[Path], shapes: str, device: Optional[str], jobs: int) -> None:
+    from . import validation
+    from .engines.compiled import build_compiled, parse_shapes
+
+    try:
+        validation.device(device)
+        folder = out if out is not None else Path("engines") / f"{Path(model).name}-compiled"
+        build_compiled(model, folder, parse_shapes(shapes), device or "cuda", jobs, log=console.print)
+    except USER_ERRORS as error:
+        raise fail(error) from None
+    typer.echo(str(folder / "compiled.json"))
 
 
 # ---------------------------------------------------------------------------- evaluation

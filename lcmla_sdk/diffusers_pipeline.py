@@ -220,7 +220,7 @@ class LCMLookaheadPipeline(DiffusionPipeline):
                     return (callback_on_step_end(self, index, timestep, given) or {}).get("latents")
 
                 images = self.personalizer.generate(
-                    face, prompt, negative_prompt, num_images=num_images_per_prompt, seed=generator, mode=mode,
+                    face, prompt, negative_prompt=negative_prompt, num_images=num_images_per_prompt, seed=generator, mode=mode,
                     steps=steps, guidance=guidance_scale, height=height, width=width, use_kv=use_kv,
                     adapter_scale=adapter_scale, output="pt" if output_type == "np" else output_type, callback=on_step,
                 )  # fmt: skip

@@ -73,7 +73,7 @@ class LocalBackend:
     def generate(self, person: Person, settings: Settings, progress: Progress) -> list[tuple[Image.Image, int]]:
         total = settings.steps if isinstance(settings.steps, int) else MODES.get(settings.mode, 0)
         images = self.personalizer.generate(
-            person.ref, settings.prompts, settings.negative_prompt, num_images=settings.num_images,
+            person.ref, settings.prompts, negative_prompt=settings.negative_prompt, num_images=settings.num_images,
             seed=settings.seed, mode=settings.mode, steps=settings.steps, height=settings.height,
             width=settings.width, callback=lambda index, timestep, latents: progress(index + 1, total),
         )  # fmt: skip
