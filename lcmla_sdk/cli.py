@@ -438,6 +438,7 @@ def data_generate(
     batch_size: int = typer.Option(8, help="Images per pipeline call."),
     writers: int = typer.Option(4, help="Threads checking faces and writing files."),
     device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    vae: Optional[Path] = typer.Option(None, help="Local VAE folder replacing Turbo's (the fp16-fix VAE decodes in fp16)."),
 ) -> None:
     """Generate identities x (photos + styles) in the authors' layout, with metadata.json and summary.json."""
     from diffusers.utils import logging as diffusers_logging
@@ -447,7 +448,7 @@ def data_generate(
     diffusers_logging.set_verbosity_error()  # per-call notes (e.g. prompt truncation) would break the progress bar
     try:
         args = GenerateArgs(turbo, identities, out, per_identity, per_style, styles, size, consistent, anchors, faces,
-                            threshold, seed, shard, batch_size, writers, device)  # fmt: skip
+                            threshold, seed, shard, batch_size, writers, device, vae)  # fmt: skip
         summary = run_generate(args, console)
     except USER_ERRORS as error:
         raise fail(error) from None

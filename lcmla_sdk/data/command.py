@@ -14,9 +14,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from .. import validation
 from .descriptions import generated_identities, read_identities
 from .generate import SetGenerator
-from .layout import run_record
+from .layout import prepare_output, run_record
 from .plan import STYLES, PlanOptions, Shard
-from .turbo import load_turbo, turbo_fingerprint
+from ..presets import PRESETS
+from .turbo import check_turbo_folder, load_turbo, turbo_fingerprint
 
 BYTES_PER_PIXEL = 0.35  # a 512^2 JPEG at quality 95 of a photo: about 90 kB
 
@@ -39,6 +40,7 @@ class GenerateArgs:
     batch_size: int
     writers: int
     device: str | None
+    vae: Path | None = None
 
 
 def run_generate(args: GenerateArgs, console: Console) -> dict:
@@ -54,19 +56,23 @@ def run_generate(args: GenerateArgs, console: Console) -> dict:
     analyzer = _analyzer(faces) if faces else None
     if analyzer is not None:
         analyzer()  # the backend's files are checked now, not on a writer thread after the first batch
+    if args.turbo not in PRESETS:
+        check_turbo_folder(args.turbo)
+    record = run_record(options, turbo_fingerprint(args.turbo, args.vae))
+    prepare_output(args.out, record)  # another set's folder, or an unwritable one, fails before the model loads
+    _warn_if_short_of_space(args.out, len(shard.select(identities)), options, console)
     # 2. The model.
     with console.status(f"Loading {args.turbo}..."):
         dtype = torch.float16 if torch.device(device).type == "cuda" else torch.float32
-        pipe = load_turbo(args.turbo, device, dtype)
+        pipe = load_turbo(args.turbo, device, dtype, vae=args.vae)
     generator = SetGenerator(pipe, options, args.batch_size, args.writers, analyzer)
-    _warn_if_short_of_space(args.out, len(shard.select(identities)), options, console)
     # 3. The run.
     columns = (TextColumn("[bold]generating"), BarColumn(), MofNCompleteColumn(), TextColumn("images"),
                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())  # fmt: skip
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("generate", total=None)
         summary = generator.run(
-            identities, args.out, run_record(options, turbo_fingerprint(args.turbo)), shard,
+            identities, args.out, record, shard,
             on_progress=lambda done, total: progress.update(task, completed=done, total=total),
         )  # fmt: skip
     return summary

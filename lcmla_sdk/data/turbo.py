@@ -35,9 +35,17 @@ FOLDER_HINT = "a diffusers SDXL-Turbo folder (model_index.json, unet/, vae/, tex
 
 
 def load_turbo(
-    source: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+    source: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+    vae: str | Path | None = None,
 ) -> StableDiffusionXLPipeline:
-    """The pipeline from a local folder, or a preset name with random weights drawn from ``seed`` on ``device``."""
+    """The pipeline from a local folder, or a preset name with random weights drawn from ``seed`` on ``device``.
+
+    ``vae``: a local ``AutoencoderKL`` folder replacing the model's, e.g. the fp16-fix SDXL VAE, which decodes in
+    fp16 where SDXL-Turbo's own VAE is upcast to fp32 (``force_upcast``) by the pipeline.
+    """
     if str(source) in PRESETS:
         pipe = random_turbo(str(source), device, dtype, seed)
     else:
@@ -49,6 +57,11 @@ def load_turbo(
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise ModelFilesError(f"turbo: cannot load {folder}: {reason}") from None
+    if vae is not None:
+        try:
+            pipe.vae = AutoencoderKL.from_pretrained(Path(vae), local_files_only=True, torch_dtype=dtype).to(device)
+        except (OSError, ValueError) as error:
+            raise ModelFilesError(f"vae: cannot load {vae}: {str(error).strip().splitlines()[0]}") from None
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
@@ -105,10 +118,15 @@ def _variant(folder: Path) -> str | None:
     return "fp16" if not plain and any(unet.glob("diffusion_pytorch_model.fp16.*")) else None
 
 
-def turbo_fingerprint(source: str | Path) -> str:
-    """What identifies the weights in a run record: the preset's config, or the folder's configs and index."""
+def turbo_fingerprint(source: str | Path, vae: str | Path | None = None) -> str:
+    """What identifies the model in a run record: the preset's config, or the folder's index and configs (and the
+    replacing VAE's config); weights are not hashed."""
     if str(source) in PRESETS:
-        return sha256_json({"preset": str(source), "config": preset_config(str(source))})[:16]
-    folder = Path(source).expanduser().resolve()
-    configs = {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.glob("*/*config.json"))}
-    return sha256_json({"model_index": (folder / "model_index.json").read_text(), "configs": configs})[:16]
+        model = {"preset": str(source), "config": preset_config(str(source))}
+    else:
+        folder = Path(source).expanduser()
+        configs = {p.relative_to(folder).as_posix(): p.read_text() for p in sorted(folder.glob("*/*config.json"))}
+        model = {"model_index": (folder / "model_index.json").read_text(), "configs": configs}
+    if vae is not None:
+        model["vae"] = (Path(vae).expanduser() / "config.json").read_text()
+    return sha256_json(model)[:16]
