@@ -56,6 +56,7 @@ def lcmla_way(pipe, identities, options, batch, folder: Path) -> dict:
 
 def diffusers_loop(pipe, identities, options, folder: Path) -> dict:
     plain = AutoPipelineForText2Image.from_pipe(pipe)
+    plain.set_progress_bar_config(disable=True)
     jobs = [job for identity in identities for job in image_jobs(identity, options)]
 
     def make(job, root: Path) -> None:
@@ -104,6 +105,7 @@ def main() -> None:
     parser.add_argument("--preset", default="sdxl", help="'tiny' with --device cpu: a smoke run of this script.")
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    diffusers.utils.logging.set_verbosity_error()  # the tiny tokenizer's truncation notes, once per call
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("benchmarks/data_gen.py needs a CUDA GPU (or --preset tiny --device cpu for a smoke run)")
 

@@ -46,7 +46,8 @@ class GenerateArgs:
 def run_generate(args: GenerateArgs, console: Console) -> dict:
     # 1. Arguments, before the model loads.
     consistent = tuple(c.strip() for c in args.consistent.split(",") if c.strip() and c.strip() != "none")
-    styles = tuple(STYLES) if args.styles == "all" else tuple(s.strip() for s in args.styles.split(",") if s.strip() not in ("", "none"))
+    named = tuple(s.strip() for s in args.styles.split(",") if s.strip() not in ("", "none"))
+    styles = tuple(STYLES) if args.styles == "all" else named
     faces = args.faces or ("dlib" if "filter" in consistent else None)
     options = PlanOptions(args.per_identity, args.per_style, styles, args.size, args.seed, consistent, args.anchors,
                           args.threshold, faces)  # fmt: skip
@@ -119,7 +120,7 @@ def _analyzer(faces: str):
 
     backend = FaceBackend.parse(faces)
     if backend.kind in ("auto", "off"):
-        raise ValueError(f"faces: name a backend to measure with ('dlib', 'dlib:cnn', 'insightface:DIR'), not {faces!r}")
+        raise ValueError(f"faces: name a backend ('dlib', 'dlib:cnn', 'insightface:DIR'), not {faces!r}")
     return backend.open
 
 

@@ -58,7 +58,8 @@ COVERS_HAIR = frozenset({"a headscarf", "a turban"})
 BUILDS = ("", "", "slim", "athletic", "stocky", "heavyset", "muscular", "lanky", "broad-shouldered", "petite",
           "tall", "short")  # fmt: skip
 EXPRESSIONS = ("smiling", "laughing", "with a neutral expression", "looking serious", "with a slight smile",
-               "looking thoughtful", "grinning", "with a calm expression", "frowning slightly", "looking surprised")  # fmt: skip
+               "looking thoughtful", "grinning", "with a calm expression", "frowning slightly",
+               "looking surprised")  # fmt: skip
 AGES = (18, 86)  # drawn uniformly in [18, 86)
 
 
@@ -124,7 +125,7 @@ def _join(words: list[str]) -> str:
 def _article(phrase: str) -> str:
     """'an' before a vowel sound: 'an athletic', 'an 18-year-old', 'an 80-year-old'."""
     first = phrase.split()[0]
-    return "an" if first[0] in "aeiou" or first.startswith(("8", "18-", "11-")) else "a"
+    return "an" if first[0] in "aeiou" or first.startswith(("8", "18-")) else "a"
 
 
 def generated_identities(count: int, seed: int = 0) -> list[Identity]:

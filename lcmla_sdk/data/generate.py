@@ -9,6 +9,7 @@ rebuilt from the records when a run ends, also when it is interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -21,10 +22,10 @@ import torch
 from PIL import Image
 
 from ..atomic import atomic_path, write_error, write_json
-from ..errors import InvalidImageError
+from ..errors import InvalidImageError, LcmlaError
 from ..face_analyzer import FaceAnalyzer
 from ..images import load_rgb
-from .consistency import anchor_arguments, check_identity
+from .consistency import AnchorAttnProcessor, anchor_arguments, check_identity
 from .descriptions import Identity
 from .layout import IDENTITY_RECORD, check_identity_record, prepare_output, read_record, write_results
 from .plan import ImageJob, PlanOptions, Shard, image_jobs
@@ -46,7 +47,7 @@ class SetGenerator:
 
     ``batch_size``: images per pipeline call; ``writers``: threads that check faces, encode JPEGs and write, while
     the device computes the next batch; ``analyzer``: builds one face analyzer per writer thread (``None``: no
-    face measure; required by the filter).
+    face measure; required by the filter). Attention mode installs :class:`AnchorAttnProcessor` on ``pipe.unet``.
     """
 
     def __init__(
@@ -57,15 +58,14 @@ class SetGenerator:
         writers: int = 4,
         analyzer: Callable[[], FaceAnalyzer] | None = None,
     ) -> None:
-        if not isinstance(batch_size, int) or batch_size < max(1, options.anchor_count + 1):
-            raise ValueError(f"batch_size: expected an integer >= {max(1, options.anchor_count + 1)}, got {batch_size!r}")
+        least = options.anchor_count + 1  # an identity's anchors and one more image
+        if not isinstance(batch_size, int) or batch_size < least:
+            raise ValueError(f"batch_size: expected an integer >= {least}, got {batch_size!r}")
         if "filter" in options.consistent and analyzer is None:
             raise ValueError("faces: the filter needs a face analyzer")
         self.pipe, self.options, self.batch_size, self.writers = pipe, options, batch_size, writers
         self._analyzer, self._local = analyzer, threading.local()
         if "attention" in options.consistent:
-            from .consistency import AnchorAttnProcessor
-
             pipe.unet.set_attn_processor(AnchorAttnProcessor())
 
     def run(
@@ -118,10 +118,14 @@ class SetGenerator:
                 if on_progress:
                     on_progress(written, total)
             _raise_failures(futures, wait_above=0)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)  # finished identities are recorded even when interrupted
-            seconds = time.perf_counter() - begin
-            summary = write_results(out, chosen, shard)
+        except BaseException:
+            pool.shutdown(wait=True)  # identities already generated are still written and recorded
+            with contextlib.suppress(OSError, LcmlaError):  # the first error is the one to report
+                write_results(out, chosen, shard)
+            raise
+        pool.shutdown(wait=True)
+        seconds = time.perf_counter() - begin
+        summary = write_results(out, chosen, shard)
         summary["this_run"] = {
             "images_generated": written, "seconds": round(seconds, 2),
             "images_per_second": round(written / seconds, 3) if written and seconds > 0 else None,

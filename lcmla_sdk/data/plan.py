@@ -52,9 +52,9 @@ class PlanOptions:
 
     def __post_init__(self) -> None:
         for name in ("per_identity", "per_style", "size", "seed", "anchors"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < (1 if name in ("size", "anchors") else 0):
-                raise ValueError(f"{name}: expected a {'positive' if name in ('size', 'anchors') else 'non-negative'} integer, got {value!r}")
+            value, least = getattr(self, name), 1 if name in ("size", "anchors") else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
         if self.size % 8:
             raise ValueError(f"size: {self.size} is not a multiple of 8 (the VAE's scale)")
         unknown = [s for s in self.styles if s not in STYLES]

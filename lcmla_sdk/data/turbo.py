@@ -31,7 +31,8 @@ TURBO_SCHEDULER = {
     "steps_offset": 1, "timestep_spacing": "trailing", "prediction_type": "epsilon",
 }  # fmt: skip
 PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler")
-FOLDER_HINT = "a diffusers SDXL-Turbo folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, scheduler/)"
+FOLDER_HINT = "a diffusers SDXL-Turbo folder (model_index.json, unet/, vae/, text_encoder(_2)/, tokenizer(_2)/, " \
+    "scheduler/)"
 
 
 def load_turbo(
