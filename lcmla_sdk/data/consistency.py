@@ -4,9 +4,10 @@
   its own tokens and to those of its identity's anchor photos (generated in the same batch), as the consistent
   self-attention the paper compares against shares keys and values across a batch. Anchors attend to each other
   only, so an image depends on its own seed and its anchors' seeds: the same in any batch, after any resume.
-* ``filter``: :func:`check_identity` keeps a photo when its face-recognition embedding agrees with the identity's
-  other photos (mean cosine >= threshold) and drops the identity when fewer than two photos agree. Stylised images
-  are not checked (recognisers are trained on photos) but go with their identity.
+* ``filter``: :func:`check_identity` drops, one at a time, the photo whose face-recognition embedding agrees least
+  with the identity's other photos until every remaining one's mean cosine to the others is >= threshold, and drops
+  the identity when fewer than two photos remain. Stylised images are not checked (recognisers are trained on
+  photos) but go with their identity.
 
 :func:`similarity_report` gives the within- and between-identity cosine that the modes are compared by.
 """
@@ -90,7 +91,7 @@ class IdentityCheck:
 def check_identity(
     analyzer: FaceAnalyzer, photos: dict[str, Image.Image], others: list[str], threshold: float, filtering: bool
 ) -> IdentityCheck:
-    """Embed ``photos`` (path -> image); with ``filtering``, drop disagreeing or faceless ones, and every path (the
+    """Embed ``photos`` (path -> image); with ``filtering``, drop faceless and disagreeing ones, and every path (the
     photos and ``others``, its stylised images) when fewer than two photos remain."""
     embeddings = {}
     for path, image in photos.items():
@@ -99,19 +100,19 @@ def check_identity(
             embeddings[path] = faces[0].embedding
     check = IdentityCheck(faces=len(embeddings))
     paths, vectors = list(embeddings), np.array(list(embeddings.values()), dtype=np.float64)
-    agreement = {}
+    cosines = vectors @ vectors.T if paths else np.zeros((0, 0))
     if len(paths) >= 2:
-        cosines = vectors @ vectors.T
-        pairs = np.triu_indices(len(paths), k=1)
-        check.within = float(cosines[pairs].mean())
-        agreement = dict(zip(paths, (cosines.sum(axis=1) - 1.0) / (len(paths) - 1)))
+        check.within = float(cosines[np.triu_indices(len(paths), k=1)].mean())
     if filtering:
-        for path in photos:
-            if path not in embeddings:
-                check.dropped[path] = NO_FACE
-            elif agreement.get(path, -1.0) < threshold:
-                check.dropped[path] = DISAGREES
-        if len(photos) - len(check.dropped) < 2:
+        check.dropped.update({path: NO_FACE for path in photos if path not in embeddings})
+        members = list(range(len(paths)))
+        while len(members) >= 2:  # the photo agreeing least goes first, so one outlier cannot sink the others
+            agreement = (cosines[np.ix_(members, members)].sum(axis=1) - 1.0) / (len(members) - 1)
+            worst = int(np.argmin(agreement))
+            if agreement[worst] >= threshold:
+                break
+            check.dropped[paths[members.pop(worst)]] = DISAGREES
+        if len(members) < 2:
             check.dropped.update({path: TOO_FEW for path in [*photos, *others] if path not in check.dropped})
     kept = [path for path in paths if path not in check.dropped]
     if kept:
