@@ -51,7 +51,7 @@ def test_a_users_list_from_text_csv_and_jsonl(tmp_path):
     (tmp_path / "x.csv").write_text("who\nbob\n")
     with pytest.raises(IdentityListError, match="'description' column"):
         read_identities(tmp_path / "x.csv")
-    with pytest.raises(IdentityListError, match=r"expected a \.txt, \.csv or \.jsonl"):
+    with pytest.raises(IdentityListError, match=r"a\.json: expected a number, or a \.txt, \.csv or \.jsonl file"):
         read_identities(tmp_path / "a.json")
 
 

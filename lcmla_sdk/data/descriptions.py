@@ -138,6 +138,8 @@ def read_identities(path: str | Path) -> list[Identity]:
     ``name`` becomes the identity's folder (default ``identity_<index>``). Descriptions and names must be unique:
     two equal labels would be one person to the trainer."""
     path = Path(path)
+    if path.suffix.lower() not in (".txt", ".csv", ".jsonl"):
+        raise IdentityListError(f"identities: {path}: expected a number, or a .txt, .csv or .jsonl file")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -173,17 +175,15 @@ def _rows(path: Path, text: str) -> list[tuple[int, object, object]]:
         if reader.fieldnames is None or "description" not in reader.fieldnames:
             raise IdentityListError(f"identities: {path} needs a header with a 'description' column")
         return [(reader.line_num, row["description"], row.get("name")) for row in reader]
-    if suffix == ".jsonl":
-        rows = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except ValueError as error:
-                raise IdentityListError(f"identities: {path} line {n}: not JSON: {error}") from None
-            if not isinstance(entry, dict):
-                raise IdentityListError(f"identities: {path} line {n}: expected an object with 'description'")
-            rows.append((n, entry.get("description"), entry.get("name")))
-        return rows
-    raise IdentityListError(f"identities: {path}: expected a .txt, .csv or .jsonl file")
+    rows = []  # .jsonl
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+        except ValueError as error:
+            raise IdentityListError(f"identities: {path} line {n}: not JSON: {error}") from None
+        if not isinstance(entry, dict):
+            raise IdentityListError(f"identities: {path} line {n}: expected an object with 'description'")
+        rows.append((n, entry.get("description"), entry.get("name")))
+    return rows

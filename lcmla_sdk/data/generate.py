@@ -10,6 +10,7 @@ rebuilt from the records when a run ends, also when it is interrupted.
 from __future__ import annotations
 
 import contextlib
+import io
 import threading
 import time
 from collections import Counter
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from ..atomic import atomic_path, write_error, write_json
+from ..atomic import write_bytes, write_error, write_json
 from ..errors import InvalidImageError, LcmlaError
 from ..face_analyzer import FaceAnalyzer
 from ..images import load_rgb
@@ -196,8 +197,11 @@ class SetGenerator:
         dropped = check.dropped if check else {}
         for relative, (image, write) in generated.items():
             if write and relative not in dropped:
-                with atomic_path(out / relative) as temporary:
-                    image.save(temporary, format="JPEG", quality=JPEG_QUALITY)
+                # Encoded in memory, then written whole: PIL's own file writes can stop short without an error
+                # when the file size limit cuts a write (seen with RLIMIT_FSIZE).
+                encoded = io.BytesIO()
+                image.save(encoded, format="JPEG", quality=JPEG_QUALITY)
+                write_bytes(out / relative, encoded.getvalue())
         for relative in dropped:
             (out / relative).unlink(missing_ok=True)  # left by an interrupted run before the identity was checked
         record = {
