@@ -108,10 +108,12 @@ def test_consistent_modes_run_and_the_filter_reports_why_it_drops(tmp_path):
 
 
 def one_line_error(result, start):
+    """The error is one line, the last on stderr (a progress bar may stand above it), and no traceback."""
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(start), result.stderr
-    return lines[0]
+    assert lines[-1].startswith(start) and sum("error" in line for line in lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[-1]
 
 
 def test_one_line_errors_for_the_model_folder_the_output_and_a_full_disk(data_set, tmp_path):
