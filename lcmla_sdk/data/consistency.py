@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..face_analyzer import FaceAnalyzer
+from ..faces import FaceAnalyzer
 
 NO_FACE = "no face detected"
 DISAGREES = "face differs from the identity's other photos"

@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..atomic import write_bytes, write_error, write_json
 from ..errors import InvalidImageError, LcmlaError
-from ..face_analyzer import FaceAnalyzer
+from ..faces import FaceAnalyzer
 from ..images import load_rgb
 from .consistency import AnchorAttnProcessor, anchor_arguments, check_identity
 from .descriptions import Identity
