@@ -112,9 +112,11 @@ def test_anchor_attention_makes_an_image_depend_on_its_seed_and_its_anchors_only
 
 
 def test_the_face_filter_on_real_photos_keeps_agreeing_faces_and_says_why_it_drops(face):
-    dlib = pytest.importorskip("lcmla_sdk.faces_dlib", reason="the dlib backend needs the [faces] extra")
+    pytest.importorskip("dlib", reason="the dlib backend needs the [faces] extra")
     skimage_data = pytest.importorskip("skimage.data")
-    analyzer = dlib.DlibFaceAnalyzer(detector="cnn", upsample=0)  # the cameraman's turned face needs the CNN
+    from lcmla_sdk.faces import DlibFaceAnalyzer
+
+    analyzer = DlibFaceAnalyzer(detector="cnn", upsample=0)  # the cameraman's turned face needs the CNN
     astronaut = Image.fromarray(skimage_data.astronaut()).crop((100, 0, 356, 256))
     photos = {"face": face, "mirror": ImageOps.mirror(face), "astronaut": astronaut,
               "cameraman": Image.fromarray(skimage_data.camera()).convert("RGB").crop((128, 0, 384, 256)),
