@@ -553,6 +553,62 @@ def info(
         raise fail(error) from None
 
 
+# ---------------------------------------------------------------------------- synthetic data (docs/DATA.md)
+data_app = typer.Typer(no_args_is_help=True, help="The paper's synthetic identity set, made with SDXL-Turbo.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("generate")
+def data_generate(
+    turbo: str = typer.Option(..., help="SDXL-Turbo diffusers folder, or 'tiny' / 'sdxl' (random weights)."),
+    identities: str = typer.Option(..., help="Number of generated descriptions, or a .txt/.csv/.jsonl list."),
+    out: Path = typer.Option(..., help="Set folder; a run continues what an earlier one left there."),
+    per_identity: int = typer.Option(5, help="Photos (vanilla/) per identity (the authors: 40)."),
+    per_style: int = typer.Option(1, help="Images per style (stylized/) per identity (the authors: 8)."),
+    styles: str = typer.Option("all", help="Comma-separated among graffiti,pencil,watercolor,comic,oil; or 'none'."),
+    size: int = typer.Option(512, help="Image side in pixels."),
+    consistent: str = typer.Option("none", help="'none' (the authors'), 'attention', 'filter' or 'attention,filter'."),
+    anchors: int = typer.Option(2, help="Attention mode: photos every other image of the identity attends to."),
+    faces: Optional[str] = typer.Option(None, help="Face backend that measures identities ('dlib' with the filter)."),
+    threshold: float = typer.Option(0.92, help="Filter: least mean cosine of a photo to its identity's others."),
+    seed: int = typer.Option(0, help="Seed of the descriptions and of every image's seed."),
+    shard: Optional[str] = typer.Option(None, help="I/N: this process makes identities I, I+N, ...; 'auto': from RANK/WORLD_SIZE."),
+    batch_size: int = typer.Option(8, help="Images per pipeline call."),
+    writers: int = typer.Option(4, help="Threads checking faces and writing files."),
+    device: Optional[str] = typer.Option(None, help="Device (default: cuda if available, else cpu)."),
+    vae: Optional[Path] = typer.Option(None, help="Local VAE folder replacing Turbo's (the fp16-fix VAE decodes in fp16)."),
+) -> None:
+    """Generate identities x (photos + styles) in the authors' layout, with metadata.json and summary.json."""
+    from diffusers.utils import logging as diffusers_logging
+
+    from .data.command import GenerateArgs, run_generate, summary_text
+
+    diffusers_logging.set_verbosity_error()  # per-call notes (e.g. prompt truncation) would break the progress bar
+    try:
+        args = GenerateArgs(turbo, identities, out, per_identity, per_style, styles, size, consistent, anchors, faces,
+                            threshold, seed, shard, batch_size, writers, device, vae)  # fmt: skip
+        summary = run_generate(args, console)
+    except USER_ERRORS as error:
+        raise fail(error) from None
+    except KeyboardInterrupt:
+        console.print(f"interrupted: finished identities are kept in {out}; run the same command again to continue",
+                      soft_wrap=True, highlight=False, markup=False)  # fmt: skip
+        raise typer.Exit(code=130) from None
+    typer.echo(summary_text(summary))
+
+
+@data_app.command("merge")
+def data_merge(out: Path = typer.Argument(..., help="Set folder whose shards/ are all complete.")) -> None:
+    """Join the shards' metadata into metadata.json and summary.json."""
+    from .data.command import summary_text
+    from .data.layout import merge_shards
+
+    try:
+        typer.echo(summary_text(merge_shards(out)))
+    except USER_ERRORS as error:
+        raise fail(error) from None
+
+
 @app.command()
 def demo(
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
