@@ -186,14 +186,19 @@ def export(
     check: bool = typer.Option(False, "--check", help="Check every graph against PyTorch with onnxruntime."),
     networks: Optional[str] = typer.Option(None, help="Comma-separated subset of networks to export."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level 0..5."),
+    backend: str = typer.Option("tensorrt", help="Engine builder: tensorrt (built on this GPU) or tensorrt-rtx "
+                                "(TensorRT for RTX: built without a GPU, runs on compute capability 8.0, 8.6, 8.9, 12.x)."),
+    compute_capability: Optional[list[str]] = typer.Option(
+        None, help="tensorrt-rtx only: a compute capability to compile for (repeat; default 8.0 8.6 8.9 12.0 12.1; "
+        "7.5 for Turing)."),
     device: Optional[str] = typer.Option(None, help="Device to trace on (default: cuda if available)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
 ) -> None:
-    """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network."""
+    """Export ONNX graphs (and TensorRT or TensorRT-RTX engines when it is installed) of every network."""
     import torch
 
     from . import validation
-    from .engines import BuildOptions, TensorRTUnavailable, build_engines
+    from .engines import BACKENDS, BuildOptions, TensorRTRTX, TensorRTUnavailable, build_engines
     from .export import ShapeRanges, export_model, parse_range
     from .pipeline import Personalizer
 
@@ -202,6 +207,11 @@ def export(
             raise ValueError("static: give either --static H W or --height/--width ranges, not both")
         validation.device(device)
         options = BuildOptions("fp16" if fp16 else "fp32", opt_level)  # checked before the export, not after
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: {backend!r} is not one of {tuple(BACKENDS)}")
+        if compute_capability and backend != "tensorrt-rtx":
+            raise ValueError("compute-capability: only for --backend tensorrt-rtx (TensorRT builds for this GPU)")
+        builder = TensorRTRTX(tuple(compute_capability)) if compute_capability else BACKENDS[backend]()
         loaded = Personalizer.from_pretrained(
             model, device=device, dtype=torch.float16 if fp16 else torch.float32, verify=not no_verify
         )
@@ -225,10 +235,12 @@ def export(
     if onnx_only:
         return
     try:
-        build_engines(folder, options, log=console.print)
+        build_engines(folder, options, log=console.print, backend=builder)
     except TensorRTUnavailable as error:
         console.print(f"[red]error:[/red] ONNX graphs written to {folder}, but no engines: {escape(str(error))}")
         raise typer.Exit(code=3) from None
+    except (*USER_ERRORS, RuntimeError) as error:  # a graph the builder rejects, I/O unlike the manifest's
+        raise fail(error) from None
 
 
 # ---------------------------------------------------------------------------- evaluation
