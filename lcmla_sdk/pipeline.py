@@ -219,8 +219,9 @@ class Personalizer:
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
-        ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
-        must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
+        ``backend`` is ``"tensorrt"`` or ``"tensorrt-rtx"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU).
+        The folder's manifest must have been made for this model (its fingerprint) and, for engines, with this backend
+        and version, for this GPU.
         The sampling loop then runs eagerly over them (TensorRT engines are graph-free already). ``verify``: check the
         sha256 of every file the backend loads against the manifest first (cached like model directories').
         """
