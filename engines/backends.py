@@ -15,6 +15,7 @@ and call the hooks below; the manifest records the backend, its version and its 
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -40,14 +41,13 @@ def current_gpu() -> tuple[str, str] | None:
     return torch.cuda.get_device_name(), ".".join(map(str, torch.cuda.get_device_capability()))
 
 
-class EngineBackend:
-    name: ClassVar[str]
+class EngineBackend(ABC):
+    """What one TensorRT does its own way; the hooks without a body here are TensorRT's defaults."""
+
+    name: ClassVar[str]  # as the CLI, ``use_exported`` and the manifest name it
     label: ClassVar[str]
     module_name: ClassVar[str]
-
-    @property
-    def install_hint(self) -> str:
-        raise NotImplementedError
+    install_hint: ClassVar[str]
 
     def load_module(self):
         try:
@@ -59,12 +59,13 @@ class EngineBackend:
         """What the manifest records of this backend and what its engines were built for (also in the cache key)."""
         return {"backend": self.name, "version": module.__version__, **self.target()}
 
+    @abstractmethod
     def target(self) -> dict[str, Any]:
-        raise NotImplementedError
+        """What the engines are built for."""
 
+    @abstractmethod
     def refusals(self, recorded: dict[str, Any]) -> list[str]:
         """Why engines built for ``recorded`` (:meth:`record`'s target) cannot run here; empty when they can."""
-        raise NotImplementedError
 
     def network_flags(self, trt) -> int:
         return 0
@@ -91,14 +92,11 @@ class TensorRT(EngineBackend):
     name: ClassVar[str] = "tensorrt"
     label: ClassVar[str] = "TensorRT"
     module_name: ClassVar[str] = "tensorrt"
-
-    @property
-    def install_hint(self) -> str:
-        return (
-            "TensorRT is not installed. On a machine with an NVIDIA GPU: pip install 'lcmla[tensorrt]' "
-            "(NVIDIA's wheels; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html), "
-            "or export the ONNX graphs only with --onnx-only."
-        )
+    install_hint: ClassVar[str] = (
+        "TensorRT is not installed. On a machine with an NVIDIA GPU: pip install 'lcmla[tensorrt]' "
+        "(NVIDIA's wheels; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html), "
+        "or export the ONNX graphs only with --onnx-only."
+    )
 
     def target(self) -> dict[str, Any]:
         gpu = current_gpu()
@@ -144,19 +142,16 @@ class TensorRTRTX(EngineBackend):
     name: ClassVar[str] = "tensorrt-rtx"
     label: ClassVar[str] = "TensorRT-RTX"
     module_name: ClassVar[str] = "tensorrt_rtx_bindings"
+    install_hint: ClassVar[str] = (
+        "TensorRT-RTX is not installed: pip install 'lcmla[tensorrt-rtx]' (NVIDIA's tensorrt-rtx-cu13-libs and "
+        "-bindings wheels), or export the ONNX graphs only with --onnx-only."
+    )
 
     def __post_init__(self) -> None:
         known = ("7.5", "8.0", "8.6", "8.9", "12.0", "12.1")
         unknown = [cc for cc in self.compute_capabilities if cc not in known]
         if unknown or not self.compute_capabilities:
             raise ValueError(f"compute_capabilities: {list(self.compute_capabilities)}; TensorRT-RTX targets {known}")
-
-    @property
-    def install_hint(self) -> str:
-        return (
-            "TensorRT-RTX is not installed: pip install 'lcmla[tensorrt-rtx]' (NVIDIA's tensorrt-rtx-cu13-libs and "
-            "-bindings wheels), or export the ONNX graphs only with --onnx-only."
-        )
 
     @classmethod
     def from_record(cls, recorded: dict[str, Any]) -> TensorRTRTX:

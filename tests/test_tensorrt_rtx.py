@@ -20,7 +20,7 @@ from lcmla_sdk.export import ShapeRanges, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest, TensorInfo
 
-trt = pytest.importorskip("tensorrt_rtx_bindings", reason=TensorRTRTX().install_hint)
+trt = pytest.importorskip("tensorrt_rtx_bindings", reason=TensorRTRTX.install_hint)
 
 TINY_RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
 
