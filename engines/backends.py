@@ -220,17 +220,17 @@ def keep_normalisation_fp32(trt, network) -> None:
             tensor = layer.get_input(slot)
             if tensor is not None:
                 consumers.setdefault(tensor.name, []).append((layer, slot))
-    normalisations = [network.get_layer(i) for i in range(network.num_layers)
-                      if network.get_layer(i).type == trt.LayerType.NORMALIZATION]  # fmt: skip
+    normalisations = [layer for layer in (network.get_layer(i) for i in range(network.num_layers))
+                      if layer.type == trt.LayerType.NORMALIZATION and layer.get_output(0).dtype == trt.float16
+                      and not layer.get_output(0).is_network_output]  # fmt: skip
+    # Outputs first, then inputs: a normalisation reading another's output then casts that one's fp16 copy.
     for layer in normalisations:
-        output = layer.get_output(0)
-        if output.dtype != trt.float16 or output.is_network_output:
-            continue
+        back = network.add_cast(layer.get_output(0), trt.float16).get_output(0)
+        for consumer, slot in consumers.get(layer.get_output(0).name, []):
+            consumer.set_input(slot, back)
+    for layer in normalisations:
         for slot in range(layer.num_inputs):
             layer.set_input(slot, network.add_cast(layer.get_input(slot), trt.float32).get_output(0))
-        back = network.add_cast(output, trt.float16).get_output(0)
-        for consumer, slot in consumers.get(output.name, []):
-            consumer.set_input(slot, back)
 
 
 BACKENDS: dict[str, type[EngineBackend]] = {"tensorrt": TensorRT, "tensorrt-rtx": TensorRTRTX}
