@@ -20,10 +20,10 @@ from lcmla_sdk.export import ShapeRanges, build_specs, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest
 
-RANGES = ShapeRanges(**EXPORT_RANGES)
-
 from conftest import EXPORT_NETWORKS as NETWORKS
 from conftest import EXPORT_RANGES
+
+RANGES = ShapeRanges(**EXPORT_RANGES)
 
 
 def test_every_graph_matches_pytorch_within_its_stated_tolerance(exported):
