@@ -91,10 +91,10 @@ def test_fp16_normalisation_layers_compute_in_fp32_and_the_engines_build(tmp_pat
 def test_cli_builds_for_the_compute_capabilities_asked(tmp_path):
     args = ["export", "--model", "tiny", "--networks", "vae_encoder", "--height", "64", "--width", "64", "--device", "cpu"]
     result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a"), "--backend", "tensorrt-rtx",
-                                      "--compute-capability", "8.9", "--compute-capability", "7.5"])  # fmt: skip
+                                      "--compute-capability", "8.9", "--compute-capability", "8.6"])  # fmt: skip
     assert result.exit_code == 0, result.output
     recorded = Manifest.load(tmp_path / "a").tensorrt
-    assert recorded["backend"] == "tensorrt-rtx" and recorded["compute_capabilities"] == ["8.9", "7.5"]
+    assert recorded["backend"] == "tensorrt-rtx" and recorded["compute_capabilities"] == ["8.9", "8.6"]
     hopper = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "b"), "--backend", "tensorrt-rtx",
                                       "--compute-capability", "9.0"])  # fmt: skip
     assert hopper.exit_code == 2 and "compute_capabilities: ['9.0']; TensorRT-RTX targets" in hopper.output
