@@ -41,6 +41,14 @@ def current_gpu() -> tuple[str, str] | None:
     return torch.cuda.get_device_name(), ".".join(map(str, torch.cuda.get_device_capability()))
 
 
+def gpu_identity() -> dict[str, str]:
+    """``{"gpu": name, "compute_capability": "9.0"}`` of the current CUDA GPU (what TensorRT engines are built for)."""
+    gpu = current_gpu()
+    if gpu is None:
+        raise RuntimeError("no CUDA GPU found")
+    return {"gpu": gpu[0], "compute_capability": gpu[1]}
+
+
 class EngineBackend(ABC):
     """What one TensorRT does its own way; the hooks without a body here are TensorRT's defaults."""
 
@@ -99,10 +107,7 @@ class TensorRT(EngineBackend):
     )
 
     def target(self) -> dict[str, Any]:
-        gpu = current_gpu()
-        if gpu is None:
-            raise RuntimeError("TensorRT builds engines on the GPU they will run on: no CUDA GPU found")
-        return {"gpu": gpu[0], "compute_capability": gpu[1]}
+        return gpu_identity()  # TensorRT builds engines on the GPU they will run on
 
     def refusals(self, recorded: dict[str, Any]) -> list[str]:
         gpu = current_gpu()

@@ -33,8 +33,7 @@ from PIL import Image
 
 from . import evaluation_reports as reports
 from .errors import InvalidImageError, ModelFilesError, NoFaceError
-from .face_analyzer import FaceAnalyzer
-from .faces import FaceBackend
+from .faces import FaceAnalyzer, FaceBackend
 from .images import clip_pixels, load_rgb, pixel_sha256
 
 # mode name -> generate()'s (mode, use_kv)

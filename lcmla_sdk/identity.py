@@ -27,7 +27,7 @@ from .images import FACE_RESIZES
 from .schema import NAME, STRING, Is, ListOf, Object, OneOf, check, nullable
 
 if TYPE_CHECKING:
-    from .face_analyzer import DetectedFace, FaceAnalyzer
+    from .faces import DetectedFace, FaceAnalyzer
 
 FORMAT = "lcmla-identity"
 FORMAT_VERSION = 2  # 2: face embeddings of any backend (version 1 stored insightface's as "arcface")
@@ -58,7 +58,7 @@ class Identity:
     before ``face_resize`` existed load as ``"crop"``, the only preprocessing there was).
     Detections, one per reference (``None``/empty with detection off): ``face_embeddings`` ``(references, D)``,
     L2-normalised (D = 512 for insightface's ArcFace, 128 for dlib), ``boxes`` (x1, y1, x2, y2), ``landmarks``
-    (5 points, :data:`~lcmla_sdk.face_analyzer.ARCFACE_TEMPLATE`'s order), and ``face_backend``, the analyzer's name.
+    (5 points, :data:`~lcmla_sdk.faces.ARCFACE_TEMPLATE`'s order), and ``face_backend``, the analyzer's name.
     """
 
     cond_tokens: torch.Tensor

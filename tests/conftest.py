@@ -20,6 +20,12 @@ def tiny() -> Personalizer:
     return Personalizer.from_pretrained("tiny", device="cpu")
 
 
+@pytest.fixture(scope="session")
+def tiny_without_faces() -> Personalizer:
+    """The shared tiny model's twin with face detection off (``faces=None``); only read, like ``tiny``."""
+    return Personalizer.from_pretrained("tiny", device="cpu", faces=None)
+
+
 @pytest.fixture
 def fresh_tiny() -> Personalizer:
     return Personalizer.from_pretrained("tiny", device="cpu")

@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -70,13 +71,20 @@ def test_graphs_are_portable_onnx_with_symbolic_dims(exported):
         assert tuple(metadata["latent"].shape)[0] == "batch"
 
 
-def test_exported_graphs_run_the_sampling_loop_like_pytorch(exported, fresh_tiny, face):
-    reference = fresh_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
-    fresh_tiny.use_exported(exported.folder, backend="onnxruntime")
-    assert type(fresh_tiny.denoiser).__name__ == "GraphDenoiser"
-    from_graphs = fresh_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
+@pytest.fixture(scope="module")
+def onnx_tiny(exported) -> Personalizer:
+    """The tiny model running the exported graphs through onnxruntime (tests only call it)."""
+    model = Personalizer.from_pretrained("tiny", device="cpu")
+    model.use_exported(exported.folder, backend="onnxruntime")
+    return model
+
+
+def test_exported_graphs_run_the_sampling_loop_like_pytorch(tiny, onnx_tiny, face):
+    reference = tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
+    assert type(onnx_tiny.denoiser).__name__ == "GraphDenoiser"
+    from_graphs = onnx_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
     torch.testing.assert_close(from_graphs, reference, rtol=1e-3, atol=1e-3)
-    no_kv = fresh_tiny.generate(face, "a face", seed=5, steps=1, output="latent", use_kv=False)
+    no_kv = onnx_tiny.generate(face, "a face", seed=5, steps=1, output="latent", use_kv=False)
     assert torch.isfinite(no_kv).all()
 
 
@@ -312,12 +320,11 @@ def test_manifest_loading_errors(tmp_path):
 
 
 @torch.no_grad()
-def test_exported_networks_hand_out_outputs_that_the_next_call_does_not_touch(exported, fresh_tiny):
-    fresh_tiny.use_exported(exported.folder, backend="onnxruntime")
+def test_exported_networks_hand_out_outputs_that_the_next_call_does_not_touch(onnx_tiny):
     from conftest import unet_inputs
 
-    first_inputs, second_inputs = unet_inputs(fresh_tiny, seed=1), unet_inputs(fresh_tiny, seed=2)
-    for network in (fresh_tiny.denoiser, fresh_tiny.kv_encoder):
+    first_inputs, second_inputs = unet_inputs(onnx_tiny, seed=1), unet_inputs(onnx_tiny, seed=2)
+    for network in (onnx_tiny.denoiser, onnx_tiny.kv_encoder):
         first = network(*first_inputs)
         kept = [x.clone() for x in first] if isinstance(first, tuple) else first.clone()
         second = network(*second_inputs)
@@ -331,6 +338,16 @@ def test_exported_networks_hand_out_outputs_that_the_next_call_does_not_touch(ex
 @pytest.fixture
 def folder_copy(exported, tmp_path):
     return Path(shutil.copytree(exported.folder, tmp_path / "tiny"))
+
+
+@pytest.fixture
+def manifest_copy(exported, tmp_path):
+    """The export folder with a manifest of its own and links to the graphs: for tests that change the manifest
+    only (copying the graphs dominated their time)."""
+    folder = Path(shutil.copytree(exported.folder, tmp_path / "tiny", copy_function=os.symlink))
+    (folder / "manifest.json").unlink()
+    shutil.copyfile(exported.folder / "manifest.json", folder / "manifest.json")
+    return folder
 
 
 def edit(folder, change):
@@ -369,14 +386,15 @@ def test_a_modified_graph_or_a_wrong_recorded_hash_is_refused(folder_copy, fresh
      (lambda m: m.update(extra=1), "top level: unknown key ['extra']"),
      (lambda m: m["networks"]["denoiser"].update(onnx_sha256="abc"), "networks['denoiser'].onnx_sha256: expected sha256s joined by ':'")],
 )  # fmt: skip
-def test_manifest_schema_errors_name_the_field(folder_copy, change, message):
-    edit(folder_copy, change)
+def test_manifest_schema_errors_name_the_field(manifest_copy, change, message):
+    edit(manifest_copy, change)
     with pytest.raises(ModelFilesError) as error:
-        Manifest.load(folder_copy)
-    assert str(error.value).startswith(f"{folder_copy / 'manifest.json'}: {message}"), str(error.value)
+        Manifest.load(manifest_copy)
+    assert str(error.value).startswith(f"{manifest_copy / 'manifest.json'}: {message}"), str(error.value)
 
 
-def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folder_copy, fresh_tiny):
+def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folder_copy, tiny):
+    # use_exported fails before it changes the model, so the shared one serves.
     text = (folder_copy / "manifest.json").read_bytes()
     (folder_copy / "manifest.json").write_bytes(b"\xff not json")
     with pytest.raises(ModelFilesError, match="manifest.json: invalid JSON"):
@@ -384,24 +402,24 @@ def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folde
     (folder_copy / "manifest.json").write_bytes(text)
     (folder_copy / "kv_encoder" / "model.onnx").unlink()
     with pytest.raises(ModelFilesError, match=re.escape(f"networks['kv_encoder'].onnx: {folder_copy / 'kv_encoder' / 'model.onnx'} is missing")):
-        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+        tiny.use_exported(folder_copy, backend="onnxruntime")
     edit(folder_copy, lambda m: m["networks"].pop("kv_encoder"))
     edit(folder_copy, lambda m: m["networks"]["denoiser"]["inputs"][0].update(dtype="float64"))
     with pytest.raises(ModelFilesError, match=re.escape(
         "networks['denoiser'].inputs[0]: 'latent' of dtype float64, but the graph "
         f"{folder_copy / 'denoiser' / 'model.onnx'} has dtype float32"
     )):  # fmt: skip
-        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+        tiny.use_exported(folder_copy, backend="onnxruntime")
 
 
-def test_engines_are_verified_for_the_tensorrt_backend(folder_copy):
-    manifest = Manifest.load(folder_copy)
+def test_engines_are_verified_for_the_tensorrt_backend(manifest_copy):
+    manifest = Manifest.load(manifest_copy)
     with pytest.raises(ModelFilesError, match=r"networks\['adapter'\].engine: not built"):
-        manifest.verify(folder_copy, "tensorrt")
+        manifest.verify(manifest_copy, "tensorrt")
     for name, entry in manifest.networks.items():
-        (folder_copy / name / "model.plan").write_bytes(name.encode())
-        entry.engine, entry.engine_sha256 = f"{name}/model.plan", sha256_file(folder_copy / name / "model.plan")
-    manifest.verify(folder_copy, "tensorrt")
-    (folder_copy / "adapter" / "model.plan").write_bytes(b"another engine")
+        (manifest_copy / name / "model.plan").write_bytes(name.encode())
+        entry.engine, entry.engine_sha256 = f"{name}/model.plan", sha256_file(manifest_copy / name / "model.plan")
+    manifest.verify(manifest_copy, "tensorrt")
+    (manifest_copy / "adapter" / "model.plan").write_bytes(b"another engine")
     with pytest.raises(IntegrityError, match="adapter/model.plan: sha256"):
-        manifest.verify(folder_copy, "tensorrt")
+        manifest.verify(manifest_copy, "tensorrt")

@@ -25,7 +25,7 @@ def test_insightface_detects_and_aligns_the_astronaut(astronaut_pack, astronaut)
     assert np.linalg.norm(faces[0].embedding) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_the_astronaut_photo_through_the_whole_face_path(with_faces, astronaut):
+def test_the_astronaut_photo_through_the_whole_face_path(with_faces, tiny_without_faces, astronaut):
     whole = with_faces.encode_face(astronaut)
     cropped = with_faces.encode_face(astronaut, crop="face")
     assert cropped.crop == "face" and cropped.boxes == [[175.0, 60.0, 273.0, 180.0]]
@@ -37,7 +37,7 @@ def test_the_astronaut_photo_through_the_whole_face_path(with_faces, astronaut):
     assert not torch.allclose(whole.cond_tokens, cropped.cond_tokens)
     assert not torch.allclose(whole.latent_mean, cropped.latent_mean)
     # With detection off, crop="none" is the same encoding minus the detection.
-    plain = Personalizer.from_pretrained("tiny", device="cpu", faces=None).encode_face(astronaut)
+    plain = tiny_without_faces.encode_face(astronaut)
     assert plain.face_embeddings is None and plain.boxes == [None] and plain.face_backend == ""
     torch.testing.assert_close(plain.cond_tokens, whole.cond_tokens)
     images = with_faces.generate(cropped, "an oil painting of a face", seed=0, steps=1, output="np")
@@ -80,10 +80,9 @@ def test_missing_or_incomplete_packs_name_the_folder_and_expected_files(tmp_path
         InsightFaceAnalyzer(tmp_path / "broken")
 
 
-def test_face_crop_and_strict_detection_need_detection(face):
-    no_detection = Personalizer.from_pretrained("tiny", device="cpu", faces=None)
+def test_face_crop_and_strict_detection_need_detection(tiny_without_faces, face):
     for kwargs in ({"crop": "face"}, {"on_multiple": "error"}):
         with pytest.raises(ModelFilesError, match="need face detection, which is off"):
-            no_detection.encode_face(face, **kwargs)
+            tiny_without_faces.encode_face(face, **kwargs)
     with pytest.raises(ValueError, match="^crop:"):
-        no_detection.encode_face(face, crop="square")
+        tiny_without_faces.encode_face(face, crop="square")

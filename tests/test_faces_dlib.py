@@ -20,7 +20,7 @@ from lcmla_sdk.faces import FaceBackend, align_face
 
 pytest.importorskip("dlib", reason="the dlib backend needs the [faces] extra")
 skimage_data = pytest.importorskip("skimage.data")
-from lcmla_sdk.faces_dlib import DlibFaceAnalyzer, five_points  # noqa: E402
+from lcmla_sdk.faces.dlib_backend import DlibFaceAnalyzer, five_points  # noqa: E402
 
 # Hand-measured box of the astronaut's face (tests/facepack.py), in image pixels.
 ASTRONAUT_BOX = (175, 60, 273, 180)
@@ -163,8 +163,8 @@ def test_missing_or_broken_model_files(tmp_path):
 
 def test_without_dlib_auto_says_once_that_no_face_check_was_made(monkeypatch, face):
     monkeypatch.setitem(sys.modules, "dlib", None)  # import dlib now raises ImportError
-    monkeypatch.setattr("lcmla_sdk.faces_dlib.is_installed", lambda: False)
-    monkeypatch.setattr("lcmla_sdk.faces._no_check_said", False)
+    monkeypatch.setattr("lcmla_sdk.faces.dlib_backend.is_installed", lambda: False)
+    monkeypatch.setattr("lcmla_sdk.faces.backend._no_check_said", False)
     model = Personalizer.from_pretrained("tiny", device="cpu")
     coffee = skimage_data.coffee()
     with pytest.warns(UserWarning, match=r"no face check was made .* pip install 'lcmla\[faces\]'"):

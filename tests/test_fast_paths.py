@@ -132,10 +132,10 @@ def test_graph_backed_networks_copy_outputs_out_of_reused_engine_buffers():
     assert torch.equal(first, torch.full((2, 3), 2.0))
 
 
-def test_concurrent_encode_face_calls_equal_the_calls_made_one_at_a_time(fresh_tiny, face, astronaut):
+def test_concurrent_encode_face_calls_equal_the_calls_made_one_at_a_time(tiny, face, astronaut):
     photos = [face, astronaut, face, astronaut]
-    alone = [fresh_tiny.encode_face(p) for p in photos]
-    model = type(fresh_tiny).from_pretrained("tiny", device="cpu")  # the face analyzer not started yet
+    alone = [tiny.encode_face(p) for p in photos]
+    model = type(tiny).from_pretrained("tiny", device="cpu")  # the face analyzer not started yet
     together = run_together(lambda i: model.encode_face(photos[i]), len(photos))
     for a, b in zip(alone, together):
         assert a.digest() == b.digest() and a.boxes == b.boxes

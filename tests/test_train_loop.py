@@ -186,7 +186,7 @@ def load_checkpoint_model(checkpoint):
     return model, trained
 
 
-def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
+def test_cli_trains_checkpoints_logs_and_resumes(face_set, tiny, tmp_path):
     path = tmp_path / "train.yaml"
     config = config_dict(face_set, tmp_path / "run", gradient_checkpointing=False)
     config["logging"] = {"tracker": "tensorboard", "every": 1, "preview_every": 1}
@@ -209,7 +209,7 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tmp_path):
 
     # The checkpoint is a model directory: the SDK loads it as it is, with the trained weights in place.
     model, trained = load_checkpoint_model(checkpoint)
-    baseline = Personalizer.from_pretrained("tiny", device="cpu").adapter.resampler.state_dict()
+    baseline = tiny.adapter.resampler.state_dict()
     assert any(not torch.equal(baseline[k], v) for k, v in model.adapter.resampler.state_dict().items())
     assert len(model.generate(sample_face(), "a face", steps=1, seed=0)) == 1
 

@@ -19,7 +19,7 @@ from lcmla_sdk.train.config import DataSetConfig
 from lcmla_sdk.train.data import MISSING_FILE, SINGLE_IMAGE, UNREADABLE, PairDataset, PairIndex, prompt_from_filename
 from lcmla_sdk.train.faces import ARCFACE_TEMPLATE, TemplateLandmarks, align_faces, similarity_to_template
 from lcmla_sdk.train.losses import lcm_preview
-from lcmla_sdk.train.sampling import (
+from lcmla_sdk.train.draws import (
     drop_image_tokens, drop_kv_tokens, generator_for, importance_weights, lcm_lora_scale, sample_timesteps,
 )  # fmt: skip
 from lcmla_sdk.train.synthetic import write_synthetic_dataset

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from lcmla_sdk.face_analyzer import ARCFACE_TEMPLATE
-from lcmla_sdk.faces import InsightFaceAnalyzer, check_face_pack
+from lcmla_sdk.faces import ARCFACE_TEMPLATE, InsightFaceAnalyzer, check_face_pack
 
 ARCFACE_SIZE = 112  # ARCFACE_TEMPLATE's crop side
 

@@ -46,9 +46,9 @@ from . import checkpoints
 from .arcface import build_arcface, load_arcface
 from .config import ConfigError, TrainConfig
 from .data import DataSummary, PairDataset, PairIndex, StepBatches, collate
+from .draws import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
 from .faces import DetectorLandmarks, TemplateLandmarks
 from .losses import DreamSimLoss, IdentityLoss, lcm_preview, load_dreamsim, load_perceptual
-from .sampling import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
 from .trainables import (
     SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters, training_networks,
 )  # fmt: skip

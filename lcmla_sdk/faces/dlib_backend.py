@@ -1,11 +1,11 @@
 """The dlib face backend: detector, shape predictor and 128-d face-recognition ResNet, all offline.
 
-Model files (dlib's own, as shipped by the ``face_recognition_models`` package; licences in the README):
+Model files (dlib's own, as shipped by the ``face_recognition_models`` package; licences in docs/FACES.md):
 ``mmod_human_face_detector.dat`` (CNN detector; the HOG detector is built into dlib),
 ``shape_predictor_5_face_landmarks.dat``, ``shape_predictor_68_face_landmarks.dat`` and
 ``dlib_face_recognition_resnet_model_v1.dat``. They are dlib's serialisation format, read by dlib (no pickle).
 
-Landmarks on the 5-point template (:data:`~lcmla_sdk.face_analyzer.ARCFACE_TEMPLATE`: eye centres, nose tip, mouth
+Landmarks on the 5-point template (:data:`~lcmla_sdk.faces.alignment.ARCFACE_TEMPLATE`: eye centres, nose tip, mouth
 corners):
 
 * 68-point predictor (``landmarks=68``): all five are measured: each eye centre is the mean of that eye's six
@@ -35,8 +35,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ModelFilesError
-from .face_analyzer import ARCFACE_TEMPLATE, DetectedFace, FaceAnalyzer
+from ..errors import ModelFilesError
+from .alignment import ARCFACE_TEMPLATE
+from .analyzer import DetectedFace, FaceAnalyzer
 
 DETECTORS = ("hog", "cnn")
 LANDMARKS = (5, 68)

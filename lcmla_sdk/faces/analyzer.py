@@ -1,6 +1,5 @@
-"""The face-analysis interface every backend implements (:mod:`lcmla_sdk.faces` for insightface and the backend
-choice, :mod:`lcmla_sdk.faces_dlib` for dlib): :class:`FaceAnalyzer`, the :class:`DetectedFace` it returns, and the
-5-point template its landmarks follow."""
+"""The face-analysis interface every backend implements (:mod:`~lcmla_sdk.faces.dlib_backend`,
+:mod:`~lcmla_sdk.faces.insightface_backend`): :class:`FaceAnalyzer` and the :class:`DetectedFace` it returns."""
 
 from __future__ import annotations
 
@@ -10,23 +9,16 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from .errors import MultipleFacesError, NoFaceError
+from ..errors import MultipleFacesError, NoFaceError
 
 ON_MULTIPLE = ("largest", "error")
-
-# insightface's ArcFace landmark template in a 112 x 112 crop: the centres of the image-left and image-right eyes,
-# the nose tip, the image-left and image-right mouth corners. Every backend reports its landmarks in this order.
-ARCFACE_TEMPLATE = np.array(
-    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]],
-    dtype=np.float32,
-)
 
 
 @dataclass
 class DetectedFace:
-    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks`` in :data:`ARCFACE_TEMPLATE`'s
-    order, the detector's ``score`` and the L2-normalised ``embedding`` of the backend's recogniser (512-d ArcFace
-    for insightface, 128-d ResNet for dlib)."""
+    """One detection in image pixels: ``box`` (x1, y1, x2, y2), 5 ``landmarks`` in
+    :data:`~lcmla_sdk.faces.alignment.ARCFACE_TEMPLATE`'s order, the detector's ``score`` and the L2-normalised
+    ``embedding`` of the backend's recogniser (512-d ArcFace for insightface, 128-d ResNet for dlib)."""
 
     box: np.ndarray
     landmarks: np.ndarray
