@@ -39,7 +39,7 @@ from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.integrity import sha256_file, sha256_json, verify_file
 from lcmla_sdk.schema import COUNT, STRING, Is, ListOf, MapOf, Object, OneOf, check, read_json
 
-from .engine import EngineMismatchError, gpu_identity
+from .backends import EngineMismatchError, gpu_identity
 
 MANIFEST = "compiled.json"
 SCHEMA_VERSION = 1

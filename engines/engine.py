@@ -1,7 +1,8 @@
-"""TensorRT: engine build and the one class that touches the TensorRT runtime.
+"""Engine build and the one class that touches a TensorRT runtime, for either backend (:mod:`.backends`).
 
-Written against TensorRT 10's public Python API. ``tensorrt`` is imported only when a build or a load is asked
-for, so everything else in lcmla works without it; :class:`TensorRTUnavailable` says how to get it.
+Written against TensorRT 10's public Python API, which TensorRT-RTX shares. The backend's module is imported only
+when a build or a load is asked for, so everything else in lcmla works without it; :class:`TensorRTUnavailable`
+says how to get it.
 """
 
 from __future__ import annotations
@@ -14,38 +15,20 @@ from typing import Any
 import torch
 
 from lcmla_sdk.atomic import write_bytes
-from lcmla_sdk.errors import LcmlaError
+from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.integrity import sha256_json
-from lcmla_sdk.manifest import NetworkEntry
+from lcmla_sdk.manifest import DTYPES, NetworkEntry, TensorInfo
 
-INSTALL_HINT = (
-    "TensorRT is not installed. On a machine with an NVIDIA GPU: pip install 'lcmla[tensorrt]' "
-    "(NVIDIA's wheels; see https://docs.nvidia.com/deeplearning/tensorrt/latest/installing-tensorrt/installing.html), "
-    "or export the ONNX graphs only with --onnx-only."
-)
+from .backends import EngineBackend
+
 PRECISIONS = ("fp16", "fp32")
-
-
-class TensorRTUnavailable(RuntimeError):
-    """``tensorrt`` cannot be imported."""
-
-
-class EngineMismatchError(LcmlaError, RuntimeError):
-    """An engine folder was built for another GPU, TensorRT version or model."""
-
-
-def import_tensorrt():
-    try:
-        import tensorrt
-    except ImportError as error:
-        raise TensorRTUnavailable(INSTALL_HINT) from error
-    return tensorrt
+RUNTIME_CACHE = "runtime.cache"  # beside each engine: the kernels TensorRT-RTX compiled for it on this GPU
 
 
 @dataclass(frozen=True)
 class BuildOptions:
     precision: str = "fp16"
-    optimization_level: int = 3  # TensorRT's builder_optimization_level, 0 (fast build) .. 5 (slow, best)
+    optimization_level: int = 3  # the builder's builder_optimization_level, 0 (fast build) .. 5 (slow, best)
     workspace_gib: float | None = None
 
     def __post_init__(self) -> None:
@@ -55,77 +38,119 @@ class BuildOptions:
             raise ValueError(f"optimization_level: must be 0..5, got {self.optimization_level}")
 
 
-def gpu_identity() -> dict[str, Any]:
-    name = torch.cuda.get_device_name()
-    return {"gpu": name, "compute_capability": ".".join(map(str, torch.cuda.get_device_capability()))}
-
-
-def engine_cache_key(entry: NetworkEntry, options: BuildOptions, tensorrt_version: str, gpu: dict[str, Any]) -> str:
-    """Hash of everything the build depends on: graph bytes, profile shapes, options, TensorRT and GPU."""
+def engine_cache_key(entry: NetworkEntry, options: BuildOptions, record: dict[str, Any]) -> str:
+    """Hash of everything the build depends on: graph bytes, profile shapes, options, and the backend's record
+    (backend, version and target: the GPU for TensorRT, the compute capabilities for TensorRT-RTX)."""
     shapes = {which: entry.input_shapes(which) for which in ("min", "opt", "max")}
-    return sha256_json([entry.onnx_sha256, shapes, options, tensorrt_version, gpu])
+    return sha256_json([entry.onnx_sha256, shapes, options, record])
 
 
-def build_engine(onnx_path: Path, entry: NetworkEntry, options: BuildOptions, engine_path: Path, timing_cache: Path):
-    """Parse the ONNX graph, add the entry's optimisation profile and serialise an engine to ``engine_path``.
+def tensor_io(trt, source) -> dict[str, tuple[str, str, tuple[int, ...]]]:
+    """``{name: (kind, dtype, dims)}`` of a parsed network's or a deserialised engine's inputs and outputs, dims -1
+    where dynamic."""
+    names = {getattr(trt, dtype): dtype for dtype in DTYPES if hasattr(trt, dtype)}
+    if hasattr(source, "num_io_tensors"):  # an engine
+        found = {}
+        for index in range(source.num_io_tensors):
+            name = source.get_tensor_name(index)
+            kind = "input" if source.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
+            found[name] = (kind, names.get(source.get_tensor_dtype(name)), tuple(source.get_tensor_shape(name)))
+        return found
+    tensors = [("input", source.get_input(i)) for i in range(source.num_inputs)]
+    tensors += [("output", source.get_output(i)) for i in range(source.num_outputs)]
+    return {t.name: (kind, names.get(t.dtype), tuple(t.shape)) for kind, t in tensors}
 
-    fp16 builds keep every normalisation layer's arithmetic in fp32 (their sums of squares overflow fp16); graphs
-    exported in fp32 (the SDXL VAE without the fp16 fix) are built without the fp16 flag.
-    """
-    trt = import_tensorrt()
+
+def check_io(found: dict[str, tuple[str, str, tuple[int, ...]]], entry: NetworkEntry, source: str) -> None:
+    """The names, kinds, dtypes and dims of ``found`` must be the manifest's. A symbolic dim is dynamic (-1), or the
+    builder's static size where the profile fixes it (the K/V-encoder's token counts, set by the face size)."""
+    fixed = {d: size for d, size in entry.profile.min.items() if entry.profile.max.get(d) == size}
+
+    def agrees(tensor: TensorInfo, kind: str) -> bool:
+        got = found.get(tensor.name)
+        if got is None or got[:2] != (kind, tensor.dtype) or len(got[2]) != len(tensor.dims):
+            return False
+        return all(size == (dim if isinstance(dim, int) else -1) or (isinstance(dim, str) and size == fixed.get(dim))
+                   for dim, size in zip(tensor.dims, got[2]))  # fmt: skip
+
+    listed = [(kind, t) for kind, tensors in (("input", entry.inputs), ("output", entry.outputs)) for t in tensors]
+    problems = [f"{t.name}: manifest {kind} {t.dtype} {t.dims}, found {found.get(t.name, 'nothing')}"
+                for kind, t in listed if not agrees(t, kind)]  # fmt: skip
+    problems += [f"{name}: not in the manifest" for name in found if name not in {t.name for _, t in listed}]
+    if problems:
+        more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+        raise ModelFilesError(
+            f"networks[{entry.name!r}]: {source} differs from the manifest: " + "; ".join(problems[:3]) + more
+        )
+
+
+def build_engine(backend: EngineBackend, folder: Path, entry: NetworkEntry, options: BuildOptions,
+                 engine_path: Path) -> None:  # fmt: skip
+    """Parse the entry's ONNX graph in ``folder``, check its I/O against the manifest, add the entry's optimisation
+    profile and serialise an engine to ``engine_path``; ``backend`` sets precision, targets and caches."""
+    onnx_path = folder / entry.onnx
+    trt = backend.load_module()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    network = builder.create_network(0)
+    network = builder.create_network(backend.network_flags(trt))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise RuntimeError(f"{backend.label} could not parse {onnx_path}: {errors}")
+    check_io(tensor_io(trt, network), entry, f"{onnx_path} as {backend.label} parsed it")
     config = builder.create_builder_config()
     config.builder_optimization_level = options.optimization_level
     if options.workspace_gib:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * 1024**3))
-    graph_is_fp16 = entry.outputs[0].dtype == "float16"
-    if options.precision == "fp16" and graph_is_fp16:
-        config.set_flag(trt.BuilderFlag.FP16)
-        for index in range(network.num_layers):
-            layer = network.get_layer(index)
-            if layer.type == trt.LayerType.NORMALIZATION:
-                layer.__class__ = trt.INormalizationLayer  # the Python API's documented downcast
-                layer.compute_precision = trt.float32
+    backend.configure(trt, network, config, options.precision, entry.outputs[0].dtype, folder)
     profile = builder.create_optimization_profile()
     low, opt, high = (entry.input_shapes(which) for which in ("min", "opt", "max"))
     for tensor in entry.inputs:
         profile.set_shape(tensor.name, low[tensor.name], opt[tensor.name], high[tensor.name])
     config.add_optimization_profile(profile)
-    cache = config.create_timing_cache(timing_cache.read_bytes() if timing_cache.exists() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise RuntimeError(f"TensorRT failed to build an engine from {onnx_path}")
+        raise RuntimeError(f"{backend.label} failed to build an engine from {onnx_path}")
     write_bytes(engine_path, bytes(serialized))
-    write_bytes(timing_cache, bytes(config.get_timing_cache().serialize()))
+    backend.finish(config, folder)
 
 
 class Engine:
-    """Owns one deserialised engine: load, activate, allocate static buffers, infer.
+    """Owns one deserialised engine: load (refusing one this GPU cannot run, or whose I/O is not the manifest's),
+    activate, allocate static buffers, infer.
 
     Buffers are allocated once at the profile's maximum shapes; every call copies inputs into them and returns
     views of the output buffers, so their addresses never change (safe inside a captured CUDA graph).
     """
 
-    def __init__(self, path: Path, entry: NetworkEntry) -> None:
-        self.path, self.entry = path, entry
-        self.engine = self.context = None
+    def __init__(self, path: Path, entry: NetworkEntry, backend: EngineBackend) -> None:
+        self.path, self.entry, self.backend = path, entry, backend
+        self.engine = self.context = self.runtime_cache = None
         self.buffers: dict[str, torch.Tensor] = {}
 
     def load(self) -> None:
-        trt = import_tensorrt()
-        self.engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(self.path.read_bytes())
+        trt = self.backend.load_module()
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        data = self.path.read_bytes()
+        self.backend.check_engine(trt, runtime, data, self.path)
+        self.engine = runtime.deserialize_cuda_engine(data)
         if self.engine is None:
-            raise RuntimeError(f"TensorRT could not deserialise {self.path}")
+            raise RuntimeError(f"{self.backend.label} could not deserialise {self.path}")
+        check_io(tensor_io(trt, self.engine), self.entry, f"engine {self.path}")
+        for tensor in self.entry.inputs:
+            profile = tuple(tuple(shape) for shape in self.engine.get_tensor_profile_shape(tensor.name, 0))
+            expected = tuple(self.entry.input_shapes(which)[tensor.name] for which in ("min", "opt", "max"))
+            if profile != expected:
+                raise ModelFilesError(f"networks[{self.entry.name!r}]: engine {self.path} profile of {tensor.name!r} "
+                                      f"is {profile}, the manifest's {expected}")  # fmt: skip
 
     def activate(self) -> None:
-        self.context = self.engine.create_execution_context()
+        self.context, self.runtime_cache = self.backend.create_context(self.engine, self.path.with_name(RUNTIME_CACHE))
+
+    def save_runtime_cache(self) -> None:
+        """Keep the kernels compiled so far (TensorRT-RTX) for the next process on this GPU."""
+        if self.runtime_cache is not None:
+            self.backend.save_cache(self.runtime_cache, self.path.with_name(RUNTIME_CACHE))
 
     def allocate(self, device: torch.device) -> None:
         largest = self.entry.profile.max
@@ -146,5 +171,5 @@ class Engine:
             self.context.set_tensor_address(tensor.name, view.data_ptr())
             outputs[tensor.name] = view
         if not self.context.execute_async_v3(stream.cuda_stream):
-            raise RuntimeError(f"TensorRT inference failed for {self.entry.name}")
+            raise RuntimeError(f"{self.backend.label} inference failed for {self.entry.name}")
         return outputs

@@ -1,14 +1,15 @@
 """Exported graphs as drop-in networks: the same call signatures as :mod:`lcmla_sdk.networks`.
 
 The sampling loop calls ``kv_encoder``, ``denoiser``, ``lcm_denoiser`` and ``adapter`` without knowing what
-runs them. Here they run exported graphs through a runner: :class:`EngineRunner` (TensorRT) or
-:class:`OnnxRuntimeRunner` (onnxruntime on the CPU, which is how the export contract is verified without a GPU).
+runs them. Here they run exported graphs through a runner: :class:`EngineRunner` (TensorRT or TensorRT-RTX
+engines) or :class:`OnnxRuntimeRunner` (onnxruntime on the CPU, which is how the export contract is verified without a GPU).
 Everything (names, order, dtypes) comes from the folder's ``manifest.json``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -17,9 +18,11 @@ import torch
 
 from lcmla_sdk.manifest import Manifest, NetworkEntry, check_graph_io
 
-from .engine import Engine, EngineMismatchError, gpu_identity, import_tensorrt
+from .backends import BACKENDS as ENGINE_BACKENDS
+from .backends import EngineBackend, EngineMismatchError, backend_for
+from .engine import Engine
 
-BACKENDS = ("tensorrt", "onnxruntime")
+BACKENDS = (*ENGINE_BACKENDS, "onnxruntime")
 
 
 class GraphRunner(Protocol):
@@ -27,15 +30,23 @@ class GraphRunner(Protocol):
 
 
 class EngineRunner:
-    def __init__(self, folder: Path, entry: NetworkEntry, device: torch.device) -> None:
-        self.engine = Engine(folder / entry.engine, entry)
+    def __init__(self, folder: Path, entry: NetworkEntry, device: torch.device, backend: EngineBackend) -> None:
+        self.engine = Engine(folder / entry.engine, entry, backend)
         self.engine.load()
         self.engine.activate()
         self.engine.allocate(device)
         self.stream = torch.cuda.current_stream(device)
+        self.shapes_seen: set[tuple] = set()
 
     def infer(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.engine.infer(inputs, self.stream)
+        outputs = self.engine.infer(inputs, self.stream)
+        shapes = tuple(tuple(value.shape) for value in inputs.values())
+        # TensorRT-RTX compiles kernels for the shapes it meets: keep them after each new shape's first call (outside
+        # a CUDA graph capture, whose calls were made eagerly before).
+        if shapes not in self.shapes_seen and not torch.cuda.is_current_stream_capturing():
+            self.shapes_seen.add(shapes)
+            self.engine.save_runtime_cache()
+        return outputs
 
 
 class OnnxRuntimeRunner:
@@ -52,20 +63,24 @@ class OnnxRuntimeRunner:
         return {t.name: torch.from_numpy(np.asarray(v)).to(self.device) for t, v in zip(self.entry.outputs, values)}
 
 
-def check_compatible(folder: Path, manifest: Manifest, model_fingerprint: str, backend: str) -> None:
-    """Refuse a folder made for another model, TensorRT version or GPU, naming every mismatch."""
+def check_compatible(folder: Path, manifest: Manifest, model_fingerprint: str, backend: EngineBackend | None) -> None:
+    """Refuse a folder made for another model, backend or version, or whose engines this GPU cannot run, naming
+    every mismatch in one line."""
     problems = []
     if manifest.model_fingerprint != model_fingerprint:
         problems.append(f"model fingerprint {manifest.model_fingerprint[:16]} != loaded model {model_fingerprint[:16]}")
-    if backend == "tensorrt":
-        tensorrt = import_tensorrt()
-        if manifest.tensorrt is None:
-            problems.append("no TensorRT engines (exported with --onnx-only)")
+    if backend is not None:
+        module = backend.load_module()
+        recorded = manifest.tensorrt
+        built_with = None if recorded is None else recorded.get("backend", "tensorrt")  # older folders: TensorRT
+        if recorded is None:
+            problems.append(f"no {backend.label} engines (exported with --onnx-only)")
+        elif built_with != backend.name:
+            problems.append(f"engines built with {built_with}, not {backend.name}")
         else:
-            current = {"version": tensorrt.__version__, **gpu_identity()}
-            for key, value in current.items():
-                if manifest.tensorrt.get(key) != value:
-                    problems.append(f"{key}: built for {manifest.tensorrt.get(key)}, running {value}")
+            if recorded.get("version") != module.__version__:
+                problems.append(f"version: built for {recorded.get('version')}, running {module.__version__}")
+            problems += backend.refusals(recorded)
     if problems:
         raise EngineMismatchError(f"{folder}: " + "; ".join(problems))
 
@@ -134,10 +149,11 @@ def load_networks(folder: str | Path, model_fingerprint: str, backend: str, devi
         raise ValueError(f"backend: {backend!r} is not one of {BACKENDS}")
     folder = Path(folder)
     manifest = Manifest.load(folder)
-    check_compatible(folder, manifest, model_fingerprint, backend)
+    engines = None if backend == "onnxruntime" else backend_for(backend, manifest.tensorrt)
+    check_compatible(folder, manifest, model_fingerprint, engines)
     if verify:
         manifest.verify(folder, backend)
-    runner_class = EngineRunner if backend == "tensorrt" else OnnxRuntimeRunner
+    runner_class = OnnxRuntimeRunner if engines is None else partial(EngineRunner, backend=engines)
     networks = {}
     for name, network_class in _NETWORK_CLASSES.items():
         if name in manifest.networks:

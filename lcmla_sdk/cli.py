@@ -241,25 +241,28 @@ def export(
     check: bool = typer.Option(False, "--check", help="Check every graph against PyTorch with onnxruntime."),
     networks: Optional[str] = typer.Option(None, help="Comma-separated subset of networks to export."),
     opt_level: int = typer.Option(3, help="TensorRT builder optimisation level 0..5."),
+    compute_capability: Optional[list[str]] = typer.Option(
+        None, help="tensorrt-rtx only: a compute capability to compile for (repeat; default 8.0 8.6 8.9 12.0 12.1; "
+        "7.5 for Turing)."),
     device: Optional[str] = typer.Option(None, help="Device to trace on (default: cuda if available)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip hashing the model directory's files."),
     backend: str = typer.Option("tensorrt", help="'tensorrt': ONNX graphs, then engines when TensorRT is installed; "
-                                "'torch': networks compiled by torch.compile for --shapes (on this GPU)."),
+                                "'tensorrt-rtx': the same with TensorRT for RTX (built without a GPU, runs on compute "
+                                "capability 8.0, 8.6, 8.9, 12.x); 'torch': networks compiled by torch.compile for "
+                                "--shapes (on this GPU)."),
     shapes: str = typer.Option("fast:1,fast:8,quality:1", help="With --backend torch: MODE:IMAGES[:HxW], comma-separated "
                                "(size: the model's default)."),
     jobs: int = typer.Option(4, help="With --backend torch: build processes at once."),
 ) -> None:
-    """Export ONNX graphs (and TensorRT engines when TensorRT is installed) of every network, or build compiled
-    networks (--backend torch)."""
+    """Export ONNX graphs (and TensorRT or TensorRT-RTX engines when it is installed) of every network, or build
+    compiled networks (--backend torch)."""
     import torch
 
     from . import validation
 
     if backend == "torch":
         return _export_compiled(model, out, shapes, device, jobs)
-    if backend != "tensorrt":
-        raise fail(ValueError(f"backend: expected 'tensorrt' or 'torch', got {backend!r}"))
-    from .engines import BuildOptions, TensorRTUnavailable, build_engines
+    from .engines import BACKENDS, BuildOptions, TensorRTRTX, TensorRTUnavailable, build_engines
     from .export import ShapeRanges, export_model, parse_range
     from .pipeline import Personalizer
 
@@ -268,6 +271,11 @@ def export(
             raise ValueError("static: give either --static H W or --height/--width ranges, not both")
         validation.device(device)
         options = BuildOptions("fp16" if fp16 else "fp32", opt_level)  # checked before the export, not after
+        if backend not in BACKENDS:
+            raise ValueError(f"backend: {backend!r} is not one of {(*BACKENDS, 'torch')}")
+        if compute_capability and backend != "tensorrt-rtx":
+            raise ValueError("compute-capability: only for --backend tensorrt-rtx (TensorRT builds for this GPU)")
+        builder = TensorRTRTX(tuple(compute_capability)) if compute_capability else BACKENDS[backend]()
         loaded = Personalizer.from_pretrained(
             model, device=device, dtype=torch.float16 if fp16 else torch.float32, verify=not no_verify
         )
@@ -291,10 +299,12 @@ def export(
     if onnx_only:
         return
     try:
-        build_engines(folder, options, log=console.print)
+        build_engines(folder, options, log=console.print, backend=builder)
     except TensorRTUnavailable as error:
         console.print(f"[red]error:[/red] ONNX graphs written to {folder}, but no engines: {escape(str(error))}")
         raise typer.Exit(code=3) from None
+    except (*USER_ERRORS, RuntimeError) as error:  # a graph the builder rejects, I/O unlike the manifest's
+        raise fail(error) from None
 
 
 def _export_compiled(model: str, out: Optional[Path], shapes: str, device: Optional[str], jobs: int) -> None:

@@ -93,7 +93,9 @@ class Manifest:
     model_fingerprint: str
     versions: dict[str, str]
     networks: dict[str, NetworkEntry] = field(default_factory=dict)
-    tensorrt: dict[str, Any] | None = None  # version, GPU name and compute capability, builder options
+    # Once engines are built: backend ("tensorrt" or "tensorrt-rtx"), its version, what the engines were built for
+    # (TensorRT: GPU name and compute capability; TensorRT-RTX: compute capabilities), builder options.
+    tensorrt: dict[str, Any] | None = None
     schema: int = SCHEMA_VERSION
 
     def save(self, folder: str | Path) -> Path:
@@ -126,10 +128,11 @@ class Manifest:
 
     def verify(self, folder: str | Path, backend: str) -> None:
         """Check the sha256 of every file ``backend`` loads (``"onnxruntime"``: graphs and their data files;
-        ``"tensorrt"``: engines) against the manifest; an :class:`IntegrityError` names the file and both hashes."""
+        ``"tensorrt"``, ``"tensorrt-rtx"``: engines) against the manifest; an :class:`IntegrityError` names the file
+        and both hashes."""
         folder, manifest = Path(folder), Path(folder) / MANIFEST_NAME
         for name, entry in self.networks.items():
-            if backend == "tensorrt":
+            if backend != "onnxruntime":
                 if entry.engine is None or entry.engine_sha256 is None:
                     raise ModelFilesError(f"{manifest}: networks[{name!r}].engine: not built (lcmla export without --onnx-only builds it)")
                 if not (folder / entry.engine).is_file():

@@ -14,7 +14,7 @@ import torch
 from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
-from .engines.engine import EngineMismatchError
+from .engines.backends import EngineMismatchError
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, prepare_references
 from .freeu import stage_values
@@ -200,10 +200,10 @@ class Personalizer:
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
-        ``backend`` is ``"tensorrt"`` (engines, GPU), ``"onnxruntime"`` (ONNX graphs, CPU) or ``"torch"``
+        ``backend`` is ``"tensorrt"`` or ``"tensorrt-rtx"`` (engines, GPU), ``"onnxruntime"`` (ONNX graphs, CPU) or ``"torch"``
         (``torch.compile`` caches: the networks and the VAE decode run compiled inside the graphed sampling step,
         :mod:`lcmla_sdk.engines.compiled`). The folder's manifest must have been made for this model (its
-        fingerprint) and, for TensorRT and torch, this GPU and these versions. Over exported graphs the sampling
+        fingerprint) and, for engines and torch, this GPU and these versions. Over exported graphs the sampling
         loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
         backend loads against the manifest first (cached like model directories').
         """

@@ -56,6 +56,21 @@ def unet_inputs(model: Personalizer, batch: int = 2, side: int = 16, seed: int =
     )
 
 
+# The tiny preset's export shared by the export and engine tests (denoiser_lcm comes from the same spec code as
+# denoiser; leaving it out saves CI a minute).
+EXPORT_RANGES = dict(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))  # ShapeRanges' arguments
+EXPORT_NETWORKS = ["adapter", "kv_encoder", "denoiser", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2"]
+
+
+@pytest.fixture(scope="session")
+def exported(tiny, tmp_path_factory):
+    """``EXPORT_NETWORKS`` of the tiny preset, exported once with parity checks (an :class:`ExportReport`)."""
+    from lcmla_sdk.export import ShapeRanges, export_model  # onnx is imported only by the tests that export
+
+    folder = tmp_path_factory.mktemp("engines") / "tiny"
+    return export_model(tiny, folder, ShapeRanges(**EXPORT_RANGES), EXPORT_NETWORKS, check=True, log=lambda _: None)
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tiny, tmp_path_factory):
     """The tiny preset written once as a model directory."""

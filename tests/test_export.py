@@ -1,5 +1,6 @@
 """ONNX export of the tiny preset: graphs, parity through onnxruntime, manifest, runtime contract, CLI."""
 
+import importlib
 import json
 import os
 import re
@@ -14,21 +15,16 @@ from typer.testing import CliRunner
 
 from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer
 from lcmla_sdk.cli import app
-from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRTUnavailable
+from lcmla_sdk.engines import BuildOptions, EngineMismatchError, TensorRT, TensorRTRTX, TensorRTUnavailable
 from lcmla_sdk.engines.engine import engine_cache_key
 from lcmla_sdk.export import ShapeRanges, build_specs, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest
 
-RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
-# denoiser_lcm comes from the same spec code as denoiser; leaving it out saves CI a minute.
-NETWORKS = ["adapter", "kv_encoder", "denoiser", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2"]
+from conftest import EXPORT_NETWORKS as NETWORKS
+from conftest import EXPORT_RANGES
 
-
-@pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_model(tiny, folder, RANGES, NETWORKS, check=True, log=lambda _: None)
+RANGES = ShapeRanges(**EXPORT_RANGES)
 
 
 def test_every_graph_matches_pytorch_within_its_stated_tolerance(exported):
@@ -109,24 +105,26 @@ def test_tensorrt_backend_without_tensorrt_says_how_to_install(exported, tiny):
             tiny.use_exported(exported.folder, backend="tensorrt")
 
 
-def test_engine_cache_key_covers_graph_shapes_options_version_and_gpu(exported):
+def test_engine_cache_key_covers_graph_shapes_options_backend_version_and_target(exported):
     entry = exported.manifest.networks["adapter"]
-    gpu = {"gpu": "NVIDIA H100", "compute_capability": "9.0"}
-    key = engine_cache_key(entry, BuildOptions("fp16"), "10.13", gpu)
-    assert key == engine_cache_key(entry, BuildOptions("fp16"), "10.13", dict(gpu))
+    record = {"backend": "tensorrt", "version": "10.13", "gpu": "NVIDIA H100", "compute_capability": "9.0"}
+    key = engine_cache_key(entry, BuildOptions("fp16"), record)
+    assert key == engine_cache_key(entry, BuildOptions("fp16"), dict(record))
     wider = json.loads(json.dumps(entry.profile.max))
     wider["batch"] += 1
     other_shapes = type(entry)(**{**entry.__dict__, "profile": type(entry.profile)(entry.profile.min, entry.profile.opt, wider)})
     other_graph = type(entry)(**{**entry.__dict__, "onnx_sha256": "0" * 64})
     variants = [
-        engine_cache_key(other_shapes, BuildOptions("fp16"), "10.13", gpu),
-        engine_cache_key(other_graph, BuildOptions("fp16"), "10.13", gpu),
-        engine_cache_key(entry, BuildOptions("fp32"), "10.13", gpu),
-        engine_cache_key(entry, BuildOptions("fp16", optimization_level=5), "10.13", gpu),
-        engine_cache_key(entry, BuildOptions("fp16"), "10.14", gpu),
-        engine_cache_key(entry, BuildOptions("fp16"), "10.13", {**gpu, "compute_capability": "8.0"}),
+        engine_cache_key(other_shapes, BuildOptions("fp16"), record),
+        engine_cache_key(other_graph, BuildOptions("fp16"), record),
+        engine_cache_key(entry, BuildOptions("fp32"), record),
+        engine_cache_key(entry, BuildOptions("fp16", optimization_level=5), record),
+        engine_cache_key(entry, BuildOptions("fp16"), {**record, "version": "10.14"}),
+        engine_cache_key(entry, BuildOptions("fp16"), {**record, "compute_capability": "8.0"}),
+        engine_cache_key(entry, BuildOptions("fp16"), {"backend": "tensorrt-rtx", "version": "10.13",
+                                                       "compute_capabilities": ["8.9"]}),
     ]
-    assert len({key, *variants}) == 7
+    assert len({key, *variants}) == 8
 
 
 def test_fp16_graphs_export_and_match_within_fp16_tolerance(tmp_path):
@@ -269,28 +267,32 @@ def test_ranges_parse_and_static_conflict(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- TensorRT
-def _tensorrt_and_gpu():
-    trt = pytest.importorskip("tensorrt", reason="TensorRT is not installed (pip install 'lcmla[tensorrt]')")
+def _engines_and_gpu(backend):
+    """Skip unless ``backend``'s module is installed and there is a GPU it runs engines on."""
+    pytest.importorskip(backend.module_name, reason=f"{backend.label} is not installed: {backend.install_hint}")
     if not torch.cuda.is_available():
-        pytest.skip("TensorRT engines need a CUDA GPU")
-    return trt
+        pytest.skip(f"{backend.label} engines need a CUDA GPU")
+    refusals = backend.refusals(backend.record(importlib.import_module(backend.module_name)))
+    if refusals:
+        pytest.skip(refusals[0])
 
 
 @pytest.mark.gpu
-def test_tensorrt_engine_matches_pytorch(tmp_path):
-    _tensorrt_and_gpu()
+@pytest.mark.parametrize("backend", [TensorRT(), TensorRTRTX()], ids=lambda b: b.name)
+def test_engines_match_pytorch(tmp_path, backend):
+    _engines_and_gpu(backend)
     from lcmla_sdk.engines import build_engines
 
     # A blank image has no face: detection off, the comparison is about the networks.
     model = Personalizer.from_pretrained("tiny", device="cuda", dtype=torch.float16, faces=None)
     export_model(model, tmp_path, RANGES, ["denoiser", "kv_encoder"], log=lambda _: None)
-    manifest = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None)
-    assert manifest.tensorrt["compute_capability"] and all(e.engine for e in manifest.networks.values())
+    manifest = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None, backend=backend)
+    assert manifest.tensorrt["backend"] == backend.name and all(e.engine for e in manifest.networks.values())
     reference = model.generate(np.zeros((64, 64, 3), np.uint8), "a face", seed=0, steps=2, output="latent")
-    model.use_exported(tmp_path, backend="tensorrt")
+    model.use_exported(tmp_path, backend=backend.name)
     engines = model.generate(np.zeros((64, 64, 3), np.uint8), "a face", seed=0, steps=2, output="latent")
     torch.testing.assert_close(engines.float(), reference.float(), rtol=5e-2, atol=5e-2)
-    rebuilt = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None)  # cache hit: nothing rebuilt
+    rebuilt = build_engines(tmp_path, BuildOptions("fp16"), log=lambda _: None, backend=backend)  # cache hit
     assert {n: e.engine_sha256 for n, e in rebuilt.networks.items()} == {
         n: e.engine_sha256 for n, e in manifest.networks.items()
     }
@@ -298,7 +300,7 @@ def test_tensorrt_engine_matches_pytorch(tmp_path):
 
 @pytest.mark.gpu
 def test_engine_folder_from_another_gpu_or_tensorrt_is_refused(tmp_path, exported):
-    _tensorrt_and_gpu()
+    _engines_and_gpu(TensorRT())
     manifest = Manifest.load(exported.folder)
     manifest.tensorrt = {"version": "0.0", "gpu": "Other GPU", "compute_capability": "1.0"}
     folder = tmp_path / "copy"
