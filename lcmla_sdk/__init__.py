@@ -13,11 +13,11 @@ from .errors import (
     WriteError,
 )
 from .identity import Identity
-from .pipeline import FaceEncoding, Personalizer
+from .pipeline import Personalizer
 
 __version__ = "0.1.0"
 __all__ = [
-    "Denoiser", "FaceEncoding", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "IntegrityError",
+    "Denoiser", "Guidance", "Identity", "IdentityMismatchError", "ImageAdapter", "IntegrityError",
     "InvalidImageError", "KVEncoder", "LcmlaError", "ModelFilesError", "MultipleFacesError", "NoFaceError",
     "Personalizer", "WriteError", "__version__",
 ]  # fmt: skip

@@ -39,7 +39,7 @@ from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
 from .request import MODES
-from .sampling import join_references
+from .sampling import StepSpec, join_references
 from .schedule import noise_reference
 from .text import time_ids
 
@@ -131,7 +131,7 @@ class Inputs:
         self.face = sample_face()
         self.identity = model.encode_face(self.face)
         (self.text, self.pooled), (self.neg_text, self.neg_pooled) = model.encode_prompt([PROMPT], None)
-        self.enc_text, self.enc_pooled = model.encoder_prompt_embeds(1)
+        self.enc_text, self.enc_pooled = model.prompt_encoder.encoder_prompt()
         pixels = clip_pixels(self.face, model.clip_size).to(model.device, model.dtype)
         both = torch.cat([torch.zeros_like(pixels), pixels])
         self.clip_hidden = model.adapter.image_encoder(both, output_hidden_states=True).hidden_states[-2]
@@ -252,10 +252,10 @@ def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: 
     scheduler, decode, and the rest (host work: text encoders, noise, copies): each network captured alone at the
     step's shapes, the step as the sampling loop captured it, the decode eagerly."""
     device = model.device
-    step = list(model._graphs._entries.items())[-1]
-    (spec, *_), captured = step
-    buffers = captured.buffers
-    step_ms = _measure(device, captured.graph.replay, 10)[1]
+    spec = StepSpec(mode, 1, x.identity.num_references, model.has_kv_encoder)  # the call just measured
+    captured = model.step_graphs.last()
+    buffers = captured.inputs
+    step_ms = _measure(device, captured.replay, 10)[1]
     face = noise_reference(buffers["coefficients"], buffers["face_latents"], buffers["face_noise"])
     timestep = buffers["timestep"].expand(face.shape[0])
     encoder_args = (face, timestep, buffers["encoder_text"], buffers["encoder_pooled"], buffers["encoder_time_ids"])
@@ -323,7 +323,7 @@ def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) 
     kwargs.update(height=x.size, width=x.size)
     cached = model.generate(x.identity, PROMPT, kv_cache=True, **kwargs)
     paired = model.generate(x.identity, PROMPT, **kwargs)
-    entry = model._kv_cache.entries()[-1][0]
+    entry = model.identity_kv_cache.values()[-1][0]
     return {
         "gib_per_identity": entry.numel() * entry.element_size() / 2**30,
         "mean_abs_pixel_difference": ((cached - paired).abs().mean() * 255).item(),
@@ -363,13 +363,11 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             steps = config.fast_steps if mode == "fast" else config.quality_steps
             if way == "tiny_vae" and model.decoder.tiny_vae is None:
                 continue
-            eager_decode = model.decoder._full
             if way.startswith("compiled"):
-                if "compiled_decode" not in results:
+                if "compile_s" not in results:
                     results["compile_s"] = model.compile_decoder(config.compile_cache)
-                    results["compiled_decode"] = model.decoder._full
                     report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
-                model.decoder._full = results["compiled_decode"]
+                model.decoder.compiled = True
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -387,7 +385,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 results["kv_cache"] = kv_cache_effect(model, x, steps)
                 report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs, model.decoder._full = True, eager_decode
+            model.cuda_graphs, model.decoder.compiled = True, False
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

@@ -29,7 +29,8 @@ class Decoder:
 
     def __init__(self, vae: AutoencoderKL, tiny_vae: AutoencoderTiny | None) -> None:
         self.vae, self.tiny_vae = vae, tiny_vae
-        self._full: Callable[[torch.Tensor], torch.Tensor] = lambda z: self.vae.decode(z).sample
+        self.compiled = False  # the full VAE's decode runs compiled (compile() turns it on; off: eager again)
+        self._compiled_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, latents: torch.Tensor, output: str, which: str = "full"):
         """``"pt"``: float in [0, 1] on the latents' device; ``"np"``: uint8 arrays; ``"pil"``; ``"latent"``: as is."""
@@ -38,7 +39,8 @@ class Decoder:
         if which == "tiny":
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
         else:
-            images = self._full(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
+            decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self._eager
+            images = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
         return list(to_uint8(images)) if output == "np" else to_pil(images)
@@ -75,5 +77,8 @@ class Decoder:
                 temporary = path.with_name(path.name + ".tmp")
                 temporary.write_bytes(artifacts[0])
                 temporary.replace(path)
-        self._full = decode
+        self._compiled_decode, self.compiled = decode, True
         return seconds
+
+    def _eager(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents).sample

@@ -6,56 +6,46 @@ A documented deviation from the authors, who noise the reference with each image
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
-
 import torch
 
-from .sampling import flatten_kv, join_references
+from .bounded_cache import BoundedCache
+from .identity import Identity
+from .noise import face_latents, fixed_face_noise
+from .request import Request
+from .sampling import StepInputs, StepSpec, encoder_rows, flatten_kv, join_references
 from .schedule import StepTable, noise_reference
 
 KV_CACHE_BYTES = 16 * 2**30  # per Personalizer
 Entry = tuple[torch.Tensor, tuple[tuple[int, int], ...]]  # (steps, G, elements) flat K/V per step, and its layout
 
 
-class IdentityKVCache:
+class IdentityKVCache(BoundedCache[Entry]):
     def __init__(self, max_bytes: int = KV_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._lock = threading.Lock()
-        self._entries: OrderedDict[tuple, Entry] = OrderedDict()
-
-    def clear(self) -> None:
-        with self._lock:
-            self._entries.clear()
-
-    def entries(self) -> list[Entry]:
-        with self._lock:
-            return list(self._entries.values())
-
-    def get(self, key: tuple, compute: Callable[[], Entry]) -> Entry:
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key]
-        entry = compute()
-        with self._lock:
-            self._entries[key] = entry
-            while len(self._entries) > 1 and sum(_bytes(e) for e in self._entries.values()) > self.max_bytes:
-                self._entries.popitem(last=False)
-        return entry
+        super().__init__(max_bytes, lambda entry: entry[0].numel() * entry[0].element_size())
 
 
-def _bytes(entry: Entry) -> int:
-    return entry[0].numel() * entry[0].element_size()
+def cache_key(identity: Identity, request: Request, table: StepTable) -> tuple:
+    """What an identity's cached K/V depend on besides the networks: the schedule, the size micro-conditioning and
+    the negative prompt (the unconditional rows)."""
+    negative = str(request.negative_prompt[0]) if request.negative_prompt else None
+    return (identity.digest(), request.mode, tuple(table.host_timesteps), request.height, request.width, negative)
 
 
 def compute_kv(
-    encoder, table: StepTable, face: torch.Tensor, face_noise: torch.Tensor, text: torch.Tensor,
-    pooled: torch.Tensor, time_ids: torch.Tensor, groups: int, max_bytes: int,
+    encoder, identity: Identity, spec: StepSpec, table: StepTable, inputs: StepInputs, scaling_factor: float,
+    max_bytes: int,
 ) -> Entry:  # fmt: skip
-    """The encoder's joined K/V at every step of ``table`` (rows: ``groups`` x references), refused up front with the
-    size it would need when one identity's K/V exceed ``max_bytes``."""
+    """The encoder's joined K/V at every step of ``table`` (rows: G x references, from the identity's fixed reference
+    noise and the first image's negative prompt and size), refused up front with the size it would need when one
+    identity's K/V exceed ``max_bytes``."""
+    refs, groups = spec.references, spec.groups
+    to = {"device": inputs.latents.device, "dtype": inputs.latents.dtype}
+    eps, noise = fixed_face_noise(identity)
+    face = face_latents(identity, eps, scaling_factor).to(**to).repeat(groups, 1, 1, 1)
+    face_noise = noise.to(**to).repeat(groups, 1, 1, 1)
+    negatives = (inputs.neg_text[:1].expand(refs, -1, -1), inputs.neg_pooled[:1].expand(refs, -1))
+    text, pooled = encoder_rows(inputs.encoder_prompt, negatives, groups)
+    time_ids = inputs.time_ids[:1].expand(spec.identity_encoder_rows, -1)
     steps = []
     for index in range(table.steps):
         timestep = table.timesteps[index : index + 1].expand(face.shape[0])

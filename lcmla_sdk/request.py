@@ -1,111 +1,117 @@
-"""The arguments of one ``generate`` call, checked (types and ranges: :mod:`lcmla_sdk.validation`) and normalised."""
+"""The arguments of one ``generate`` call: written once, here, as the keyword-only :class:`Request`, checked (types
+and ranges: :mod:`lcmla_sdk.validation`) and normalised by :meth:`Request.from_call`."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from . import validation
 from .decoding import OUTPUTS, VAES
 from .freeu import AUTHORS_FREEU
-from .guidance import Guidance
+from .guidance import DEFAULT_GUIDANCE, Guidance
 from .noise import FACE_NOISES
 
 MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 
 
-@dataclass
+@dataclass(frozen=True, kw_only=True)
 class Request:
-    """Validated, normalised arguments of one ``generate`` call."""
+    """The keywords of ``Personalizer.generate`` and their defaults.
 
-    prompts: list[str]
-    negative_prompts: list[str] | None
-    seeds: list[int]
-    mode: str
-    steps: int
-    guidance: Guidance
-    height: int
-    width: int
-    use_kv: bool
-    adapter_scale: float
-    kv_cache: bool
-    face_noise: str
-    vae: str
-    output: str
-    freeu: tuple[float, float, float, float] | None
+    ``mode="quality"``: DPM-Solver++ with three-branch guidance ``guidance`` = (no_kv, full, kv).
+    ``mode="fast"``: LCM scheduler with the LCM-LoRA denoiser, conditional branch only. ``steps``: by default each
+    mode's in :data:`MODES`. ``use_kv=False``: IP-Adapter only, i.e. plain CFG with scale ``no_kv + full``; ``None``:
+    the model's default (``Personalizer.has_kv_encoder``). ``kv_cache=True``: the K/V-encoder's output for the
+    schedule is computed once per identity, with the identity's fixed reference noise (``face_noise="fixed"``)
+    instead of each image's initial noise (the authors' pairing), and reused by later calls. ``vae="tiny"``: decode
+    with the tiny VAE (previews). ``freeu``: (b1, b2, s1, s2) of FreeU on the denoiser, as the authors' README
+    enables it (their code changes the second up-stage only, with b2 and s2; :mod:`lcmla_sdk.freeu`); ``None``
+    turns it off. ``callback(step_index, timestep, latents)`` runs after every step.
 
+    :meth:`from_call` checks them and normalises them: ``prompt``, ``negative_prompt`` and ``seed`` become lists
+    (one prompt per prompt row, one seed per image), ``steps``, ``height``, ``width``, ``use_kv`` and
+    ``face_noise`` their values for the model, ``guidance`` a :class:`Guidance`.
+    """
 
+    prompt: str | Sequence[str]
+    negative_prompt: str | Sequence[str] | None = None
+    num_images: int = 1
+    seed: int | Sequence[int] | None = None
+    mode: str = "quality"
+    steps: int | None = None  # None: the mode's default, MODES
+    guidance: Sequence[float] = DEFAULT_GUIDANCE  # (no_kv, full, kv) of three-branch guidance
+    height: int | None = None  # None: the model's default size
+    width: int | None = None
+    use_kv: bool | None = None  # None: the model's default (Personalizer.has_kv_encoder)
+    adapter_scale: float = 1.0
+    output: str = "pil"
+    callback: Callable[[int, int, Any], Any] | None = None  # callback(step_index, timestep, latents)
+    kv_cache: bool = False
+    face_noise: str | None = None  # None: "fixed" with the K/V cache, else "paired"
+    vae: str = "full"
+    freeu: Sequence[float] | None = AUTHORS_FREEU
 
-def check_request(
-    model: Any,
-    prompt: str | Sequence[str],
-    negative_prompt: str | Sequence[str] | None,
-    num_images: int,
-    seed: int | Sequence[int] | None,
-    mode: str,
-    steps: int | None,
-    guidance: Sequence[float],
-    height: int | None,
-    width: int | None,
-    use_kv: bool | None,
-    adapter_scale: float,
-    output: str,
-    callback: Any,
-    kv_cache: bool = False,
-    face_noise: str | None = None,
-    vae: str = "full",
-    freeu: Sequence[float] | None = AUTHORS_FREEU,
-) -> Request:
-    """The arguments of ``model.generate`` checked (``ValueError`` naming the argument, before any work) and
-    normalised; ``Personalizer.check_inputs`` is this function."""
-    # Types and ranges: lcmla_sdk.validation (its docstring states every range and the memory budget).
-    prompts = validation.strings(prompt, "prompt")
-    negatives = None
-    if negative_prompt is not None:
-        negatives = validation.strings(negative_prompt, "negative_prompt")
-        negatives = negatives * len(prompts) if isinstance(negative_prompt, str) else negatives
-        if len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
-    num_images = validation.integer(num_images, "num_images", 1)
-    batch = len(prompts) * num_images
-    mode = validation.choice(mode, "mode", tuple(MODES))
-    if mode == "fast" and not model.has_lcm:
-        raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
-    steps = validation.steps(steps, mode, MODES[mode])
-    guidance = validation.guidance(guidance)
-    height = validation.image_side(height, "height", model.default_size, model.size_multiple)
-    width = validation.image_side(width, "width", model.default_size, model.size_multiple)
-    use_kv = model.has_kv_encoder if use_kv is None else validation.flag(use_kv, "use_kv")
-    if use_kv and not model.has_kv_encoder:
-        raise ValueError(
-            "use_kv: this model was converted from the authors' no-K/V checkpoint, whose K/V-encoder was not "
-            "trained for generation; use use_kv=False (its default: IP-Adapter only, plain CFG)"
-        )
-    adapter_scale = validation.number(adapter_scale, "adapter_scale", 0.0, validation.MAX_WEIGHT)
-    output = validation.choice(output, "output", OUTPUTS)
-    validation.callback(callback)
-    kv_cache = validation.flag(kv_cache, "kv_cache")
-    if kv_cache and not use_kv:
-        raise ValueError("kv_cache: caches the K/V-encoder's output, so it needs use_kv=True")
-    if kv_cache and len(set(negatives or [None])) > 1:
-        raise ValueError("kv_cache: the cached unconditional K/V need one negative prompt for every image")
-    face_noise = ("fixed" if kv_cache else "paired") if face_noise is None else face_noise
-    validation.choice(face_noise, "face_noise", FACE_NOISES)
-    if kv_cache and face_noise != "fixed":
-        raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
-    validation.choice(vae, "vae", VAES)
-    if vae == "tiny" and model.decoder.tiny_vae is None:
-        raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
-    freeu = validation.freeu(freeu)
-    validation.check_memory(
-        validation.generation_bytes(model, batch, height, width, mode, use_kv), model.device,
-        f"num_images/height/width ({batch} images of {height}x{width}, {mode} mode)",
-        "generate fewer or smaller images per call",
-    )  # fmt: skip
-    seeds = validation.seeds(seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
-    return Request(
-        prompts, negatives, seeds, mode, steps, Guidance(*map(float, guidance)), height, width, use_kv,
-        float(adapter_scale), kv_cache, face_noise, vae, output, freeu,
-    )  # fmt: skip
+    @classmethod
+    def from_call(cls, model: Any, **arguments: Any) -> Request:
+        """The arguments of ``model.generate`` checked (``ValueError`` naming the argument, before any work) and
+        normalised."""
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(arguments) - known)
+        if unknown:
+            raise TypeError(f"generate() got an unexpected keyword argument {unknown[0]!r}")
+        return cls(**arguments)._checked(model)
+
+    def _checked(self, model: Any) -> Request:
+        # Types and ranges: lcmla_sdk.validation (its docstring states every range and the memory budget).
+        prompts = validation.strings(self.prompt, "prompt")
+        negatives = None
+        if self.negative_prompt is not None:
+            negatives = validation.strings(self.negative_prompt, "negative_prompt")
+            negatives = negatives * len(prompts) if isinstance(self.negative_prompt, str) else negatives
+            if len(negatives) != len(prompts):
+                raise ValueError(f"negative_prompt: {len(negatives)} given for {len(prompts)} prompts")
+        num_images = validation.integer(self.num_images, "num_images", 1)
+        batch = len(prompts) * num_images
+        mode = validation.choice(self.mode, "mode", tuple(MODES))
+        if mode == "fast" and not model.has_lcm:
+            raise ValueError("mode: 'fast' needs an LCM-LoRA, and this model has none")
+        steps = validation.steps(self.steps, mode, MODES[mode])
+        guidance = validation.guidance(self.guidance)
+        height = validation.image_side(self.height, "height", model.default_size, model.size_multiple)
+        width = validation.image_side(self.width, "width", model.default_size, model.size_multiple)
+        use_kv = model.has_kv_encoder if self.use_kv is None else validation.flag(self.use_kv, "use_kv")
+        if use_kv and not model.has_kv_encoder:
+            raise ValueError(
+                "use_kv: this model was converted from the authors' no-K/V checkpoint, whose K/V-encoder was not "
+                "trained for generation; use use_kv=False (its default: IP-Adapter only, plain CFG)"
+            )
+        adapter_scale = validation.number(self.adapter_scale, "adapter_scale", 0.0, validation.MAX_WEIGHT)
+        output = validation.choice(self.output, "output", OUTPUTS)
+        validation.callback(self.callback)
+        kv_cache = validation.flag(self.kv_cache, "kv_cache")
+        if kv_cache and not use_kv:
+            raise ValueError("kv_cache: caches the K/V-encoder's output, so it needs use_kv=True")
+        if kv_cache and len(set(negatives or [None])) > 1:
+            raise ValueError("kv_cache: the cached unconditional K/V need one negative prompt for every image")
+        face_noise = ("fixed" if kv_cache else "paired") if self.face_noise is None else self.face_noise
+        validation.choice(face_noise, "face_noise", FACE_NOISES)
+        if kv_cache and face_noise != "fixed":
+            raise ValueError("face_noise: the K/V cache is computed with the identity's fixed noise; use 'fixed'")
+        validation.choice(self.vae, "vae", VAES)
+        if self.vae == "tiny" and model.decoder.tiny_vae is None:
+            raise ValueError("vae: 'tiny' needs a tiny VAE: from_pretrained(..., tiny_vae=DIR) with a local TAESD-XL folder")
+        freeu = validation.freeu(self.freeu)
+        validation.check_memory(
+            validation.generation_bytes(model, batch, height, width, mode, use_kv), model.device,
+            f"num_images/height/width ({batch} images of {height}x{width}, {mode} mode)",
+            "generate fewer or smaller images per call",
+        )  # fmt: skip
+        seeds = validation.seeds(self.seed, batch) or [random.SystemRandom().randrange(2**32) for _ in range(batch)]
+        return replace(
+            self, prompt=prompts, negative_prompt=negatives, num_images=num_images, seed=seeds, mode=mode, steps=steps,
+            guidance=Guidance(*map(float, guidance)), height=height, width=width, use_kv=use_kv,
+            adapter_scale=float(adapter_scale), output=output, kv_cache=kv_cache, face_noise=face_noise, freeu=freeu,
+        )  # fmt: skip

@@ -20,27 +20,16 @@ elements of all layers); with FreeU, ``freeu`` (2,) fp32.
 
 from __future__ import annotations
 
-import logging
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Sequence
+import functools
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from .cuda_graphs import GraphCache, capture, say_once
 from .guidance import three_branch
 from .schedule import StepTable, apply_step, noise_reference
-
-log = logging.getLogger("lcmla")
-_said: set[str] = set()
-
-
-def say_once(message: str, level: int = logging.WARNING) -> None:
-    """Log a notice the first time it comes up in this process."""
-    if message not in _said:
-        _said.add(message)
-        log.log(level, message)
 
 
 @dataclass(frozen=True)
@@ -107,6 +96,67 @@ class Networks:
     def are_torch_modules(self) -> bool:
         """Whether every network given is a torch module (what a CUDA-graph capture can record)."""
         return all(isinstance(n, torch.nn.Module) for n in vars(self).values() if n is not None)
+
+
+@dataclass
+class StepInputs:
+    """What a generation call conditions its steps on, by name, one row per image (``B``) or per image and
+    reference (``B x R``, image-major): :func:`step_values` lays it out in the rows a :class:`StepSpec` asks for."""
+
+    latents: torch.Tensor  # (B, 4, h, w) the initial noise
+    text: torch.Tensor  # (B, 77, d) the prompts
+    pooled: torch.Tensor  # (B, d)
+    neg_text: torch.Tensor  # the negative prompts (zeros where there are none)
+    neg_pooled: torch.Tensor
+    image_tokens: torch.Tensor  # (B, T, d) the identity's
+    uncond_image_tokens: torch.Tensor
+    adapter_scale: torch.Tensor  # (B,)
+    time_ids: torch.Tensor  # (B, 6) SDXL micro-conditioning; the K/V-encoder's rows take their image's (the authors')
+    guidance: torch.Tensor | None = None  # (3,) fp32: quality mode's weights
+    freeu: torch.Tensor | None = None  # (2,) fp32: FreeU's (b, s); None: off
+    # The K/V-encoder's inputs, for a step that runs it: its prompt (1 row) and the references (B x R rows).
+    encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+    face_latents: torch.Tensor | None = None
+    face_noise: torch.Tensor | None = None
+
+
+def step_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
+    """The values of a call's step buffers (named in this module's docstring), rows as ``spec`` lays them out."""
+    blocks = spec.denoiser_blocks
+
+    def rows(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+        return torch.cat([cond if conditional else uncond for conditional, _ in blocks])
+
+    values = {
+        "latents": inputs.latents,
+        "text": rows(inputs.text, inputs.neg_text),
+        "pooled": rows(inputs.pooled, inputs.neg_pooled),
+        "time_ids": rows(inputs.time_ids, inputs.time_ids),
+        "image_tokens": rows(inputs.image_tokens, inputs.uncond_image_tokens),
+        "adapter_scale": rows(inputs.adapter_scale, inputs.adapter_scale),
+    }
+    optional = {"guidance": inputs.guidance, "freeu": inputs.freeu}
+    values.update({name: value for name, value in optional.items() if value is not None})
+    if spec.use_kv and spec.kv_layout is None:  # the K/V-encoder runs every step
+        refs, groups = spec.references, spec.groups
+        negatives = (inputs.neg_text.repeat_interleave(refs, 0), inputs.neg_pooled.repeat_interleave(refs, 0))
+        values["encoder_text"], values["encoder_pooled"] = encoder_rows(inputs.encoder_prompt, negatives, groups)
+        values["encoder_time_ids"] = inputs.time_ids.repeat_interleave(refs, 0).repeat(groups, 1)
+        values["face_latents"] = inputs.face_latents.repeat(groups, 1, 1, 1)
+        values["face_noise"] = inputs.face_noise.repeat(groups, 1, 1, 1)
+    return {name: value.contiguous() for name, value in values.items()}
+
+
+def encoder_rows(
+    prompt: tuple[torch.Tensor, torch.Tensor], negatives: tuple[torch.Tensor, torch.Tensor], groups: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The K/V-encoder's ``(text, pooled)`` rows: its prompt for each row of the negatives, after those negatives
+    when ``groups`` is 2 (quality mode's [uncond, cond])."""
+    count = negatives[0].shape[0]
+    text, pooled = prompt[0].expand(count, -1, -1), prompt[1].expand(count, -1)
+    if groups == 1:
+        return text, pooled
+    return torch.cat([negatives[0], text]), torch.cat([negatives[1], pooled])
 
 
 def join_references(kv: Sequence[torch.Tensor], rows: int) -> tuple[torch.Tensor, ...]:
@@ -178,63 +228,9 @@ def step_buffers(values: dict[str, torch.Tensor], table: StepTable, with_kv_cach
     return buffers
 
 
-class CapturedStep:
-    """:func:`run_step` captured in a CUDA graph over its own static buffers."""
-
-    def __init__(self, networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor]) -> None:
-        self.buffers = buffers
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph: library handles, autotuning, lazy state
-            for _ in range(2):
-                run_step(networks, spec, buffers)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        # thread_local: other threads may keep the GPU busy (eager work) while this one captures.
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            run_step(networks, spec, buffers)
-        self.bytes = 0
-
-    def __call__(self, networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor]) -> None:
-        self.graph.replay()
-
-
-class StepGraphs:
-    """Captured steps by shape key, least recently used first out beyond ``max_bytes`` of graph memory.
-
-    One lock serialises the graph loop: its buffers are shared by every call of one shape.
-    """
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.lock = threading.Lock()
-        self._entries: OrderedDict[tuple, CapturedStep] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def keys(self) -> list[tuple]:
-        return list(self._entries)
-
-    def clear(self) -> None:
-        self._entries.clear()
-
-    def get(self, key: tuple, capture: Callable[[], CapturedStep]) -> CapturedStep:
-        if key in self._entries:
-            self._entries.move_to_end(key)
-            return self._entries[key]
-        before = torch.cuda.memory_reserved()
-        entry = capture()
-        entry.bytes = max(0, torch.cuda.memory_reserved() - before)
-        self._entries[key] = entry
-        while len(self._entries) > 1 and sum(e.bytes for e in self._entries.values()) > self.max_bytes:
-            self._entries.popitem(last=False)
-        return entry
-
-
-def shape_key(spec: StepSpec, values: dict[str, torch.Tensor], extra: tuple = ()) -> tuple:
+def shape_key(spec: StepSpec, values: dict[str, torch.Tensor], extra: Hashable = ()) -> tuple:
     """Everything a captured step depends on: the spec, every buffer's shape and dtype, and ``extra``."""
-    return (spec, tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(values.items())), *extra)
+    return (spec, tuple((name, tuple(v.shape), v.dtype) for name, v in sorted(values.items())), extra)
 
 
 def sample(
@@ -244,29 +240,31 @@ def sample(
     table: StepTable,
     step_noise: torch.Tensor | None,
     kv_cache: torch.Tensor | None = None,
-    graphs: StepGraphs | None = None,
-    graph_key: tuple = (),
+    graphs: GraphCache | None = None,
+    graph_key: Hashable = (),
     callback: Callable[[int, int, torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
     """Run every step of ``table`` from ``values["latents"]``; return the final latents (a tensor of its own).
 
     ``step_noise``: ``(table.noise_steps, B, 4, h, w)``, drawn ahead from each image's generator. ``kv_cache``:
-    ``(steps, G, ...)`` flat K/V per step (:func:`flatten_kv`). With ``graphs``, the step is captured once per
-    ``graph_key`` and replayed; otherwise it runs eagerly on fresh buffers.
+    ``(steps, G, ...)`` flat K/V per step (:func:`flatten_kv`). With ``graphs``, the step is captured once per shape
+    and ``graph_key`` (what else it depends on) and replayed; otherwise, or where its capture fails, it runs eagerly
+    on fresh buffers.
     """
-    if graphs is None:
-        buffers = step_buffers(values, table, kv_cache)
-        return _loop(run_step, networks, spec, buffers, values, table, step_noise, kv_cache, callback)
-    with graphs.lock:
+    run = functools.partial(run_step, networks, spec)
+    if graphs is not None and not networks.are_torch_modules():
+        say_once("exported networks run their own engines: the sampling loop runs eagerly over them")
+        graphs = None
+    if graphs is not None:
+        with graphs.lock:
+            key = shape_key(spec, values, graph_key)
+            step = graphs.get(key, lambda: capture(run, step_buffers(values, table, kv_cache)))
+            if step is not None:
+                return _loop(lambda _: step.replay(), step.inputs, values, table, step_noise, kv_cache, callback)
+    return _loop(run, step_buffers(values, table, kv_cache), values, table, step_noise, kv_cache, callback)
 
-        def capture() -> CapturedStep:
-            return CapturedStep(networks, spec, step_buffers(values, table, kv_cache))
 
-        step = graphs.get(graph_key, capture)
-        return _loop(step, networks, spec, step.buffers, values, table, step_noise, kv_cache, callback)
-
-
-def _loop(step, networks, spec, buffers, values, table, step_noise, kv_cache, callback) -> torch.Tensor:
+def _loop(step, buffers, values, table, step_noise, kv_cache, callback) -> torch.Tensor:
     for name, value in values.items():
         buffers[name].copy_(value)
     buffers["previous"].zero_()
@@ -279,7 +277,7 @@ def _loop(step, networks, spec, buffers, values, table, step_noise, kv_cache, ca
             buffers["noise"].zero_()
         if kv_cache is not None:
             buffers["kv"].copy_(kv_cache[index])
-        step(networks, spec, buffers)
+        step(buffers)
         if callback is not None:
             # A copy: the buffer is overwritten by the next step.
             callback(index, table.host_timesteps[index], buffers["latents"].clone())

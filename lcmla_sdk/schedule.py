@@ -65,6 +65,30 @@ def build_table(scheduler, device: torch.device) -> StepTable:
     )
 
 
+def make_scheduler(config: dict, mode: str):
+    """The diffusers scheduler of a mode. DPM-Solver++ ends on sigma(t=0) ("sigma_min"), as the diffusers version
+    of the authors' code did (diffusers' current default ends on zero)."""
+    if mode == "fast":
+        return LCMScheduler.from_config(config)
+    return DPMSolverMultistepScheduler.from_config(config, final_sigmas_type="sigma_min")
+
+
+class StepTables:
+    """The :class:`StepTable` of each (mode, steps) of one scheduler config on one device, built once."""
+
+    def __init__(self, config: dict, device: torch.device) -> None:
+        self.config, self.device = config, device
+        self._tables: dict[tuple[str, int], StepTable] = {}
+
+    def __call__(self, mode: str, steps: int) -> StepTable:
+        key = (mode, steps)
+        if key not in self._tables:
+            scheduler = make_scheduler(self.config, mode)
+            scheduler.set_timesteps(steps)
+            self._tables[key] = build_table(scheduler, self.device)
+        return self._tables[key]
+
+
 def _lcm_rows(scheduler: LCMScheduler, alphas: np.ndarray, timesteps: list[int]) -> list[np.ndarray]:
     config = scheduler.config
     if config.prediction_type != "epsilon" or config.thresholding or config.clip_sample:

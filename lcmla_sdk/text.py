@@ -9,10 +9,12 @@ from pathlib import Path
 import torch
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from .cuda_graphs import GraphCache, capture
 from .errors import ModelFilesError
 from .schema import read_json
 
 TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
+TEXT_GRAPH_BYTES = 2 * 2**30  # captured text encoders kept per model (least recently used out)
 
 
 def tokenize(prompts: list[str], tokenizers: tuple[CLIPTokenizer, CLIPTokenizer]) -> list[torch.Tensor]:
@@ -44,48 +46,63 @@ def encode_prompts(
 
 
 class GraphedTextEncoders:
-    """Both text encoders captured in a CUDA graph per batch size (at 77 tokens they are launch-bound), replayed on
-    new ids; a batch size whose capture fails runs eagerly from then on. One lock: the buffers are shared."""
+    """Both text encoders captured in a CUDA graph per batch size (at 77 tokens they are launch-bound) and replayed on
+    new ids (:mod:`lcmla_sdk.cuda_graphs`: a batch size whose capture fails runs eagerly)."""
 
-    def __init__(self, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], encoders: TextEncoders) -> None:
-        self.tokenizers, self.encoders = tokenizers, encoders
-        self.lock = threading.Lock()
-        self._graphs: dict[int, tuple[list[torch.Tensor], tuple[torch.Tensor, torch.Tensor], torch.cuda.CUDAGraph]] = {}
-        self._eager: set[int] = set()
+    def __init__(self, encoders: TextEncoders) -> None:
+        self.encoders = encoders
+        self.graphs = GraphCache("the text encoders at this batch size", TEXT_GRAPH_BYTES)
 
-    def __call__(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.encoders[0].device
-        ids = [x.to(device) for x in tokenize(prompts, self.tokenizers)]
-        batch = len(prompts)
-        with self.lock:
+    def __call__(self, ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def run(static_ids: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            return run_encoders(static_ids, self.encoders)
+
+        with self.graphs.lock:
             # The buffers are inference tensors (capture may happen inside a generate call); the copies handed out
             # are made outside inference mode, so they are ordinary tensors (training may use them).
             with torch.inference_mode():
-                if batch not in self._graphs and batch not in self._eager:
-                    try:
-                        self._graphs[batch] = self._capture(ids)
-                    except RuntimeError:
-                        self._eager.add(batch)
-                if batch in self._eager:
-                    outputs = run_encoders(ids, self.encoders)
+                graph = self.graphs.get(ids[0].shape[0], lambda: capture(run, [x.clone() for x in ids]))
+                if graph is None:
+                    outputs = run(ids)
                 else:
-                    static_ids, outputs, graph = self._graphs[batch]
-                    for buffer, value in zip(static_ids, ids):
+                    for buffer, value in zip(graph.inputs, ids):
                         buffer.copy_(value)
                     graph.replay()
+                    outputs = graph.outputs
             return outputs[0].clone(), outputs[1].clone()
 
-    def _capture(self, ids: list[torch.Tensor]):
-        static_ids = [x.clone() for x in ids]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            run_encoders(static_ids, self.encoders)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            outputs = run_encoders(static_ids, self.encoders)
-        return static_ids, outputs, graph
+
+class PromptEncoder:
+    """Prompts -> SDXL text conditioning on the encoders' device, replayed from CUDA graphs when asked; the
+    K/V-encoder's own prompt (it never changes) encoded once."""
+
+    def __init__(self, tokenizers: tuple[CLIPTokenizer, CLIPTokenizer], encoders: TextEncoders, encoder_prompt: str) -> None:
+        self.tokenizers, self.encoders = tokenizers, encoders
+        self.encoder_prompt_text = encoder_prompt
+        self.graphed = GraphedTextEncoders(encoders)
+        self._lock = threading.Lock()
+        self._encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def encode(self, prompts: list[str], graphs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(text, pooled)`` of the prompts; ``graphs``: through :class:`GraphedTextEncoders` (a CUDA device)."""
+        if not graphs:
+            return encode_prompts(prompts, self.tokenizers, self.encoders)
+        device = self.encoders[0].device
+        return self.graphed([x.to(device) for x in tokenize(prompts, self.tokenizers)])
+
+    def __call__(self, prompts: list[str], negatives: list[str] | None, graphs: bool = False):
+        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
+        text, pooled = self.encode(prompts, graphs)
+        if negatives is None:
+            return (text, pooled), (torch.zeros_like(text), torch.zeros_like(pooled))
+        return (text, pooled), self.encode(negatives, graphs)
+
+    def encoder_prompt(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The K/V-encoder's prompt, ``(1, 77, d)`` and ``(1, d)`` (encoded once, eagerly)."""
+        with self._lock:
+            if self._encoder_prompt is None:
+                self._encoder_prompt = self.encode([self.encoder_prompt_text])
+            return self._encoder_prompt
 
 
 def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -53,27 +53,24 @@ def wire_unet(
     authors initialise it (A ~ N(0, 1/r), B = 0), drawn from ``seed`` without touching the global random state.
     """
     blocks = _install_processors(unet)
+    expected = lookahead_shapes(unet, kv_encoder)
+    projections = {**_projections(unet, blocks, "ip"), **_projections(unet, blocks, "kv")}
     lora = kv_encoder_lora_config(blocks, kv_encoder["lora_rank"], kv_encoder.get("kv_lora_rank"))
+    weights = weights or LookaheadWeights()
+    given = {part: getattr(weights, part) for part in PARTS if getattr(weights, part) is not None}
+    for part, state in given.items():
+        source = weights.sources.get(part, part) + (" (KV-encoder LoRA)" if part == "kv_lora" else "")
+        check_shapes(expected[part], shapes(state), source)
+    with torch.no_grad():
+        for key, value in {**given.get("ip_kv", {}), **given.get("kv_projections", {})}.items():
+            projections[key].weight.copy_(value)
     if not has_adapter(unet, KV_ENCODER_ADAPTER):
         device = next(unet.parameters()).device
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             add_adapter(unet, lora, KV_ENCODER_ADAPTER)
-    weights = weights or LookaheadWeights()
-    given = {part: getattr(weights, part) for part in PARTS if getattr(weights, part) is not None}
-    if not given:
-        return blocks
-    now = lookahead_weights(unet)  # the layers' own tensors, for the shapes and to copy into
-    for part, state in given.items():
-        source = weights.sources.get(part, part) + (" (KV-encoder LoRA)" if part == "kv_lora" else "")
-        check_shapes(shapes(getattr(now, part)), shapes(state), source)
-    with torch.no_grad():
-        for part, state in given.items():
-            if part == "kv_lora":
-                set_peft_model_state_dict(unet, state, adapter_name=KV_ENCODER_ADAPTER)
-            else:
-                for key, value in state.items():
-                    getattr(now, part)[key].copy_(value)
+    if "kv_lora" in given:
+        set_peft_model_state_dict(unet, given["kv_lora"], adapter_name=KV_ENCODER_ADAPTER)
     return blocks
 
 
@@ -147,6 +144,29 @@ def lookahead_weights(unet: UNet2DConditionModel) -> LookaheadWeights:
         kv_projections={key: layer.weight.detach() for key, layer in _projections(unet, blocks, "kv").items()},
         kv_lora=_lora_state(unet),
     )
+
+
+def lookahead_shapes(unet: UNet2DConditionModel, kv_encoder: dict) -> dict[str, dict[str, tuple[int, ...]]]:
+    """Keys and shapes of the weights :func:`wire_unet` adds, by part of :class:`LookaheadWeights`, read from a
+    plain UNet (one built on the meta device will do) without wiring it: the processors' projections as
+    :func:`_install_processors` makes them, and the LoRA's ``lora_A``/``lora_B`` under peft's names, as saved."""
+    blocks = kv_block_names(unet)
+    parts: dict[str, dict[str, tuple[int, ...]]] = {"ip_kv": {}, "kv_projections": {}, "kv_lora": {}}
+    for block in blocks:
+        self_attn, cross_attn = unet.get_submodule(block).attn1, unet.get_submodule(block).attn2
+        for name in ("to_k_ip", "to_v_ip"):
+            parts["ip_kv"][f"{block}.{name}.weight"] = (cross_attn.inner_dim, cross_attn.cross_attention_dim)
+        for name in ("to_k_kv", "to_v_kv"):
+            parts["kv_projections"][f"{block}.{name}.weight"] = (self_attn.inner_dim, self_attn.inner_dim)
+    lora = kv_encoder_lora_config(blocks, kv_encoder["lora_rank"], kv_encoder.get("kv_lora_rank"))
+    for target in lora.target_modules:
+        *owner, name = target.split(".processor.")
+        rank = lora.rank_pattern.get(name, lora.r) if owner else lora.r
+        layer = unet.get_submodule(owner[0]) if owner else unet.get_submodule(target)
+        width = (layer.inner_dim, layer.inner_dim) if owner else (layer.in_features, layer.out_features)
+        parts["kv_lora"][f"{target}.lora_A.weight"] = (rank, width[0])
+        parts["kv_lora"][f"{target}.lora_B.weight"] = (width[1], rank)
+    return parts
 
 
 def base_unet_state(unet: UNet2DConditionModel) -> Tensors:

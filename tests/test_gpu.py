@@ -48,11 +48,11 @@ def _generate(model, identity, graphs: bool, **kwargs):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
 def test_graph_loop_equals_the_eager_loop_and_is_reused(model, identity, case):
     eager = _generate(model, identity, False, **case)
-    before = len(model._graphs)
+    before = len(model.step_graphs)
     graphed = _generate(model, identity, True, **case)
-    assert len(model._graphs) == before + 1  # captured once for this shape ...
+    assert len(model.step_graphs) == before + 1  # captured once for this shape ...
     again = _generate(model, identity, True, **case)
-    assert len(model._graphs) == before + 1  # ... and replayed, not captured again
+    assert len(model.step_graphs) == before + 1  # ... and replayed, not captured again
     diff = (graphed.float() - eager.float()).abs().max().item()
     print(f"graph vs eager {case}: max |diff| {diff:.3g}")
     assert diff <= GRAPH_TOLERANCE * eager.abs().max().item()
@@ -116,9 +116,9 @@ def test_warmup_captures_ahead_of_the_first_call(face):
     model = Personalizer.from_pretrained("tiny", device="cuda")
     identity = model.encode_face(face)
     model.warmup(mode="fast", num_images=1)
-    assert len(model._graphs) == 1
+    assert len(model.step_graphs) == 1
     model.generate(identity, "a face", mode="fast", seed=0, output="latent")
-    assert len(model._graphs) == 1
+    assert len(model.step_graphs) == 1
 
 
 def test_rebuilt_networks_drop_stale_graphs(face):
@@ -129,7 +129,7 @@ def test_rebuilt_networks_drop_stale_graphs(face):
         if ".lora_B.lcm" in name:
             param.data.mul_(3.0)
     model.rebuild_networks()
-    assert len(model._graphs) == 0
+    assert len(model.step_graphs) == 0
     after = _generate(model, identity, True, mode="fast")
     eager = _generate(model, identity, False, mode="fast")
     assert (after - before).abs().max() > 1e-2
@@ -157,8 +157,9 @@ def test_graphed_text_encoders_equal_the_eager_ones(model):
     from lcmla_sdk.text import encode_prompts
 
     for prompts in (["a face"], ["an oil painting of a face", "x"], ["a photo of a face, studio light"]):
-        graphed = model._encode_text(prompts)
+        graphed = model.prompt_encoder.encode(prompts, graphs=True)
         eager = encode_prompts(prompts, model.tokenizers, model.text_encoders)
         for a, b in zip(graphed, eager):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
-    assert 1 in model._text_graphs._graphs and 2 in model._text_graphs._graphs  # captured, not fallen back
+    graphs = model.prompt_encoder.graphed.graphs
+    assert 1 in graphs and 2 in graphs  # captured, not fallen back

@@ -131,8 +131,8 @@ def test_the_cache_persists_across_processes_and_skips_files_still_settling(tmp_
 
 def test_one_sha256_helper_for_the_project():
     from lcmla_sdk import manifest
-    from lcmla_sdk.engines import sha256_file as engines_hash
-    from lcmla_sdk.export import sha256_file as export_hash
+    from lcmla_sdk.engines.building import sha256_file as engines_hash
+    from lcmla_sdk.export.exporting import sha256_file as export_hash
 
     assert model_dir.format.sha256_file is model_dir.saving.sha256_file is integrity.sha256_file is engines_hash is export_hash
     assert not hasattr(manifest, "sha256_file")

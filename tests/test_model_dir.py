@@ -383,3 +383,32 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
     shutil.copy2(tiny_dir / "adapter" / "ip_kv.safetensors", ip_kv)
     with pytest.raises(ModelFilesError, match="^" + re.escape(f"{unet_file}: unreadable weights")):
         Personalizer.from_pretrained(model_copy, device="cpu")
+
+
+def test_one_load_wires_the_unet_once(tiny_dir, monkeypatch):
+    from lcmla_sdk import wiring
+
+    wired = []
+    install = wiring._install_processors
+    monkeypatch.setattr(wiring, "_install_processors", lambda unet: wired.append(unet.device.type) or install(unet))
+    Personalizer.from_pretrained(tiny_dir, device="cpu")
+    assert wired == ["cpu"]  # loading wires; validation reads the shapes without wiring, the Personalizer takes it as is
+    wired.clear()
+    Personalizer.from_pretrained("tiny", device="cpu")
+    assert wired == ["cpu"]
+
+
+@pytest.mark.parametrize("kv_encoder", [{"lora_rank": 4, "kv_lora_rank": 4}, {"lora_rank": 4, "kv_lora_rank": 0}, {"lora_rank": 8, "kv_lora_rank": 2}])
+def test_the_shapes_validation_expects_are_those_wiring_adds(kv_encoder):
+    from lcmla_sdk.presets import preset_config
+    from lcmla_sdk.weights import shapes
+    from lcmla_sdk.wiring import lookahead_shapes, lookahead_weights, wire_unet
+
+    with torch.device("meta"):
+        plain = UNet2DConditionModel.from_config(preset_config("tiny")["unet"])
+        wired = UNet2DConditionModel.from_config(preset_config("tiny")["unet"])
+        wire_unet(wired, kv_encoder)
+    added = lookahead_weights(wired)
+    expected = lookahead_shapes(plain, kv_encoder)
+    assert expected == {part: shapes(getattr(added, part)) for part in ("ip_kv", "kv_projections", "kv_lora")}
+    assert expected == lookahead_shapes(wired, kv_encoder)  # a wired UNet reads the same

@@ -218,3 +218,8 @@ def test_identity_header_that_is_not_json(tiny, face, tmp_path):
         Identity.load(None)
     with pytest.raises(ValueError, match="^expected_fingerprint: expected a string or None"):
         Identity.load(path, expected_fingerprint=3)
+
+
+def test_an_unknown_generate_keyword_is_named(tiny, face):
+    with pytest.raises(TypeError, match="generate\\(\\) got an unexpected keyword argument 'num_image'"):
+        tiny.generate(face, "a face", num_image=2)

@@ -5,8 +5,6 @@ fit meta-device builds of the configs, and every recorded file that loading read
 
 from __future__ import annotations
 
-import functools
-import json
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,12 +24,24 @@ from ..errors import ModelFilesError
 from ..faces import check_face_pack
 from ..integrity import verify_file
 from ..text import check_tokenizer_files
-from ..weights import check_shapes, shapes
-from ..wiring import base_unet_state, lookahead_weights, wire_unet
-from .format import FLOAT_DTYPES, INDEX, ModelLayout, canonical_json, file_header, read_layout
+from ..weights import check_shapes
+from ..wiring import lookahead_shapes
+from .format import FLOAT_DTYPES, INDEX, ModelLayout, file_header, read_layout
 
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
+CLIP_PARTS = ("text_encoder", "text_encoder_2", "image_encoder")
+# The weight files checked, in this order (so a message names the first broken one of several).
+CHECKED_PARTS = ("unet", "vae", *CLIP_PARTS, "kv_projections", "kv_lora", "ip_kv", "resampler")
+# How each checked weight file's module is built from the configs (on the meta device: shapes only).
+META_BUILDS: dict[str, Callable[[dict], torch.nn.Module]] = {
+    "unet": lambda configs: UNet2DConditionModel.from_config(configs["unet"]),
+    "vae": lambda configs: AutoencoderKL.from_config(configs["vae"]),
+    "text_encoder": lambda configs: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"])),
+    "text_encoder_2": lambda configs: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"])),
+    "image_encoder": lambda configs: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"])),
+    "resampler": lambda configs: IPAdapterPlusImageProjection(**configs["resampler"]),
+}
 
 
 def validate(root: str | Path, verify: bool = True) -> ModelLayout:
@@ -59,56 +69,34 @@ def validate(root: str | Path, verify: bool = True) -> ModelLayout:
 
 
 def _check_weights(layout: ModelLayout) -> None:
-    configs, files = layout.configs, layout.weight_files
-    unet_shapes = _unet_file_shapes(canonical_json(configs["unet"]), canonical_json(configs["kv_encoder"]))
-    _check_file(layout, files["unet"], unet_shapes["unet"])
-    _check_file(layout, files["vae"], _meta_shapes(lambda: AutoencoderKL.from_config(configs["vae"])))
-    _check_file(layout, files["text_encoder"], _meta_shapes(lambda: CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))), IGNORED_SUFFIXES)
-    _check_file(layout, files["text_encoder_2"], _meta_shapes(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**configs["text_encoder_2"]))), IGNORED_SUFFIXES)
-    _check_file(layout, files["image_encoder"], _meta_shapes(lambda: CLIPVisionModelWithProjection(CLIPVisionConfig(**configs["image_encoder"]))), IGNORED_SUFFIXES)
-    for part in ("kv_projections", "kv_lora", "ip_kv"):
-        if part in files:  # an original IP-Adapter file (no ip_kv) is checked when it is read
-            _check_file(layout, files[part], unet_shapes[part])
-    if "resampler" in files:
-        _check_file(layout, files["resampler"], _meta_shapes(lambda: IPAdapterPlusImageProjection(**configs["resampler"])))
+    """Every weight file's keys, shapes and dtypes (from its header) against a meta-device build of its config, and
+    its size against its record."""
+    records, expected = layout.index.get("files", {}), _expected_shapes(layout)
+    # Not checked here: an LCM-LoRA (diffusers converts it), an original IP-Adapter file (checked when read).
+    for part in (p for p in CHECKED_PARTS if p in layout.weight_files):
+        path = layout.weight_files[part]
+        header = file_header(path)
+        ignored = IGNORED_SUFFIXES if part in CLIP_PARTS else ()
+        found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignored) or k in expected[part]}
+        check_shapes(expected[part], found, str(path))
+        record = records.get(layout.label(path), {})
+        wanted = record.get("dtype")
+        wrong = sorted(k for k, (_, dtype) in header.items() if k in expected[part] and (dtype not in FLOAT_DTYPES.values() or (wanted and dtype != wanted)))
+        if wrong:
+            raise ModelFilesError(
+                f"{path}: wrong dtype {header[wrong[0]][1]} for {len(wrong)} tensors (first: {wrong[0]}); "
+                f"expected {wanted or 'a floating-point dtype'}"
+            )
+        # After the dtype check: a file rewritten in another dtype is reported as such, not as a size change.
+        if "bytes" in record and record["bytes"] != path.stat().st_size:
+            raise ModelFilesError(f"{path}: {path.stat().st_size} bytes, but {INDEX} records {record['bytes']}")
 
 
-def _check_file(
-    layout: ModelLayout, path: Path, expected: dict[str, tuple], ignore_unexpected: tuple[str, ...] = ()
-) -> None:
-    header = file_header(path)
-    found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignore_unexpected) or k in expected}
-    check_shapes(expected, found, str(path))
-    record = layout.index.get("files", {}).get(layout.label(path), {})
-    wanted = record.get("dtype")
-    wrong = sorted(k for k, (_, dtype) in header.items() if k in expected and (dtype not in FLOAT_DTYPES.values() or (wanted and dtype != wanted)))
-    if wrong:
-        dtype = header[wrong[0]][1]
-        raise ModelFilesError(
-            f"{path}: wrong dtype {dtype} for {len(wrong)} tensors (first: {wrong[0]}); "
-            f"expected {wanted or 'a floating-point dtype'}"
-        )
-    # After the dtype check: a file rewritten in another dtype is reported as such, not as a size change.
-    if "bytes" in record and record["bytes"] != path.stat().st_size:
-        raise ModelFilesError(f"{path}: {path.stat().st_size} bytes, but {INDEX} records {record['bytes']}")
-
-
-def _meta_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple]:
+def _expected_shapes(layout: ModelLayout) -> dict[str, dict[str, tuple]]:
+    """Keys and shapes of each weight file, by part: from meta-device builds of the configs, LCM-Lookahead's parts
+    read from the same UNet build (:func:`~lcmla_sdk.wiring.lookahead_shapes`, no wiring)."""
+    configs = layout.configs
     with torch.device("meta"):
-        return shapes(build().state_dict())
-
-
-@functools.lru_cache(maxsize=4)
-def _unet_file_shapes(unet_config: str, kv_config: str) -> dict[str, dict[str, tuple]]:
-    """Keys and shapes of every file the shared UNet loads, from a meta-device build wired for LCM-Lookahead.
-
-    Cached by the configs' JSON text: peft's LoRA injection makes this the slowest part of validation.
-    """
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(json.loads(unet_config))
-        wire_unet(unet, json.loads(kv_config))
-    added = lookahead_weights(unet)
-    return {
-        "unet": shapes(base_unet_state(unet)), "kv_projections": shapes(added.kv_projections),
-        "kv_lora": shapes(added.kv_lora), "ip_kv": shapes(added.ip_kv),
-    }  # fmt: skip
+        modules = {part: build(configs) for part, build in META_BUILDS.items() if part in layout.weight_files}
+    expected = {part: {k: tuple(v.shape) for k, v in module.state_dict().items()} for part, module in modules.items()}
+    return expected | lookahead_shapes(modules["unet"], configs["kv_encoder"])

@@ -1,7 +1,9 @@
-"""Loading a validated model directory: every module built from its files, the shared UNet wired for LCM-Lookahead."""
+"""Loading a model: a validated model directory (every module built from its files) or an embedded preset (seeded
+random weights), the shared UNet wired for LCM-Lookahead once."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,14 +12,72 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPVisionModelWithProjection
 
-from ..presets import Components
+from ..decoding import load_tiny_vae
+from ..errors import ModelFilesError
+from ..faces import AUTO
+from ..integrity import sha256_json
+from ..presets import PRESETS, Components, build_random_components, preset_config
 from ..text import load_tokenizer
 from ..weights import load_ip_adapter, load_lcm_lora, load_module_state, read_state_dict
 from ..wiring import LookaheadWeights, wire_unet
+from .checks import validate
 from .format import DIFFUSERS_PARTS, ModelLayout, file_header, weight_file
 
 # The authors' pipeline settings, for directories whose index does not name them.
 PIPELINE_DEFAULTS = {"encoder_prompt": "A photo of a face", "face_size": 1024}
+
+
+@dataclass
+class LoadedModel:
+    """What a :class:`~lcmla_sdk.Personalizer` is made of: its components (the UNet wired), the fingerprint of
+    their weights, the face backend asked for, and the model directory they were loaded from (``None``: random)."""
+
+    components: Components
+    fingerprint: str
+    faces: str | Path | None = AUTO
+    source: ModelLayout | None = None
+
+
+def device_and_dtype(device: str | torch.device | None, dtype: torch.dtype | None) -> tuple[torch.device, torch.dtype]:
+    """fp16 on a GPU, fp32 on the CPU, unless told otherwise."""
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype if dtype is not None else (torch.float16 if device.type == "cuda" else torch.float32)
+
+
+def load_model(
+    name: str | Path, device: torch.device, dtype: torch.dtype, seed: int = 0, faces: str | Path | None = AUTO,
+    tiny_vae: str | Path | None = None, verify: bool = True,
+) -> LoadedModel:  # fmt: skip
+    """An embedded preset (:func:`random_model`), or a model directory: validated (:func:`.checks.validate`, with
+    the sha256 of its files when ``verify``), then loaded in ``dtype``; ``faces="auto"`` takes its face pack if it
+    has one. ``tiny_vae``: a local ``AutoencoderTiny`` folder instead of the model's."""
+    if str(name) in PRESETS:
+        model = random_model(str(name), device, dtype, seed, faces)
+    elif not Path(name).expanduser().is_dir():
+        raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
+    else:
+        layout = validate(name, verify)
+        if faces == AUTO and "faces" in layout.components:
+            faces = layout.components["faces"].path
+        model = LoadedModel(load(layout, dtype), layout.fingerprint(), faces, layout)
+    if tiny_vae is not None:
+        model.components.tiny_vae = load_tiny_vae(tiny_vae)
+    return model
+
+
+def random_model(
+    label: str, device: torch.device, dtype: torch.dtype, seed: int = 0, faces: str | Path | None = AUTO,
+    config: dict[str, Any] | None = None,
+) -> LoadedModel:  # fmt: skip
+    """Seeded random weights for the embedded preset ``label``, or for an architecture ``config`` given as
+    constructor arguments (the presets' JSON format), drawn on ``device`` in ``dtype``
+    (:func:`~lcmla_sdk.presets.build_random_components`). The CPU's and a GPU's random streams differ, so the device
+    kind is part of the fingerprint."""
+    config = preset_config(label) if config is None else config
+    recipe = {"preset": label, "seed": seed, "dtype": str(dtype), "config": config}
+    if device.type != "cpu":
+        recipe["drawn_on"] = device.type
+    return LoadedModel(build_random_components(config, seed, dtype, device), sha256_json(recipe), faces)
 
 
 def load(layout: ModelLayout, dtype: torch.dtype) -> Components:
