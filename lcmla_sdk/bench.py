@@ -10,9 +10,11 @@ the device, with the VAE in fp16 (the fp16-fix SDXL VAE the authors decode with)
 * ``diffusers``: what a user would pick instead: diffusers' ``StableDiffusionXLPipeline`` with IP-Adapter Plus-Face
   (no K/V: the method's identity path is missing), LCM-LoRA merged for fast mode, CFG 5.0 for quality mode.
 * ``eager``: lcmla with ``cuda_graphs=False``; ``graphs``: the default; ``kv_cache``: graphs + the per-identity K/V
-  cache; ``tiny_vae``: the latter decoded by the tiny VAE; ``compiled`` and ``compiled_kv``: ``graphs`` and
-  ``kv_cache`` with the VAE decode compiled (:meth:`~lcmla_sdk.Personalizer.compile_decoder`; its compile time is
-  reported, and with ``compile_cache`` Inductor's artefacts are loaded from and saved to that file).
+  cache; ``tiny_vae``: the latter decoded by the tiny VAE; ``compiled``, ``compiled_kv`` and ``compiled_tiny``: the
+  same three with the networks and the VAE decode compiled, loaded from a folder built by ``lcmla export --backend
+  torch`` (``compiled``; built first, in other processes, when the folder does not exist, and then a fresh process's
+  time from start to its first image is measured). The compiled ways run after every other
+  (:mod:`lcmla_sdk.bench_compiled`).
 
 Per mode and way: latency at batch 1 (median, after the first call, whose time is reported as first-call time),
 throughput at ``--batch`` (fast mode), the memory the way holds (its UNet weights) and its peak extra memory during a
@@ -35,6 +37,7 @@ from diffusers import DDPMScheduler
 
 from .freeu import AUTHORS_FREEU, stage_values
 from .guidance import DEFAULT_GUIDANCE, three_branch
+from .bench_compiled import use_compiled
 from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
@@ -43,8 +46,9 @@ from .sampling import StepSpec, join_references
 from .schedule import noise_reference
 from .text import time_ids
 
-WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv")
-FAST_ONLY = ("kv_cache", "tiny_vae", "compiled", "compiled_kv")
+WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv", "compiled_tiny")
+FAST_ONLY = ("kv_cache", "tiny_vae", "compiled_kv", "compiled_tiny")
+COMPILED_WAYS = ("compiled", "compiled_kv", "compiled_tiny")
 PROMPT = "An oil painting of a face"
 
 
@@ -59,7 +63,7 @@ class BenchConfig:
     modes: tuple[str, ...] = ("fast", "quality")
     ways: tuple[str, ...] = WAYS
     device: str | None = None
-    compile_cache: str | None = None
+    compiled: str | None = None  # folder of compiled networks (built when missing)
 
 
 @dataclass
@@ -232,7 +236,8 @@ class DiffusersWay:
 
 
 def _lcmla(model: Personalizer, way: str, mode: str):
-    options = {"kv_cache": way in ("kv_cache", "tiny_vae", "compiled_kv"), "vae": "tiny" if way == "tiny_vae" else "full"}
+    cached = way in ("kv_cache", "tiny_vae", "compiled_kv", "compiled_tiny")
+    options = {"kv_cache": cached, "vae": "tiny" if way in ("tiny_vae", "compiled_tiny") else "full"}
 
     def run(x: Inputs, batch: int, steps: int) -> torch.Tensor:
         model.cuda_graphs = way != "eager"
@@ -332,9 +337,10 @@ def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) 
 
 
 def planned_runs(config: BenchConfig) -> list[tuple[str, str]]:
-    """(mode, way) pairs to run. No K/V cache in quality mode: 50 steps x [uncond, cond] of K/V are tens of GiB per
+    """(mode, way) pairs to run, the compiled ways last. No K/V cache in quality mode: 50 steps x [uncond, cond] of K/V are tens of GiB per
     identity at 1024^2 (docs/PERFORMANCE.md)."""
-    return [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in FAST_ONLY)]
+    runs = [(m, w) for m in config.modes for w in config.ways if not (m == "quality" and w in FAST_ONLY)]
+    return sorted(runs, key=lambda run: run[1] in COMPILED_WAYS)  # compiling is for the rest of the process
 
 
 def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: Path | None = None) -> dict[str, Any]:
@@ -361,13 +367,10 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             report("networks: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["networks"].items()))
         for mode, way in planned_runs(config):
             steps = config.fast_steps if mode == "fast" else config.quality_steps
-            if way == "tiny_vae" and model.decoder.tiny_vae is None:
+            if way in ("tiny_vae", "compiled_tiny") and model.decoder.tiny_vae is None:
                 continue
-            if way.startswith("compiled"):
-                if "compile_s" not in results:
-                    results["compile_s"] = model.compile_decoder(config.compile_cache)
-                    report(f"compiled the VAE decode in {results['compile_s']:.1f} s")
-                model.decoder.compiled = True
+            if way in COMPILED_WAYS and "compiled" not in results:
+                results["compiled"] = use_compiled(model, config, planned_runs(config), report)
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
@@ -375,7 +378,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             for batch in batches:
                 first, ms, peak = _measure(device, lambda: run(x, batch, steps), config.iters)
                 row = Row(mode, way, batch, first, ms, 1000 * batch / ms, weights, peak)
-                if way == "graphs" and batch == 1 and device.type == "cuda":
+                if way in ("graphs", "compiled") and batch == 1 and device.type == "cuda":
                     row.shares = step_shares(model, x, mode, steps, ms)
                 results["rows"].append(asdict(row))
                 if path is not None:
@@ -385,7 +388,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
                 results["kv_cache"] = kv_cache_effect(model, x, steps)
                 report(f"K/V cache: {results['kv_cache']}")
             del run
-            model.cuda_graphs, model.decoder.compiled = True, False
+            model.cuda_graphs = True
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results

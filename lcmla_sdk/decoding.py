@@ -45,14 +45,14 @@ class Decoder:
             return (images.float().clamp(-1, 1) + 1) / 2
         return list(to_uint8(images)) if output == "np" else to_pil(images)
 
-    def compile(self, latent_side: int, cache: str | Path | None = None) -> float:
+    def compile(self, latent_side: int, cache: str | Path | None = None, warm: bool = True) -> float:
         """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,
         the bulk of its time at 1024^2), run it once at ``latent_side``, and return the seconds that took.
 
         ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
         ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
         time. The batch dimension is compiled dynamic; a batch of one is compiled on its own (PyTorch specialises
-        sizes 0 and 1), so both are compiled here.
+        sizes 0 and 1), so both are compiled here; ``warm=False`` leaves each to its first call.
         """
         path = Path(cache).expanduser() if cache is not None else None
         if path is not None and path.is_file():
@@ -61,12 +61,13 @@ class Decoder:
         compiled = torch.compile(lambda z: vae.decode(z).sample)
 
         def decode(latents: torch.Tensor) -> torch.Tensor:
-            torch._dynamo.mark_dynamic(latents, 0)
+            if latents.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(latents, 0)
             return compiled(latents)
 
         begin = time.perf_counter()
         with torch.inference_mode():
-            for batch in (1, 2):
+            for batch in (1, 2) if warm else ():
                 decode(torch.zeros(batch, vae.config.latent_channels, latent_side, latent_side, device=vae.device,
                                    dtype=vae.dtype))  # fmt: skip
         seconds = time.perf_counter() - begin

@@ -20,8 +20,7 @@ from functools import lru_cache
 import torch
 from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D
 
-# The authors' README values: (b1, b2, s1, s2).
-AUTHORS_FREEU = (1.0, 1.1, 0.9, 0.2)
+from .defaults import AUTHORS_FREEU  # noqa: F401  (the authors' README values: b1, b2, s1, s2)
 # FreeU's resolution index of the stage the authors' code changes (up_blocks.1 in SDXL).
 STAGE = 1
 

@@ -6,6 +6,8 @@ from typing import NamedTuple
 
 import torch
 
+from .defaults import DEFAULT_GUIDANCE
+
 
 class Guidance(NamedTuple):
     """Weights of the three guidance directions (the authors' defaults: 3.0 / 2.0 / 2.0).
@@ -14,9 +16,9 @@ class Guidance(NamedTuple):
     ``kv``: the unconditional prediction with K/V (identity without text).
     """
 
-    no_kv: float = 3.0
-    full: float = 2.0
-    kv: float = 2.0
+    no_kv: float = DEFAULT_GUIDANCE[0]
+    full: float = DEFAULT_GUIDANCE[1]
+    kv: float = DEFAULT_GUIDANCE[2]
 
 
 def three_branch(
@@ -39,5 +41,3 @@ def three_branch(
         + kv * (full_uncond - nokv_uncond)
     )
 
-
-DEFAULT_GUIDANCE = tuple(Guidance())

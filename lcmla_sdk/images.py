@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-from importlib import resources
 from pathlib import Path
 from typing import BinaryIO, Union
 
@@ -13,6 +12,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .assets import sample_face_path
 from .errors import InvalidImageError
 
 # CLIP's normalisation (the constants of CLIPImageProcessor for every OpenAI/OpenCLIP ViT).
@@ -31,9 +31,9 @@ FLOAT_SLACK = 1e-3  # float images a resize left just outside [0, 1] are clipped
 
 
 def sample_face() -> Image.Image:
-    """A face photo shipped with the package (a crop of scikit-image's public-domain astronaut picture)."""
-    with resources.as_file(resources.files("lcmla_sdk").joinpath("assets/sample_face.jpg")) as path:
-        return Image.open(path).convert("RGB")
+    """The face photo shipped with the package (:func:`lcmla_sdk.assets.sample_face_path`), as an RGB image."""
+    with Image.open(sample_face_path()) as image:
+        return image.convert("RGB")
 
 
 def load_rgb(face: FaceInput) -> Image.Image:

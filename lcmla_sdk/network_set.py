@@ -30,6 +30,7 @@ class NetworkSet:
         self.kv_blocks = kv_block_names(unet)
         self.has_lcm = has_adapter(unet, LCM_ADAPTER)
         self.version = 0
+        self.compiled = False  # UNet networks built compiled whole (lcmla_sdk.engines.compiled.CompiledNetwork)
         self._lock = threading.Lock()
         self._built: dict[str, Any] = {"adapter": adapter}
 
@@ -41,14 +42,20 @@ class NetworkSet:
 
     def _build(self, name: str) -> Any:
         if name == "kv_encoder":
-            return KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
-        if name == "lcm_denoiser" and not self.has_lcm:
+            network = KVEncoder(materialize(self.unet, (KV_ENCODER_ADAPTER,)), len(self.kv_blocks))
+        elif name == "lcm_denoiser" and not self.has_lcm:
             return None
-        if name in ("denoiser", "lcm_denoiser"):
+        elif name in ("denoiser", "lcm_denoiser"):
             unet = materialize(self.unet, (LCM_ADAPTER,) if name == "lcm_denoiser" else ())
             install_freeu(unet)  # on the denoisers' own copies: the K/V-encoder's stage stays plain
-            return Denoiser(unet)
-        raise KeyError(name)
+            network = Denoiser(unet)
+        else:
+            raise KeyError(name)
+        if self.compiled:
+            from .engines.compiled import CompiledNetwork
+
+            return CompiledNetwork(network)
+        return network
 
     def replace(self, **replacements: Any) -> None:
         """Drop the built UNet networks; ``replacements`` (``kv_encoder=...``) are installed instead."""

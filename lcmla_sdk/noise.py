@@ -40,23 +40,29 @@ def face_latents(face: Identity, eps: torch.Tensor, scaling_factor: float) -> to
 
 
 def draw(
-    seeds: list[int], latent_shape: tuple[int, ...], face: Identity, noise_steps: int, face_noise: str,
-    scaling_factor: float, dtype: torch.dtype, device: torch.device,
+    seeds: list[int | torch.Generator], latent_shape: tuple[int, ...], face: Identity, noise_steps: int,
+    face_noise: str, scaling_factor: float, dtype: torch.dtype, device: torch.device,
 ) -> Noise:  # fmt: skip
-    """:class:`Noise` for one image per seed; ``latent_shape`` is one image's ``(1, 4, h, w)``. The scheduler's
-    noise is drawn in ``dtype``, as diffusers' schedulers draw it."""
-    generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
-    noise = torch.cat([torch.randn(latent_shape, generator=g) for g in generators])
-    eps = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+    """:class:`Noise` for one image per seed; ``latent_shape`` is one image's ``(1, 4, h, w)``. A seed is a CPU
+    generator's seed, or a ``torch.Generator`` drawn from as it stands (on its own device; one generator given for
+    several images is drawn from in turn). The scheduler's noise is drawn in ``dtype``, as diffusers' schedulers
+    draw it."""
+    generators = [s if isinstance(s, torch.Generator) else torch.Generator("cpu").manual_seed(s) for s in seeds]
+
+    def randn(shape, g: torch.Generator, **kwargs) -> torch.Tensor:
+        return torch.randn(shape, generator=g, device=g.device, **kwargs).cpu()
+
+    noise = torch.cat([randn(latent_shape, g) for g in generators])
+    eps = torch.cat([randn(face.latent_mean.shape, g) for g in generators])
     # The authors noise the reference with the generation's initial noise.
     if face.latent_mean.shape[1:] == noise.shape[1:]:
         reference_noise = noise.repeat_interleave(face.num_references, 0)
     else:
-        reference_noise = torch.cat([torch.randn(face.latent_mean.shape, generator=g) for g in generators])
+        reference_noise = torch.cat([randn(face.latent_mean.shape, g) for g in generators])
     steps = None
     if noise_steps:
         steps = torch.stack([
-            torch.cat([torch.randn(latent_shape, generator=g, dtype=dtype) for g in generators])
+            torch.cat([randn(latent_shape, g, dtype=dtype) for g in generators])
             for _ in range(noise_steps)
         ])  # fmt: skip
     if face_noise == "fixed":

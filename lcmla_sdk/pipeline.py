@@ -14,6 +14,7 @@ import torch
 from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
+from .engines.engine import EngineMismatchError
 from .errors import InvalidImageError, ModelFilesError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, prepare_references
 from .freeu import stage_values
@@ -27,6 +28,7 @@ from .network_set import NetworkSet
 from .networks import ImageAdapter
 from .noise import draw as draw_noise
 from .presets import Components
+from .progress import stages
 from .request import Request
 from .sampling import StepInputs, StepSpec, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
@@ -104,6 +106,8 @@ class Personalizer:
         tiny_vae: str | Path | None = None,
         cuda_graphs: bool = True,
         verify: bool = True,
+        compiled: str | Path | None = None,
+        compiled_fallback: bool = False,
     ) -> Personalizer:
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
@@ -115,11 +119,22 @@ class Personalizer:
         detection. ``tiny_vae``: a local diffusers ``AutoencoderTiny`` folder (TAESD-XL) for
         ``generate(..., vae="tiny")``. Presets (``"tiny"``, ``"sdxl"``) have seeded random weights, drawn directly on
         ``device``: ``tiny`` makes noise, not faces; ``sdxl`` is the full architecture for export and benchmarks.
+        ``compiled``: a folder built by ``lcmla export --backend torch`` for this model, GPU and PyTorch
+        (:meth:`use_exported`); one made for anything else is refused, or with ``compiled_fallback=True`` skipped with
+        a warning (the networks then run uncompiled).
         """
         validation.loading(name, device, dtype, seed, faces, tiny_vae, cuda_graphs, verify)
         device, dtype = loading.device_and_dtype(device, dtype)
-        model = loading.load_model(name, device, dtype, seed, faces, tiny_vae, verify)
-        return cls(model.components, device, dtype, model.fingerprint, model.faces, model.source, cuda_graphs)
+        loaded = loading.load_model(name, device, dtype, seed, faces, tiny_vae, verify)
+        model = cls(loaded.components, device, dtype, loaded.fingerprint, loaded.faces, loaded.source, cuda_graphs)
+        if compiled is not None:
+            try:
+                model.use_exported(compiled, backend="torch", verify=verify)
+            except EngineMismatchError as error:
+                if not compiled_fallback:
+                    raise
+                say_once(f"{error}: running uncompiled")
+        return model
 
     @classmethod
     def from_config(
@@ -173,14 +188,29 @@ class Personalizer:
         self.step_graphs.clear()
         self.identity_kv_cache.clear()
 
+    def compile_networks(self) -> None:
+        """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
+        (:mod:`lcmla_sdk.engines.compiled`): each shape compiles on its first call, which takes minutes, or seconds
+        once the caches of a folder built by ``lcmla export --backend torch`` are loaded (:meth:`use_exported`)."""
+        if not self._networks.compiled:
+            self._networks.compiled = True
+            self.rebuild_networks()
+
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
-        ``backend`` is ``"tensorrt"`` (engines, GPU) or ``"onnxruntime"`` (ONNX graphs, CPU). The folder's manifest
-        must have been made for this model (its fingerprint) and, for TensorRT, this GPU and TensorRT version.
-        The sampling loop then runs eagerly over them (TensorRT engines are graph-free already). ``verify``: check the
-        sha256 of every file the backend loads against the manifest first (cached like model directories').
+        ``backend`` is ``"tensorrt"`` (engines, GPU), ``"onnxruntime"`` (ONNX graphs, CPU) or ``"torch"``
+        (``torch.compile`` caches: the networks and the VAE decode run compiled inside the graphed sampling step,
+        :mod:`lcmla_sdk.engines.compiled`). The folder's manifest must have been made for this model (its
+        fingerprint) and, for TensorRT and torch, this GPU and these versions. Over exported graphs the sampling
+        loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
+        backend loads against the manifest first (cached like model directories').
         """
+        if backend == "torch":
+            from .engines.compiled import load_compiled
+
+            load_compiled(self, folder, verify)
+            return
         from .engines.runtime import load_networks
 
         self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype, verify))
@@ -318,11 +348,15 @@ class Personalizer:
         return self.device.type == "cuda" and self.cuda_graphs
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
-               references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None) -> None:  # fmt: skip
-        """Capture the sampling step of one shape (images per call, size, references, K/V options) ahead of the
-        first real call, by generating once from a blank identity. Only where the loop is graphed (a CUDA device,
-        ``cuda_graphs=True``); elsewhere it returns at once."""
-        if not self._graphed:
+               references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None,
+               compile: bool = False, progress: bool = True) -> None:  # fmt: skip
+        """Prepare one shape (images per call, size, references, K/V options) ahead of the first real call, by
+        generating once from a blank identity: capture its sampling step where the loop is graphed (a CUDA device,
+        ``cuda_graphs=True``) and, with ``compile=True``, compile the networks (:meth:`compile_networks`) and the
+        VAE decode first, under a progress display (``progress``). Without either it returns at once."""
+        if compile:
+            self.compile_networks()
+        elif not self._graphed:
             say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
             return
         latent = self.face_size // self.vae_scale
@@ -333,8 +367,13 @@ class Personalizer:
             latent_mean=torch.zeros(references, 4, latent, latent), latent_std=torch.ones(references, 4, latent, latent),
             model_fingerprint=self.fingerprint,
         )  # fmt: skip
-        self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height, width=width,
-                      use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
+        with stages(progress) as stage:
+            if compile and not self.decoder.compiled:
+                with stage("compiling the VAE decode"):
+                    self.compile_decoder()
+            with stage(f"{'compiling and ' if compile else ''}preparing {mode} x{num_images}"):
+                self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height,
+                              width=width, use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
         if kv_cache:
             self.identity_kv_cache.clear()
 

@@ -10,11 +10,9 @@ from typing import Any
 
 from . import validation
 from .decoding import OUTPUTS, VAES
-from .freeu import AUTHORS_FREEU
-from .guidance import DEFAULT_GUIDANCE, Guidance
+from .defaults import AUTHORS_FREEU, DEFAULT_GUIDANCE, MODES
+from .guidance import Guidance
 from .noise import FACE_NOISES
-
-MODES = {"quality": 50, "fast": 4}  # mode -> default number of steps
 
 
 @dataclass(frozen=True, kw_only=True)

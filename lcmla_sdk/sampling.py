@@ -279,6 +279,11 @@ def _loop(step, buffers, values, table, step_noise, kv_cache, callback) -> torch
             buffers["kv"].copy_(kv_cache[index])
         step(buffers)
         if callback is not None:
-            # A copy: the buffer is overwritten by the next step.
-            callback(index, table.host_timesteps[index], buffers["latents"].clone())
+            # A copy: the buffer is overwritten by the next step. Latents it returns are the next step's input.
+            replaced = callback(index, table.host_timesteps[index], buffers["latents"].clone())
+            if isinstance(replaced, torch.Tensor):
+                if replaced.shape != buffers["latents"].shape:
+                    raise ValueError(f"callback: returned latents of shape {tuple(replaced.shape)}, "
+                                     f"expected {tuple(buffers['latents'].shape)}")  # fmt: skip
+                buffers["latents"].copy_(replaced)
     return buffers["latents"].clone()

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import reprlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -88,20 +89,36 @@ def path(value: Any, name: str) -> Path:
 
 
 def strings(value: Any, name: str) -> list[str]:
-    """A string or a non-empty list/tuple of strings, as a list."""
+    """A string or a non-empty list/tuple of strings, as a list of plain ``str``. Every string of valid Unicode is
+    taken (empty, very long, any script, emoji, control characters); a lone surrogate (``"\\ud800"``, what
+    ``bytes.decode(errors="surrogateescape")`` leaves) is refused here, since the tokenizers raise a ``TypeError``
+    on it."""
     items = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
     if not items or not all(isinstance(item, str) for item in items):
-        raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {value!r}")
-    return items
+        raise ValueError(f"{name}: expected a string or a non-empty list of strings, got {reprlib.repr(value)}")
+    for index, item in enumerate(items):
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as error:
+            where = f"string {index}, " if len(items) > 1 or not isinstance(value, str) else ""
+            raise ValueError(
+                f"{name}: {where}character {error.start} is a lone surrogate ({item[error.start]!a}), not valid "
+                "Unicode text"
+            ) from None
+    return [str(item) for item in items]
 
 
 # ------------------------------------------------------------------ generation arguments
-def seeds(seed: Any, count: int) -> list[int] | None:
-    """``None`` (random seeds), one seed for ``count`` images (``seed``, ``seed + 1``, ...) or a seed per image."""
+def seeds(seed: Any, count: int) -> list[int | torch.Generator] | None:
+    """``None`` (random seeds), one seed for ``count`` images (``seed``, ``seed + 1``, ...) or a seed per image;
+    a ``torch.Generator`` (drawn from by every image in turn) or one per image instead of seeds."""
     if seed is None:
         return None
+    if isinstance(seed, torch.Generator):
+        return [seed] * count
     if isinstance(seed, (list, tuple, np.ndarray)):
-        values = [integer(s, "seed", 0, MAX_SEED, f"seed {i}: ") for i, s in enumerate(seed)]
+        values = [s if isinstance(s, torch.Generator) else integer(s, "seed", 0, MAX_SEED, f"seed {i}: ")
+                  for i, s in enumerate(seed)]  # fmt: skip
         if len(values) != count:
             raise ValueError(f"seed: {len(values)} seeds given for {count} images (prompts x num_images)")
         return values

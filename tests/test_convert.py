@@ -562,3 +562,67 @@ def test_a_pickle_holding_code_is_refused_unrun(option, sdxl_files, layout, tiny
     assert not marker.exists()
     torch.load(malicious, weights_only=False)  # the payload is live: an unsafe load runs it
     assert marker.exists()
+
+
+# ------------------------------------------------------------------ hf:// inputs (issue 21), from a local hub cache
+# Files of stabilityai/stable-diffusion-xl-base-1.0 (abridged to one of each kind): what convert must fetch of them.
+SDXL_REPO = ["model_index.json", "sd_xl_base_1.0.safetensors", "scheduler/scheduler_config.json", "README.md",
+             "text_encoder/config.json", "text_encoder/model.safetensors", "text_encoder/model.fp16.safetensors",
+             "text_encoder/model.onnx", "text_encoder/openvino_model.bin", "text_encoder_2/flax_model.msgpack",
+             "tokenizer/merges.txt", "tokenizer/vocab.json", "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "unet/model.onnx_data", "vae/config.json",
+             "vae_1_0/diffusion_pytorch_model.safetensors", "vae_decoder/config.json"]  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", [None, "fp16"])
+def test_hub_folders_fetch_only_what_loading_reads(variant):
+    from huggingface_hub.utils import filter_repo_objects  # what snapshot_download filters with
+
+    from lcmla_sdk.hub import SDXL_FOLDERS, folder_patterns
+
+    fetched = set(filter_repo_objects(SDXL_REPO, allow_patterns=["model_index.json", *folder_patterns(list(SDXL_FOLDERS), variant)]))
+    weights = {"text_encoder/model", "unet/diffusion_pytorch_model"}
+    suffix = ".fp16.safetensors" if variant else ".safetensors"
+    assert fetched == {"model_index.json", "scheduler/scheduler_config.json", "text_encoder/config.json",
+                       "tokenizer/merges.txt", "tokenizer/vocab.json", "vae/config.json", *(w + suffix for w in weights)}  # fmt: skip
+
+
+def hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """A Hugging Face cache entry for ``repo_id`` (as ``huggingface_hub`` writes one): ``refs/main`` names a
+    snapshot folder holding ``files`` (path in the repository -> local file or folder to copy)."""
+    import shutil
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    for name, source in files.items():
+        target = repo / "snapshots" / ("0" * 40) / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
+
+
+def test_cli_convert_takes_hub_ids_from_the_cache_offline(authors_file, tiny_dir, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    cache = tmp_path / "hub"
+    hub_cache(cache, "stabilityai/stable-diffusion-xl-base-1.0", {".": tiny_dir / "sdxl"})
+    hub_cache(cache, "h94/IP-Adapter", {"models/image_encoder": tiny_dir / "image_encoder"})
+    hub_cache(cache, "rinong/lcm_lookahead", {"encoder_plus_adapter_ckpt.bin": authors_file[1]})
+    # No network: huggingface_hub reads these at each call (the environment variables only when it is imported).
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    hub = ["convert", "--out", str(tmp_path / "from-hub"), "--sdxl", "hf://stabilityai/stable-diffusion-xl-base-1.0",
+           "--image-encoder", "hf://h94/IP-Adapter/models/image_encoder",
+           "--checkpoint", "hf://rinong/lcm_lookahead/encoder_plus_adapter_ckpt.bin"]  # fmt: skip
+    result = CliRunner().invoke(app, hub)
+    assert result.exit_code == 0, result.output
+    local = CliRunner().invoke(app, convert_args(tiny_dir, tmp_path / "local", authors_file[1]))
+    assert local.exit_code == 0, local.output
+    from lcmla_sdk import model_dir
+
+    assert model_dir.validate(tmp_path / "from-hub").fingerprint() == model_dir.validate(tmp_path / "local").fingerprint()
+
+    missing = CliRunner().invoke(app, [*hub[:-1], "hf://rinong/lcm_lookahead/encoder_plus_adapter_no_kv.bin"])
+    assert missing.exit_code == 2 and missing.stderr.startswith(
+        "error: --checkpoint: cannot fetch hf://rinong/lcm_lookahead/encoder_plus_adapter_no_kv.bin: "
+    ), missing.output

@@ -24,6 +24,13 @@ BAD_GENERATE = [
     ({"prompt": ["a face", 3]}, "prompt: expected a string or a non-empty list"),
     ({"negative_prompt": 3}, "negative_prompt: expected a string or a non-empty list"),
     ({"negative_prompt": ["x", "y"]}, "negative_prompt: 2 given for 1 prompts"),
+    ({"prompt": "a \ud800 face"}, "prompt: character 2 is a lone surrogate ('\\ud800'), not valid Unicode text"),
+    ({"prompt": ["a face", "\udcff"]}, "prompt: string 1, character 0 is a lone surrogate ('\\udcff')"),
+    ({"negative_prompt": "blurry\udc80"}, "negative_prompt: character 6 is a lone surrogate"),
+    ({"prompt": b"a face"}, "prompt: expected a string or a non-empty list of strings, got b'a face'"),
+    ({"prompt": ["a face", None]}, "prompt: expected a string or a non-empty list"),
+    ({"prompt": [["a face"]]}, "prompt: expected a string or a non-empty list"),
+    ({"negative_prompt": [b"x"]}, "negative_prompt: expected a string or a non-empty list"),
     ({"num_images": 0}, "num_images: 0 is out of range (>= 1)"),
     ({"num_images": 2.0}, "num_images: expected an integer, got 2.0 (float)"),
     ({"num_images": True}, "num_images: expected an integer, got True (bool)"),
@@ -61,6 +68,18 @@ def test_bad_generate_arguments_are_refused_before_any_work(tiny, change, messag
     with pytest.raises(ValueError) as error:
         tiny.generate(**arguments)
     assert str(error.value).startswith(message), str(error.value)
+
+
+# Strings of valid Unicode that a caller may pass: each is tokenized and encoded (the tokenizers raise TypeError on
+# lone surrogates only, refused above).
+ODD_PROMPTS = ["", "   ", "a\x00b", "\x07\x1b[31m red", "a\nb\r\tc", "\ufeff\u202eabc\u2066x\u2069", "e\u0301\u0301",
+               "\uffff\ue000\U0010ffff\U000e0041", "😀 顔の写真 ﬁ", "a face " * 20_000, np.str_("a face")]  # fmt: skip
+
+
+def test_every_unicode_prompt_is_encoded(tiny):
+    prompts = validation.strings(ODD_PROMPTS, "prompt")
+    (text, pooled), (neg_text, _) = tiny.encode_prompt(prompts, validation.strings(ODD_PROMPTS[::-1], "negative_prompt"))
+    assert text.shape[0] == neg_text.shape[0] == len(ODD_PROMPTS) and torch.isfinite(text).all()
 
 
 def test_numpy_integers_are_integers(tiny, face):

@@ -1,6 +1,6 @@
 """The dlib face backend: detector, shape predictor and 128-d face-recognition ResNet, all offline.
 
-Model files (dlib's own, as shipped by the ``face_recognition_models`` package; licences in the README):
+Model files (dlib's own, as shipped by the ``face_recognition_models`` package; licences in docs/FACES.md):
 ``mmod_human_face_detector.dat`` (CNN detector; the HOG detector is built into dlib),
 ``shape_predictor_5_face_landmarks.dat``, ``shape_predictor_68_face_landmarks.dat`` and
 ``dlib_face_recognition_resnet_model_v1.dat``. They are dlib's serialisation format, read by dlib (no pickle).

@@ -1,0 +1,67 @@
+"""The compiled ways of ``lcmla bench``: the folder of compiled networks built (and its cold start timed) in other
+processes, then loaded into the benchmarked model; and ``--compare`` of two result files."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+_COLD_START = """
+import sys, torch
+from lcmla_sdk import Personalizer
+preset, folder, size, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+model = Personalizer.from_pretrained(preset, device=device, faces=None, compiled=folder)
+identity = model.encode_face(torch.rand(size, size, 3).numpy())
+model.generate(identity, "a face", mode="fast", height=size, width=size, output="pt")
+torch.cuda.synchronize() if device.startswith("cuda") else None
+"""
+
+
+def cold_start(preset: str, folder: Path, size: int, device: str) -> float:
+    """Seconds a fresh process (empty Inductor cache) takes from starting Python to its first fast image with the
+    compiled folder: imports, ``from_pretrained(..., compiled=folder)``, face encoding and the call."""
+    with tempfile.TemporaryDirectory() as cache:
+        begin = time.perf_counter()
+        subprocess.run([sys.executable, "-c", _COLD_START, preset, str(folder), str(size), device], check=True,
+                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))  # fmt: skip
+        return time.perf_counter() - begin
+
+
+def use_compiled(model, config, runs: list[tuple[str, str]], report: Callable[[str], None]) -> dict[str, Any]:
+    """Switch ``model`` to the compiled networks of ``config.compiled``, building the folder first for the compiled
+    ``runs`` when it does not exist (then its build time and a cold start are measured too)."""
+    from .engines.compiled import CompiledShape, build_compiled
+
+    folder = Path(config.compiled or "compiled")
+    facts: dict[str, Any] = {"folder": str(folder)}
+    if not (folder / "compiled.json").exists():
+        shapes = [CompiledShape(mode, batch, config.size, config.size)
+                  for mode, way in runs if way.startswith("compiled")
+                  for batch in ((1, config.batch) if mode == "fast" else (1,))]  # fmt: skip
+        manifest = build_compiled(config.preset, folder, shapes, str(model.device), log=report)
+        facts["build_s"] = float(manifest["build_s"])
+        report(f"built the compiled networks in {facts['build_s']:.0f} s")
+        facts["cold_start_s"] = cold_start(config.preset, folder, config.size, str(model.device))
+        report(f"cold start (a fresh process to its first fast image): {facts['cold_start_s']:.1f} s")
+    begin = time.perf_counter()
+    model.use_exported(folder, backend="torch")
+    facts["load_s"] = time.perf_counter() - begin
+    return facts
+
+
+def compare(first: dict[str, Any], second: dict[str, Any]) -> str:
+    """A Markdown table of the rows two runs share: milliseconds of each and the first over the second."""
+    before = {(r["mode"], r["way"], r["batch"]): r["ms"] for r in first["rows"]}
+    lines = ["| mode | way | batch | first ms | second ms | first / second |", "|---|---|---|---|---|---|"]
+    for r in second["rows"]:
+        key = (r["mode"], r["way"], r["batch"])
+        if key in before:
+            lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {before[key]:.1f} | {r['ms']:.1f} | "
+                         f"{before[key] / r['ms']:.2f}x |")  # fmt: skip
+    return "\n".join(lines)
