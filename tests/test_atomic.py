@@ -45,9 +45,9 @@ def test_a_full_disk_keeps_the_previous_image(tmp_path):
     assert len(before) > 4096
 
     run = run_with_file_limit(
-        [sys.executable, "-m", "lcmla_sdk.cli", *args, "--prompt", "another face", "--seed", "2", "--device", "cpu"],
-        limit=4096,
-    )
+        [sys.executable, "-m", "lcmla_sdk.cli", *args, "--prompt", "another face", "--seed", "2", "--device", "cpu",
+         "--overwrite"], limit=4096,
+    )  # fmt: skip
     assert run.returncode == 2, run.stderr
     assert run.stderr.strip().splitlines()[-1] == f"error: {image}: cannot write: File too large (the file size limit was reached)"
     assert "Traceback" not in run.stderr
