@@ -23,7 +23,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProject
 
 from ..errors import ModelFilesError
 from ..integrity import sha256_json
-from ..presets import PRESETS, preset_config, tiny_tokenizer
+from ..presets import PRESETS, drawn_on, preset_config, tiny_tokenizer
 
 # stabilityai/sdxl-turbo's scheduler_config.json (the parts that differ from the class defaults included).
 TURBO_SCHEDULER = {
@@ -69,24 +69,17 @@ def load_turbo(
 
 def random_turbo(preset: str, device: str | torch.device, dtype: torch.dtype, seed: int) -> StableDiffusionXLPipeline:
     config = preset_config(preset)
-    device = torch.device(device)
-    previous = torch.get_default_dtype()
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
-        torch.manual_seed(seed)
-        torch.set_default_dtype(dtype)
-        try:
-            tokenizer = tiny_tokenizer()
-            return StableDiffusionXLPipeline(
-                vae=AutoencoderKL(**config["vae"]),
-                text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
-                text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
-                tokenizer=tokenizer,
-                tokenizer_2=tokenizer,
-                unet=UNet2DConditionModel(**config["unet"]),
-                scheduler=EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER),
-            )
-        finally:
-            torch.set_default_dtype(previous)
+    with drawn_on(device, dtype, seed):
+        tokenizer = tiny_tokenizer()
+        return StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**config["vae"]),
+            text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
+            tokenizer=tokenizer,
+            tokenizer_2=tokenizer,
+            unet=UNet2DConditionModel(**config["unet"]),
+            scheduler=EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER),
+        )
 
 
 def check_turbo_folder(source: str | Path) -> Path:

@@ -10,6 +10,8 @@ config is its model's fingerprint; :func:`preset_part` reads a part from either.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -79,16 +81,26 @@ def build_random_components(
     ``device`` in ``dtype`` (a full-size model builds in seconds on a GPU instead of minutes on a CPU); the UNet is
     wired for LCM-Lookahead with random weights there too, so every path affects the output."""
     device = torch.device(device)
+    with drawn_on(device, dtype, seed):
+        components = _build(config)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        _randomise_lookahead(components.unet, config, seed)
+    return components
+
+
+@contextmanager
+def drawn_on(device: str | torch.device, dtype: torch.dtype, seed: int) -> Iterator[None]:
+    """New modules' weights are drawn on ``device`` in ``dtype`` from ``seed``; the global random state and the
+    default dtype are as they were afterwards."""
+    device = torch.device(device)
     previous = torch.get_default_dtype()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
         torch.manual_seed(seed)
         torch.set_default_dtype(dtype)
         try:
-            components = _build(config)
+            yield
         finally:
             torch.set_default_dtype(previous)
-        _randomise_lookahead(components.unet, config, seed)
-    return components
 
 
 def _randomise_lookahead(unet: UNet2DConditionModel, config: dict[str, Any], seed: int) -> None:
