@@ -95,3 +95,15 @@ def run_together(call, count: int) -> list:
     exception is raised here, not lost in its thread)."""
     with ThreadPoolExecutor(count) as pool:
         return list(pool.map(call, range(count)))
+
+
+# Files that share the session-scoped ``exported`` fixture run on one xdist worker, so it is built once; every
+# other file is a group of its own (its module fixtures are built once, as with --dist loadfile).
+SHARED_EXPORT = {"test_export.py", "test_tensorrt_rtx.py"}
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = item.path.name
+        item.add_marker(pytest.mark.xdist_group("export" if name in SHARED_EXPORT else name))

@@ -211,6 +211,25 @@ def test_kv_cache_affinity_eviction_and_delete(service, tiny, face):
     assert cached(first)["kv_cache_hit"] is False, "the deleted identity's K/V were dropped"
 
 
+def test_the_web_apps_remote_mode_works_against_the_real_service(service, tiny, face):
+    """``lcmla demo --server URL``'s client (lcmla_sdk.demo.backends.RemoteBackend) against this real service."""
+    from lcmla_sdk.demo.backends import RemoteBackend, ServiceError, Settings
+
+    remote = RemoteBackend(service.url)
+    person = remote.encode([png(face)])
+    assert person.boxes and person.boxes[0] is not None
+    steps = []
+    settings = Settings(["a painting"], None, FAST["mode"], FAST.get("steps"), 7, 2, FAST.get("height"), FAST.get("width"))
+    made = remote.generate(person, settings, lambda done, total: steps.append(done))
+    assert [seed for _, seed in made] == [7, 8] and steps
+    stored = Identity.load(service.settings.store + f"/{person.ref}.safetensors", tiny.fingerprint)
+    direct = tiny.generate(stored, "a painting", num_images=2, seed=[7, 8], **FAST)
+    for (image, _), expected in zip(made, direct):
+        assert_same_image(png(image), expected)
+    with pytest.raises(ServiceError, match="steps"):
+        remote.generate(person, Settings(["a painting"], None, "fast", 0, 7, 1, None, None), lambda *_: None)
+
+
 def test_bad_input_names_the_field(service, face):
     id_ = service.identity(face)
 
@@ -299,3 +318,4 @@ def test_shutdown_leaves_no_ray_process(service):
     assert not alive, [p.cmdline()[:2] for p in alive]
     launch.stop()  # a second stop must not start Ray again (serve.shutdown would)
     assert not ray.is_initialized()
+
