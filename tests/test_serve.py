@@ -264,12 +264,16 @@ def test_full_queue_is_503_and_slow_request_times_out(service, face):
     id_ = service.identity(face)
     statuses: list = []
 
+    clients = 40
+    together = threading.Barrier(clients)  # all at once: more than the replicas, their batches and the queue hold
+
     def client(index: int) -> None:
+        together.wait()
         response = service.post("/v1/generate", json={"identity": id_, "prompt": "a", "seed": index, "mode": "fast",
-                                                      "steps": 1, "height": 64, "width": 64})  # fmt: skip
+                                                      "steps": 2, "height": 128, "width": 128})  # fmt: skip
         statuses.append((response.status_code, response.headers.get("retry-after")))
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(30)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
         thread.start()
     for thread in threads:
