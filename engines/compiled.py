@@ -1,5 +1,5 @@
 """Compiled networks (``backend="torch"``): the sampling step's networks and the VAE decode compiled whole by
-``torch.compile`` (Inductor), built once into a folder and loaded in seconds on any GPU PyTorch supports.
+``torch.compile`` (Inductor), built once into a folder and loaded from it, on any device PyTorch compiles for.
 
 Folder layout::
 
@@ -9,7 +9,7 @@ Folder layout::
 :func:`build_compiled` compiles every network for the shapes asked, in parallel processes (one job per shape
 class), and saves their caches; :func:`load_compiled` refuses a folder made for another model, PyTorch, Triton,
 diffusers or GPU, loads the caches and switches the model to compiled networks, so each shape's first call compiles
-from the caches (seconds) instead of from scratch (minutes). Nothing compiles unless asked: these two functions and
+from the caches (30-50 s per shape for the full-size model on an H100) instead of from scratch (minutes). Nothing compiles unless asked: these two functions and
 ``Personalizer.warmup(..., compile=True)``.
 
 Whole-network compilation was chosen by measurement (``benchmarks/compile_probe.py``, H100, batch 1, 1024^2): the
