@@ -81,8 +81,6 @@ def child(name: str, network: str, style: str, rows: int, extra: dict, work: Pat
             if style == "whole":
                 compiled = torch.compile(module)
             else:
-                import copy
-
                 compiled = module
                 unet = module.unet if network != "vae" else module
                 for sub in unet.modules():
