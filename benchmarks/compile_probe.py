@@ -1,7 +1,9 @@
 """Probe: what torch.compile gives each network of the sampling step, and what it costs to build and to load.
 
-Each variant runs in a fresh process with its own Inductor cache folder, so every compile time is cold unless the
-variant loads artefacts saved by an earlier one. Prints one JSON line per variant and a table at the end.
+Each variant runs in its own process with its own Inductor cache folder, so every compile is cold unless the variant
+loads the artefacts an earlier one saved. The variants of one batch run at once (the device has 16 cores; compiling
+is mostly CPU work) and time their networks one process at a time, after every process of the batch has compiled,
+so no timing shares the GPU. Prints one JSON line per variant and a table at the end.
 
     python benchmarks/compile_probe.py --out $OUT/probe.json      # on the GPU
 """
@@ -9,6 +11,7 @@ variant loads artefacts saved by an earlier one. Prints one JSON line per varian
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -16,88 +19,123 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = [
-    # (name, network, compile style, batch rows, extra)
-    ("lcm_whole_b1", "lcm", "whole", 1, {}),
-    ("lcm_whole_b1_warm", "lcm", "whole", 1, {"load": "lcm_whole_b1"}),
-    ("kv_whole_b1", "kv", "whole", 1, {}),
-    ("lcm_regional_b1", "lcm", "regional", 1, {}),
-    ("kv_regional_b1", "kv", "regional", 1, {}),
-    ("kv_eager_b4", "kv", "none", 4, {}),
-    ("vae_whole_b1", "vae", "whole", 1, {}),
-]
+# A CPU dry run of this script: PROBE_PRESET=tiny PROBE_DEVICE=cpu PROBE_SIZE=128.
+PRESET, DEVICE = os.environ.get("PROBE_PRESET", "sdxl"), os.environ.get("PROBE_DEVICE", "cuda")
+SIZE = int(os.environ.get("PROBE_SIZE", "1024"))
+FLAGS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True, "conv_1x1_as_mm": True}
+# name: (network, rows, options). Options: "compile" (False: eager only), "dynamic", "inductor" (config patches),
+# "mode", "channels_last", "then_rows" (also time that many rows, recompiled), "precompile" (Dynamo's
+# caching_precompile), "load" (the artefacts of that variant, loaded first: a warm start), "after" (a later batch).
+VARIANTS = {
+    "kv_b1": ("kv", 1, {"dynamic": False, "then_rows": 4}),
+    "lcm_b1": ("lcm", 1, {"dynamic": False}),
+    "lcm_b1_flags": ("lcm", 1, {"dynamic": False, "inductor": FLAGS}),
+    "vae_b1": ("vae", 1, {"dynamic": False}),
+    "vae_b1_channels_last": ("vae", 1, {"dynamic": False, "channels_last": True}),
+    "vae_b1_autotune": ("vae", 1, {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}),
+    "kv_b1_precompile": ("kv", 1, {"dynamic": False, "precompile": True}),
+    "kv_b1_precompile_load": ("kv", 1, {"dynamic": False, "precompile": True, "load": "kv_b1_precompile", "after": 1}),
+    "kv_b1_load": ("kv", 1, {"dynamic": False, "load": "kv_b1", "after": 1}),
+}
 
 
-def child(name: str, network: str, style: str, rows: int, extra: dict, work: Path) -> dict:
+def network_call(model, network: str, rows: int, channels_last: bool):
+    """``(module, call(module) -> output)`` at ``rows`` rows, 1024^2, with the model's real argument layout."""
+    import torch
+
+    from lcmla_sdk.text import time_ids
+
+    device, dtype = model.device, model.dtype
+    g = torch.Generator(device).manual_seed(0)
+    side, face_side = SIZE // model.vae_scale, model.face_size // model.vae_scale
+    text, pooled = (x.expand(rows, *x.shape[1:]) for x in model.prompt_encoder.encoder_prompt())
+    ids, t = time_ids(SIZE, SIZE, rows, dtype, device), torch.full((rows,), 500.0, device=device)
+    if network == "vae":
+        torch.nn.Module.to(model.vae, dtype=dtype)  # the fp16-fix VAE, as lcmla bench decodes
+        if channels_last:
+            model.vae.to(memory_format=torch.channels_last)
+        latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
+        return model.vae, lambda m: m.decode(latent).sample
+    face = torch.randn(rows, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
+    if network == "kv":
+        return model.kv_encoder, lambda m: m(face, t, text, pooled, ids)
+    kv = tuple(x.contiguous() for x in model.kv_encoder(face, t, text, pooled, ids))
+    latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
+    tokens = torch.randn(rows, 16, model.unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
+    args = (latent, t, text, pooled, ids, tokens, torch.ones(rows, device=device), kv, torch.tensor([1.1, 0.2], device=device))
+    return model.lcm_denoiser, lambda m: m(*args)
+
+
+def child(name: str, work: Path, expected: int) -> dict:
     import torch
 
     from lcmla_sdk import Personalizer
-    from lcmla_sdk.bench import _graph_ms
-    from lcmla_sdk.text import time_ids
 
-    torch._dynamo.config.cache_size_limit = 256
-    torch._dynamo.config.accumulated_cache_size_limit = 4096
-    result: dict = {"name": name}
-    if "load" in extra:
-        blob = (work / f"{extra['load']}.bin").read_bytes()
+    network, rows, options = VARIANTS[name]
+    torch._dynamo.config.cache_size_limit = 64
+    result: dict = {"name": name, "rows": rows, "torch": torch.__version__}
+    if options.get("precompile"):
+        result["has_caching_precompile"] = hasattr(torch._dynamo.config, "caching_precompile")
+        if result["has_caching_precompile"]:
+            torch._dynamo.config.caching_precompile = True
+    begin = time.perf_counter()
+    model = Personalizer.from_pretrained(PRESET, device=DEVICE, faces=None)
+    result["load_model_s"] = time.perf_counter() - begin
+    if "load" in options:
         begin = time.perf_counter()
-        torch.compiler.load_cache_artifacts(blob)
+        torch.compiler.load_cache_artifacts((work / f"{options['load']}.bin").read_bytes())
         result["load_artifacts_s"] = time.perf_counter() - begin
-    model = Personalizer.from_pretrained(os.environ.get("PROBE_PRESET", "sdxl"), device=os.environ.get("PROBE_DEVICE", "cuda"), faces=None)
-    device, dtype = model.device, model.dtype
-    side = 1024 // model.vae_scale
-    face_side = model.face_size // model.vae_scale
-    g = torch.Generator(device).manual_seed(0)
-    with torch.inference_mode():
-        (text, pooled), _ = model.encode_prompt(["An oil painting of a face"], None)
-        enc_text, enc_pooled = model.encoder_prompt_embeds(rows)
-        ids = time_ids(1024, 1024, rows, dtype, device)
-        t = torch.full((rows,), 500.0, device=device)
-        if network == "vae":
-            torch.nn.Module.to(model.vae, dtype)
-            latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
-            module = model.vae
-            call_module = lambda m: m.decode(latent).sample  # noqa: E731
-        elif network == "kv":
-            face = torch.randn(rows, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
-            module = model.kv_encoder
-            call_module = lambda m: m(face, t, enc_text, enc_pooled, ids)  # noqa: E731
-        else:
-            face = torch.randn(1, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
-            kv = model.kv_encoder(face, t[:1], enc_text[:1], enc_pooled[:1], ids[:1])
-            kv = tuple(x.expand(rows, *x.shape[1:]).contiguous() for x in kv)
-            latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
-            tokens = torch.randn(rows, 16, model.unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
-            scale = torch.ones(rows, device=device)
-            freeu = torch.tensor([1.1, 0.2], device=device)
-            module = model.lcm_denoiser
-            args = (latent, t, text.expand(rows, -1, -1), pooled.expand(rows, -1), ids, tokens, scale, kv, freeu)
-            call_module = lambda m: m(*args)  # noqa: E731
-        reference = call_module(module)
-        reference = reference[0] if isinstance(reference, tuple) else reference
-        result["eager_graph_ms"] = _graph_ms(device, lambda: call_module(module), 20)
-        if style != "none":
-            begin = time.perf_counter()
-            if style == "whole":
-                compiled = torch.compile(module)
-            else:
-                compiled = module
-                unet = module.unet if network != "vae" else module
-                for sub in unet.modules():
-                    if type(sub).__name__ in ("BasicTransformerBlock", "ResnetBlock2D"):
-                        sub.compile()
-            out = call_module(compiled)
-            torch.cuda.synchronize() if device.type == 'cuda' else None
-            result["compile_s"] = time.perf_counter() - begin
-            out = out[0] if isinstance(out, tuple) else out
-            result["max_abs_diff"] = (out.float() - reference.float()).abs().max().item()
-            result["ref_abs_max"] = reference.float().abs().max().item()
-            result["compiled_graph_ms"] = _graph_ms(device, lambda: call_module(compiled), 20)
-            if style == "whole" and "load" not in extra:
-                blob, _ = torch.compiler.save_cache_artifacts()
-                (work / f"{name}.bin").write_bytes(blob)
-                result["artifact_mb"] = len(blob) / 2**20
-    result["rows"] = rows
+
+    try:
+        with torch.inference_mode():
+            return _compile_and_time(model, network, rows, options, result, work, expected)
+    finally:
+        (work / f"ready.{name}").touch()  # a failed compile must not hold the others at the barrier
+
+
+def _compile_and_time(model, network, rows, options, result, work, expected) -> dict:
+    import torch
+
+    from lcmla_sdk.bench import _graph_ms
+
+    def first(out):
+        return (out[0] if isinstance(out, tuple) else out).float()
+
+    name = result["name"]
+    module, call = network_call(model, network, rows, options.get("channels_last", False))
+    reference = first(call(module))
+    compiled = torch.compile(module, dynamic=options.get("dynamic"), mode=options.get("mode"),
+                             options=options.get("inductor"))  # fmt: skip
+    begin = time.perf_counter()
+    out = first(call(compiled))
+    torch.cuda.synchronize() if DEVICE == "cuda" else None
+    result["compile_s"] = time.perf_counter() - begin
+    result["max_abs_diff"] = (out - reference).abs().max().item()
+    result["ref_abs_max"] = reference.abs().max().item()
+    if "load" not in options:
+        blob = torch.compiler.save_cache_artifacts()
+        if blob is not None:
+            (work / f"{name}.bin").write_bytes(blob[0])
+            result["artifact_mb"] = len(blob[0]) / 2**20
+    then = options.get("then_rows")
+    if then:
+        module_b, call_b = network_call(model, network, then, False)
+        begin = time.perf_counter()
+        call_b(compiled)
+        torch.cuda.synchronize() if DEVICE == "cuda" else None
+        result[f"compile_b{then}_s"] = time.perf_counter() - begin
+    # Time only once every process of this batch has compiled, one process at a time.
+    (work / f"ready.{name}").touch()
+    deadline = time.time() + 400
+    while len(list(work.glob("ready.*"))) < expected and time.time() < deadline:
+        time.sleep(1)
+    with open(work / "gpu.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        result["eager_graph_ms"] = _graph_ms(model.device, lambda: call(module), 20)
+        result["compiled_graph_ms"] = _graph_ms(model.device, lambda: call(compiled), 20)
+        if then:
+            result[f"eager_b{then}_graph_ms"] = _graph_ms(model.device, lambda: call_b(module_b), 10)
+            result[f"compiled_b{then}_graph_ms"] = _graph_ms(model.device, lambda: call_b(compiled), 10)
     return result
 
 
@@ -105,30 +143,43 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--child", default=None)
+    parser.add_argument("--expected", type=int, default=1)
     parser.add_argument("--only", default=None, help="comma-separated variant names")
+    parser.add_argument("--budget", type=float, default=540, help="seconds; variants still running then are stopped")
     args = parser.parse_args()
-    work = args.out.parent / "probe_work"
+    stop = time.perf_counter() + args.budget
+    work = Path("/tmp/probe_work")  # artefacts of tens of MB: not under --out
     work.mkdir(parents=True, exist_ok=True)
     if args.child:
-        spec = next(v for v in VARIANTS if v[0] == args.child)
-        print("RESULT " + json.dumps(child(*spec, work)), flush=True)
+        print("RESULT " + json.dumps(child(args.child, work, args.expected)), flush=True)
         return
+    names = args.only.split(",") if args.only else list(VARIANTS)
     results = []
-    names = args.only.split(",") if args.only else [v[0] for v in VARIANTS]
-    for name in names:
-        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"/tmp/inductor_{name}")
+    for batch in sorted({VARIANTS[n][2].get("after", 0) for n in names}):
+        group = [n for n in names if VARIANTS[n][2].get("after", 0) == batch]
+        for ready in work.glob("ready.*"):
+            ready.unlink()
         begin = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--out", str(args.out), "--child", name], env=env,
-                              capture_output=True, text=True)  # fmt: skip
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-        row = json.loads(lines[-1][7:]) if lines else {"name": name, "error": proc.stderr[-2000:]}
-        row["process_s"] = time.perf_counter() - begin
-        results.append(row)
-        print(json.dumps(row), flush=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        procs = {n: subprocess.Popen(
+            [sys.executable, __file__, "--out", str(args.out), "--child", n, "--expected", str(len(group))],
+            env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=f"/tmp/inductor_{n}"), stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True) for n in group}  # fmt: skip
+        for name, proc in procs.items():
+            try:
+                stdout, stderr = proc.communicate(timeout=max(1.0, stop - time.perf_counter()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                stdout, stderr = proc.communicate()
+                stderr += "\nstopped: over the probe's time budget"
+            lines = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+            row = json.loads(lines[-1][7:]) if lines else {"name": name, "error": stderr[-1500:]}
+            row["batch_wall_s"] = time.perf_counter() - begin
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            args.out.write_text(json.dumps(results, indent=1))
     for row in results:
-        print(f"{row['name']:22s} eager {row.get('eager_graph_ms', 0):7.2f} ms  compiled {row.get('compiled_graph_ms', 0):7.2f} ms"
-              f"  compile {row.get('compile_s', 0):6.1f} s  process {row['process_s']:6.1f} s  diff {row.get('max_abs_diff', 0):.2e}")
+        print(f"{row['name']:24s} eager {row.get('eager_graph_ms', 0):7.2f} ms  compiled {row.get('compiled_graph_ms', 0):7.2f} ms"
+              f"  compile {row.get('compile_s', 0):6.1f} s  diff {row.get('max_abs_diff', 0):.1e}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,8 @@ import torch
 from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D
 
 from .defaults import AUTHORS_FREEU  # noqa: F401  (the authors' README values: b1, b2, s1, s2)
+from .transfer import device_tensor
+
 # FreeU's resolution index of the stage the authors' code changes (up_blocks.1 in SDXL).
 STAGE = 1
 
@@ -82,4 +84,4 @@ def install_freeu(unet: torch.nn.Module) -> None:
 
 def stage_values(freeu: tuple[float, float, float, float], device: torch.device) -> torch.Tensor:
     """The ``(b, s)`` tensor of the stage the authors' code changes, from the README's (b1, b2, s1, s2)."""
-    return torch.tensor([freeu[1], freeu[3]], dtype=torch.float32, device=device)
+    return device_tensor([freeu[1], freeu[3]], device, torch.float32)

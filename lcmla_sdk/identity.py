@@ -73,6 +73,9 @@ class Identity:
     boxes: list[list[float] | None] = field(default_factory=list)
     landmarks: list[list[list[float]] | None] = field(default_factory=list)
     face_backend: str = ""
+    # (the fingerprint and tensors it was computed from, the digest): hashing copies the tensors to the host, which
+    # waits for the GPU, so a generation call hashes an identity once.
+    _digest: tuple[tuple, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def num_references(self) -> int:
@@ -86,7 +89,14 @@ class Identity:
         return torch.nn.functional.normalize(self.face_embeddings.float().mean(0), dim=0)
 
     def digest(self) -> str:
-        """SHA-256 of the tensors a generation reads and of the model that made them (a cache key)."""
+        """SHA-256 of the tensors a generation reads and of the model that made them (a cache key). Computed once
+        per set of tensor objects: replace a tensor rather than change it in place."""
+        source = (self.model_fingerprint, *(getattr(self, name) for name in TENSORS[:4]))
+        if self._digest is None or any(a is not b for a, b in zip(self._digest[0], source)):
+            self._digest = (source, self._hash())
+        return self._digest[1]
+
+    def _hash(self) -> str:
         digest = hashlib.sha256(self.model_fingerprint.encode())
         for name in TENSORS[:4]:
             tensor = getattr(self, name).detach().cpu().contiguous()

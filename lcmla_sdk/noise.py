@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from .identity import Identity
+from .transfer import to_device
 
 FACE_NOISES = ("paired", "fixed")
 # Seed of the reference noise when it is fixed per identity (face_noise="fixed", and the per-identity K/V cache).
@@ -41,10 +42,11 @@ def fixed_face_noise(face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def face_latents(face: Identity, eps: torch.Tensor, scaling_factor: float) -> torch.Tensor:
-    """Scaled samples of the reference latents; ``eps`` has ``images x references`` rows (image-major)."""
+    """Scaled samples of the reference latents, on the identity's device; ``eps`` (on the CPU) has ``images x
+    references`` rows (image-major)."""
     repeat = eps.shape[0] // face.num_references
-    mean, std = (x.cpu().float().repeat(repeat, 1, 1, 1) for x in (face.latent_mean, face.latent_std))
-    return (mean + std * eps) * scaling_factor
+    mean, std = (x.float().repeat(repeat, 1, 1, 1) for x in (face.latent_mean, face.latent_std))
+    return (mean + std * to_device(eps, mean.device)) * scaling_factor
 
 
 def draw(
@@ -76,8 +78,7 @@ def draw(
     if face_noise == "fixed":
         fixed_eps, fixed_noise = fixed_face_noise(face)
         eps, reference_noise = (x.repeat(len(generators), 1, 1, 1) for x in (fixed_eps, fixed_noise))
-    to = {"device": device, "dtype": dtype}
     return Noise(
-        noise.to(**to), face_latents(face, eps, scaling_factor).to(**to), reference_noise.to(**to),
-        steps.to(**to) if steps is not None else None,
+        to_device(noise, device, dtype), to_device(face_latents(face, eps, scaling_factor), device, dtype),
+        to_device(reference_noise, device, dtype), to_device(steps, device, dtype) if steps is not None else None,
     )

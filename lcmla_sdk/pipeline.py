@@ -21,7 +21,7 @@ from .freeu import stage_values
 from .identity import Identity, detection_fields
 from .images import FACE_RESIZES, FaceInput, clip_pixels, vae_pixels
 from .integrity import sha256_json
-from .kv_cache import IdentityKVCache, cache_key, compute_kv
+from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_pays, call_kv, identity_kv
 from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
@@ -94,6 +94,8 @@ class Personalizer:
         self.step_tables = StepTables(config["scheduler"], device)
         self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
         self.identity_kv_cache = IdentityKVCache()
+        # Encoder rows batched in one pass when every step's K/V are computed ahead (none on a CPU: nothing to gain).
+        self.kv_ahead_rows = AHEAD_ROWS if device.type == "cuda" else 0
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
@@ -351,43 +353,28 @@ class Personalizer:
 
     def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
                 step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-        """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with the identities'
-        cached K/V when ``request.kv_cache`` (``identities``: one per prompt)."""
+        """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with every step's K/V
+        computed ahead (:mod:`lcmla_sdk.kv_cache`) when they are cached per identity or one pass covers them."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)
-        kv = kv_rows = None
+        kv = None
         if request.use_kv and request.kv_cache:
-            kv, layout, kv_rows = self.cached_kv(request, identities, spec, table, inputs)
-            spec = replace(spec, kv_layout=layout)
+            steps_per_pass = max(1, self.kv_ahead_rows // spec.identity_encoder_rows)
+            kv = identity_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
+                             self.vae.config.scaling_factor, steps_per_pass)  # fmt: skip
+        elif ahead_pays(spec, table, self.kv_ahead_rows) and isinstance(self.kv_encoder, torch.nn.Module):
+            kv = call_kv(self.kv_encoder, spec, table, inputs)
+        if kv is not None:
+            spec = replace(spec, kv_layout=kv.layout)
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
-        graphs = self.step_graphs if self._graphed else None
         values = step_values(spec, inputs)
-        if kv_rows is not None:
-            values["kv_rows"] = kv_rows
-        # The cached K/V's buffer holds one row group per distinct identity: its shape is part of a captured step's.
-        key = (self._networks.version, None if kv is None else tuple(kv.shape[1:]))
-        return sample(self._networks.for_step(spec), spec, values, table, step_noise, kv, graphs, key,
+        if kv is not None and kv.rows is not None:
+            values["kv_rows"] = kv.rows
+        # The K/V buffer's rows (one group per distinct identity, or per image) are part of a captured step's shape.
+        key = (self._networks.version, None if kv is None else tuple(kv.per_step.shape[1:]))
+        return sample(self._networks.for_step(spec), spec, values, table, step_noise,
+                      None if kv is None else kv.per_step, self.step_graphs if self._graphed else None, key,
                       request.callback)  # fmt: skip
-
-    def cached_kv(self, request: Request, identities: list[Identity], spec: StepSpec, table: StepTable,
-                  inputs: StepInputs) -> tuple[torch.Tensor, tuple, torch.Tensor]:  # fmt: skip
-        """The cached K/V of each distinct identity side by side, ``(steps, G x identities, elements)``, their layout,
-        and for each of the G x B denoiser rows taking K/V the row of them it reads."""
-        distinct: dict[str, int] = {}
-        entries, rows = [], []
-        for identity in identities:
-            digest = identity.digest()
-            if digest not in distinct:
-                def compute(identity=identity):
-                    scaling, max_bytes = self.vae.config.scaling_factor, self.identity_kv_cache.max_bytes
-                    return compute_kv(self.kv_encoder, identity, spec, table, inputs, scaling, max_bytes)
-
-                distinct[digest] = len(entries)
-                entries.append(self.identity_kv_cache.get(cache_key(identity, request, table), compute))
-            rows += [distinct[digest]] * request.num_images
-        kv = entries[0][0] if len(entries) == 1 else torch.stack([entry[0] for entry in entries], 2).flatten(1, 2)
-        index = [group * len(entries) + row for group in range(spec.groups) for row in rows]
-        return kv, entries[0][1], torch.tensor(index, device=self.device)
 
     @property
     def _graphed(self) -> bool:

@@ -14,9 +14,9 @@ denoiser rows (``denoiser_rows``: fast: B; quality: [uncond, cond] or, with K/V,
 rows each) ``text``, ``pooled``, ``time_ids``, ``image_tokens``, ``adapter_scale``, of which, with K/V, the last
 G x B (``kv_rows``) take them, R x one reference's tokens each; ``guidance`` (3,) fp32;
 K/V-encoder rows (``encoder_rows``: G x B x R) ``face_latents``, ``face_noise``, ``encoder_text``, ``encoder_pooled``,
-``encoder_time_ids``; or, with a per-identity K/V cache (computed once from G x R encoder rows), ``kv`` (G x U, R x
-K/V elements of all layers) for U distinct identities side by side, and ``kv_rows`` (G x B) the ``kv`` row of each
-denoiser row taking K/V; with FreeU, ``freeu`` (2,) fp32.
+``encoder_time_ids``; or, with K/V computed ahead of the loop (:mod:`lcmla_sdk.kv_cache`), ``kv`` (rows, R x K/V
+elements of all layers): per call, G x B rows, or per identity, G x U rows for U distinct identities side by side,
+and then ``kv_rows`` (G x B) the ``kv`` row of each denoiser row taking K/V; with FreeU, ``freeu`` (2,) fp32.
 """
 
 from __future__ import annotations
@@ -139,13 +139,22 @@ def step_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
     optional = {"guidance": inputs.guidance, "freeu": inputs.freeu}
     values.update({name: value for name, value in optional.items() if value is not None})
     if spec.use_kv and spec.kv_layout is None:  # the K/V-encoder runs every step
-        refs, groups = spec.references, spec.groups
-        negatives = (inputs.neg_text.repeat_interleave(refs, 0), inputs.neg_pooled.repeat_interleave(refs, 0))
-        values["encoder_text"], values["encoder_pooled"] = encoder_rows(inputs.encoder_prompt, negatives, groups)
-        values["encoder_time_ids"] = inputs.time_ids.repeat_interleave(refs, 0).repeat(groups, 1)
-        values["face_latents"] = inputs.face_latents.repeat(groups, 1, 1, 1)
-        values["face_noise"] = inputs.face_noise.repeat(groups, 1, 1, 1)
+        values.update(encoder_values(spec, inputs))
     return {name: value.contiguous() for name, value in values.items()}
+
+
+def encoder_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
+    """The K/V-encoder's rows of a step (G x B x R): ``encoder_text``, ``encoder_pooled``, ``encoder_time_ids``,
+    ``face_latents``, ``face_noise``."""
+    refs, groups = spec.references, spec.groups
+    negatives = (inputs.neg_text.repeat_interleave(refs, 0), inputs.neg_pooled.repeat_interleave(refs, 0))
+    text, pooled = encoder_rows(inputs.encoder_prompt, negatives, groups)
+    return {
+        "encoder_text": text, "encoder_pooled": pooled,
+        "encoder_time_ids": inputs.time_ids.repeat_interleave(refs, 0).repeat(groups, 1),
+        "face_latents": inputs.face_latents.repeat(groups, 1, 1, 1),
+        "face_noise": inputs.face_noise.repeat(groups, 1, 1, 1),
+    }  # fmt: skip
 
 
 def encoder_rows(
@@ -181,8 +190,8 @@ def unflatten_kv(flat: torch.Tensor, layout: Sequence[tuple[int, int]]) -> tuple
 def _encoder_kv(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """This step's K/V for the denoiser rows that take them: (G x B, R x tokens, width) per layer."""
     if spec.kv_layout is not None:
-        cached = unflatten_kv(buffers["kv"], spec.kv_layout)  # (G x identities, R x tokens, width)
-        return tuple(x.index_select(0, buffers["kv_rows"]) for x in cached)
+        ahead = unflatten_kv(buffers["kv"], spec.kv_layout)  # (G x identities, or G x B, R x tokens, width)
+        return tuple(x.index_select(0, buffers["kv_rows"]) for x in ahead) if "kv_rows" in buffers else ahead
     face = noise_reference(buffers["coefficients"], buffers["face_latents"], buffers["face_noise"])
     timestep = buffers["timestep"].expand(face.shape[0])
     kv = networks.kv_encoder(
@@ -215,7 +224,7 @@ def run_step(networks: Networks, spec: StepSpec, buffers: dict[str, torch.Tensor
     buffers["previous"].copy_(x0)
 
 
-def step_buffers(values: dict[str, torch.Tensor], table: StepTable, with_kv_cache: torch.Tensor | None) -> dict:
+def step_buffers(values: dict[str, torch.Tensor], table: StepTable, kv_per_step: torch.Tensor | None) -> dict:
     """Fresh buffers shaped like ``values`` plus the per-step ones (zeros, so a warm-up step reads no garbage)."""
     latents = values["latents"]
     buffers = {name: torch.zeros_like(value) for name, value in values.items()}
@@ -223,8 +232,8 @@ def step_buffers(values: dict[str, torch.Tensor], table: StepTable, with_kv_cach
     buffers["noise"] = torch.zeros_like(latents)
     buffers["coefficients"] = torch.zeros_like(table.coefficients[0])
     buffers["timestep"] = torch.zeros_like(table.timesteps[:1])
-    if with_kv_cache is not None:
-        buffers["kv"] = torch.zeros_like(with_kv_cache[0])
+    if kv_per_step is not None:
+        buffers["kv"] = torch.zeros_like(kv_per_step[0])
     return buffers
 
 
@@ -239,17 +248,17 @@ def sample(
     values: dict[str, torch.Tensor],
     table: StepTable,
     step_noise: torch.Tensor | None,
-    kv_cache: torch.Tensor | None = None,
+    kv_per_step: torch.Tensor | None = None,
     graphs: GraphCache | None = None,
     graph_key: Hashable = (),
     callback: Callable[[int, int, torch.Tensor], Any] | None = None,
 ) -> torch.Tensor:
     """Run every step of ``table`` from ``values["latents"]``; return the final latents (a tensor of its own).
 
-    ``step_noise``: ``(table.noise_steps, B, 4, h, w)``, drawn ahead from each image's generator. ``kv_cache``:
-    ``(steps, G, ...)`` flat K/V per step (:func:`flatten_kv`). With ``graphs``, the step is captured once per shape
-    and ``graph_key`` (what else it depends on) and replayed; otherwise, or where its capture fails, it runs eagerly
-    on fresh buffers.
+    ``step_noise``: ``(table.noise_steps, B, 4, h, w)``, drawn ahead from each image's generator. ``kv_per_step``:
+    ``(steps, rows, elements)`` flat K/V per step (:func:`flatten_kv`), computed ahead (:mod:`lcmla_sdk.kv_cache`).
+    With ``graphs``, the step is captured once per shape and ``graph_key`` (what else it depends on) and replayed;
+    otherwise, or where its capture fails, it runs eagerly on fresh buffers.
     """
     run = functools.partial(run_step, networks, spec)
     if graphs is not None and not networks.are_torch_modules():
@@ -258,13 +267,13 @@ def sample(
     if graphs is not None:
         with graphs.lock:
             key = shape_key(spec, values, graph_key)
-            step = graphs.get(key, lambda: capture(run, step_buffers(values, table, kv_cache)))
+            step = graphs.get(key, lambda: capture(run, step_buffers(values, table, kv_per_step)))
             if step is not None:
-                return _loop(lambda _: step.replay(), step.inputs, values, table, step_noise, kv_cache, callback)
-    return _loop(run, step_buffers(values, table, kv_cache), values, table, step_noise, kv_cache, callback)
+                return _loop(lambda _: step.replay(), step.inputs, values, table, step_noise, kv_per_step, callback)
+    return _loop(run, step_buffers(values, table, kv_per_step), values, table, step_noise, kv_per_step, callback)
 
 
-def _loop(step, buffers, values, table, step_noise, kv_cache, callback) -> torch.Tensor:
+def _loop(step, buffers, values, table, step_noise, kv_per_step, callback) -> torch.Tensor:
     for name, value in values.items():
         buffers[name].copy_(value)
     buffers["previous"].zero_()
@@ -275,8 +284,8 @@ def _loop(step, buffers, values, table, step_noise, kv_cache, callback) -> torch
             buffers["noise"].copy_(step_noise[index])
         else:
             buffers["noise"].zero_()
-        if kv_cache is not None:
-            buffers["kv"].copy_(kv_cache[index])
+        if kv_per_step is not None:
+            buffers["kv"].copy_(kv_per_step[index])
         step(buffers)
         if callback is not None:
             # A copy: the buffer is overwritten by the next step. Latents it returns are the next step's input.

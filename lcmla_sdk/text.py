@@ -12,6 +12,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 from .cuda_graphs import GraphCache, capture
 from .errors import ModelFilesError
 from .schema import read_json
+from .transfer import device_tensor, to_device
 
 TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
 TEXT_GRAPH_BYTES = 2 * 2**30  # captured text encoders kept per model (least recently used out)
@@ -42,7 +43,7 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(text (N, 77, d1 + d2), pooled (N, d2_proj))`` as diffusers' SDXL pipeline computes them."""
     device = encoders[0].device
-    return run_encoders([x.to(device) for x in tokenize(prompts, tokenizers)], encoders)
+    return run_encoders([to_device(x, device) for x in tokenize(prompts, tokenizers)], encoders)
 
 
 class GraphedTextEncoders:
@@ -88,7 +89,7 @@ class PromptEncoder:
         if not graphs:
             return encode_prompts(prompts, self.tokenizers, self.encoders)
         device = self.encoders[0].device
-        return self.graphed([x.to(device) for x in tokenize(prompts, self.tokenizers)])
+        return self.graphed([to_device(x, device) for x in tokenize(prompts, self.tokenizers)])
 
     def __call__(self, prompts: list[str], negatives: list[str] | None, graphs: bool = False):
         """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
@@ -107,7 +108,7 @@ class PromptEncoder:
 
 def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` with no crop."""
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).expand(batch, 6)
+    return device_tensor([[height, width, 0, 0, height, width]], device, dtype).expand(batch, 6)
 
 
 def check_tokenizer_files(folder: Path) -> None:

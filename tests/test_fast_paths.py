@@ -78,6 +78,38 @@ def test_cached_kv_loop_equals_the_uncached_loop_with_the_same_fixed_face_noise(
     assert (paired - cached).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("kv_cache", [False, True])
+def test_kv_computed_ahead_in_batched_passes_equals_the_kv_computed_in_every_step(tiny, face, kv_cache):
+    identity = tiny.encode_face(face)
+    kwargs = {"num_images": 2, "seed": [3, 4], "mode": "fast", "output": "latent", "kv_cache": kv_cache, "face_noise": "fixed"}
+    counting = RowCounter(tiny.kv_encoder)
+    tiny.rebuild_networks(kv_encoder=counting)
+    try:
+        in_steps = tiny.generate(identity, "a face", **kwargs)
+        tiny.kv_ahead_rows = 4 * 2 * 2  # 4 steps x (2 images, or the cache's one identity) in one pass
+        tiny.identity_kv_cache.clear()
+        ahead = tiny.generate(identity, "a face", **kwargs)
+    finally:
+        tiny.kv_ahead_rows = 0
+        tiny.rebuild_networks()
+    torch.testing.assert_close(ahead, in_steps, rtol=1e-4, atol=1e-4)
+    # per step: 4 passes of the rows of one step; ahead: one pass of every step's rows
+    rows = 1 if kv_cache else 2
+    assert counting.rows == [rows] * 4 + [4 * rows]
+
+
+class RowCounter(torch.nn.Module):
+    """A network that records the rows of each call."""
+
+    def __init__(self, network: torch.nn.Module) -> None:
+        super().__init__()
+        self.network, self.rows = network, []
+
+    def forward(self, *args):
+        self.rows.append(args[0].shape[0])
+        return self.network(*args)
+
+
 def test_kv_cache_and_face_noise_arguments_are_checked(tiny, face):
     with pytest.raises(ValueError, match="^kv_cache:"):
         tiny.generate(face, "a face", steps=1, kv_cache=True, use_kv=False)
