@@ -34,6 +34,7 @@ from .request import Request
 from .sampling import StepInputs, StepSpec, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder, time_ids
+from .transfer import device_tensor, to_device
 
 CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
@@ -234,14 +235,15 @@ class Personalizer:
         # 1. Check inputs
         request = Request.from_call(self, prompt=prompt, **options)
 
-        # 2. Encode prompts (one row per image)
+        # 2. Encode each face once (image tokens and VAE latents), or take ready Identities: one per prompt. First:
+        # checking an identity reads its values, which waits for the GPU's queued work.
+        identities = self.prompt_identities(face, len(request.prompt))
+
+        # 3. Encode prompts (one row per image)
         (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompt, request.negative_prompt)
         text, pooled, neg_text, neg_pooled = (
             x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled)
         )
-
-        # 3. Encode each face once (image tokens and VAE latents), or take ready Identities: one per prompt
-        identities = self.prompt_identities(face, len(request.prompt))
 
         # 4. Schedule and every random draw (each image from its own generator: drawn per prompt, as in one draw)
         table = self.step_tables(request.mode, request.steps)
@@ -259,14 +261,14 @@ class Personalizer:
         quality = request.mode == "quality"
 
         def per_image(name: str) -> torch.Tensor:  # each prompt's identity, one row per image
-            return torch.cat([getattr(i, name).to(**to).expand(request.num_images, -1, -1) for i in identities])
+            return torch.cat([to_device(getattr(i, name), **to).expand(request.num_images, -1, -1) for i in identities])
 
         inputs = StepInputs(
             latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
             image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
             adapter_scale=torch.full((rows,), request.adapter_scale, device=self.device),
             time_ids=time_ids(request.height, request.width, rows, self.dtype, self.device),
-            guidance=torch.tensor(request.guidance, dtype=torch.float32, device=self.device) if quality else None,
+            guidance=device_tensor(request.guidance, self.device, torch.float32) if quality else None,
             freeu=stage_values(request.freeu, self.device) if request.freeu is not None else None,
             encoder_prompt=self.prompt_encoder.encoder_prompt() if request.use_kv else None,
             face_latents=noise.face_latents, face_noise=noise.face_noise,
