@@ -96,7 +96,7 @@ def child(name: str, work: Path, expected: int) -> dict:
 def _compile_and_time(model, network, rows, options, result, work, expected) -> dict:
     import torch
 
-    from lcmla_sdk.bench import _graph_ms
+    from lcmla_sdk.bench_timing import graph_ms
 
     def first(out):
         return (out[0] if isinstance(out, tuple) else out).float()
@@ -131,11 +131,11 @@ def _compile_and_time(model, network, rows, options, result, work, expected) -> 
         time.sleep(1)
     with open(work / "gpu.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        result["eager_graph_ms"] = _graph_ms(model.device, lambda: call(module), 20)
-        result["compiled_graph_ms"] = _graph_ms(model.device, lambda: call(compiled), 20)
+        result["eager_graph_ms"] = graph_ms(model.device, lambda: call(module), 20)
+        result["compiled_graph_ms"] = graph_ms(model.device, lambda: call(compiled), 20)
         if then:
-            result[f"eager_b{then}_graph_ms"] = _graph_ms(model.device, lambda: call_b(module_b), 10)
-            result[f"compiled_b{then}_graph_ms"] = _graph_ms(model.device, lambda: call_b(compiled), 10)
+            result[f"eager_b{then}_graph_ms"] = graph_ms(model.device, lambda: call_b(module_b), 10)
+            result[f"compiled_b{then}_graph_ms"] = graph_ms(model.device, lambda: call_b(compiled), 10)
     return result
 
 

@@ -23,6 +23,8 @@ parser.add_argument("--shapes", default="fast:1:1024x1024,fast:8:1024x1024,quali
 parser.add_argument("--modes", default="fast,quality")
 parser.add_argument("--ways", default=",".join(WAYS))
 parser.add_argument("--iters", type=int, default=2)
+parser.add_argument("--batch", type=int, default=8, help="the throughput batch of fast mode (1: latency only)")
+parser.add_argument("--no-network-rows", action="store_true", help="skip timing each network alone first")
 args = parser.parse_args()
 if args.what == "build":
     begin = time.perf_counter()
@@ -36,5 +38,5 @@ elif args.what == "cold":
     print(f"cold start: {seconds:.1f} s")
 else:
     config = BenchConfig(iters=args.iters, modes=tuple(args.modes.split(",")), ways=tuple(args.ways.split(",")),
-                         compiled=str(args.folder))  # fmt: skip
+                         compiled=str(args.folder), batch=args.batch, network_rows=not args.no_network_rows)  # fmt: skip
     print(table(run_bench(config, path=args.out)))

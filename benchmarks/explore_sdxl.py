@@ -15,7 +15,8 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lcmla_sdk import Personalizer
-from lcmla_sdk.bench import Inputs, _graph_ms, _measure
+from lcmla_sdk.bench import Inputs
+from lcmla_sdk.bench_timing import graph_ms, measure
 from lcmla_sdk.text import time_ids
 
 
@@ -48,25 +49,25 @@ def main() -> None:
             out[name] = value
             print(f"{name}: {value:.2f} ms", flush=True)
 
-        record("denoiser graph", _graph_ms(device, denoise))
-        record("encoder graph", _graph_ms(device, encode))
-        record("decode eager", _measure(device, decode, 3)[1])
+        record("denoiser graph", graph_ms(device, denoise))
+        record("encoder graph", graph_ms(device, encode))
+        record("decode eager", measure(device, decode, 3)[1])
         for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
             try:
                 with sdpa_kernel(backend):
-                    record(f"denoiser graph sdpa={backend.name}", _graph_ms(device, denoise))
-                    record(f"decode eager sdpa={backend.name}", _measure(device, decode, 3)[1])
+                    record(f"denoiser graph sdpa={backend.name}", graph_ms(device, denoise))
+                    record(f"decode eager sdpa={backend.name}", measure(device, decode, 3)[1])
             except RuntimeError as error:
                 print(f"{backend.name}: {error}")
         torch.backends.cudnn.benchmark = True
-        record("denoiser graph cudnn.benchmark", _graph_ms(device, denoise))
-        record("encoder graph cudnn.benchmark", _graph_ms(device, encode))
-        record("decode eager cudnn.benchmark", _measure(device, decode, 3)[1])
-        record("decode graph cudnn.benchmark", _graph_ms(device, decode, 3))
+        record("denoiser graph cudnn.benchmark", graph_ms(device, denoise))
+        record("encoder graph cudnn.benchmark", graph_ms(device, encode))
+        record("decode eager cudnn.benchmark", measure(device, decode, 3)[1])
+        record("decode graph cudnn.benchmark", graph_ms(device, decode, 3))
         model.vae.to(memory_format=torch.channels_last)
-        record("decode eager channels_last+benchmark", _measure(device, decode, 3)[1])
+        record("decode eager channels_last+benchmark", measure(device, decode, 3)[1])
         model.lcm_denoiser.unet.to(memory_format=torch.channels_last)
-        record("denoiser graph channels_last+benchmark", _graph_ms(device, denoise))
+        record("denoiser graph channels_last+benchmark", graph_ms(device, denoise))
         torch.backends.cudnn.benchmark = False
         model.lcm_denoiser.unet.to(memory_format=torch.contiguous_format)
         from torch.profiler import ProfilerActivity, profile

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import copy
 import json
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,15 +34,15 @@ from typing import Any
 import torch
 from diffusers import DDPMScheduler
 
+from .bench_compiled import use_compiled
+from .bench_profile import kv_cache_effect, network_rows, step_shares
+from .bench_timing import gib, measure, sync
 from .freeu import AUTHORS_FREEU, stage_values
 from .guidance import DEFAULT_GUIDANCE, three_branch
-from .bench_compiled import use_compiled
 from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
 from .request import MODES
-from .sampling import StepSpec, join_references
-from .schedule import noise_reference
 from .text import time_ids
 
 WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv", "compiled_tiny")
@@ -64,6 +63,7 @@ class BenchConfig:
     ways: tuple[str, ...] = WAYS
     device: str | None = None
     compiled: str | None = None  # folder of compiled networks (built when missing)
+    network_rows: bool = True  # time each network alone first (a GPU only)
 
 
 @dataclass
@@ -79,55 +79,6 @@ class Row:
     shares: dict[str, float] = field(default_factory=dict)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _measure(device: torch.device, work: Callable[[], Any], iters: int) -> tuple[float, float, float]:
-    """``(first call ms, median ms of the next iters, peak extra GiB over what was allocated before)``."""
-    _sync(device)
-    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    begin = time.perf_counter()
-    work()
-    _sync(device)
-    first = (time.perf_counter() - begin) * 1000
-    times = []
-    for _ in range(iters):
-        begin = time.perf_counter()
-        work()
-        _sync(device)
-        times.append((time.perf_counter() - begin) * 1000)
-    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
-    return first, statistics.median(times), peak
-
-
-def _graph_ms(device: torch.device, work: Callable[[], Any], replays: int = 10) -> float:
-    """Milliseconds of ``work`` captured alone in a CUDA graph (eager wall clock on a CPU)."""
-    if device.type != "cuda":
-        return _measure(device, work, replays)[1]
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        work()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work()
-    return _measure(device, graph.replay, replays)[1]
-
-
-def _gib(*modules: torch.nn.Module) -> float:
-    """Bytes of the distinct parameter storages of ``modules``, in GiB."""
-    seen = {}
-    for module in modules:
-        for param in module.parameters():
-            seen[param.data_ptr()] = param.numel() * param.element_size()
-    return sum(seen.values()) / 2**30
-
-
 class Inputs:
     """The conditioning every way starts from: prompt embeddings, the identity, the photo's CLIP features."""
 
@@ -140,7 +91,7 @@ class Inputs:
         both = torch.cat([torch.zeros_like(pixels), pixels])
         self.clip_hidden = model.adapter.image_encoder(both, output_hidden_states=True).hidden_states[-2]
         self.face_pixels = vae_pixels(self.face, model.face_size).to(model.device, model.vae.dtype)
-        self.size = size
+        self.size, self.prompt = size, PROMPT
 
 
 class AuthorsWay:
@@ -153,7 +104,7 @@ class AuthorsWay:
         self.mode = mode
 
     def weights_gib(self) -> float:
-        return _gib(self.encoder, self.decoder)
+        return gib(self.encoder, self.decoder)
 
     def __call__(self, x: Inputs, batch: int, steps: int) -> torch.Tensor:
         model, device, dtype = self.model, self.model.device, self.model.dtype
@@ -222,7 +173,7 @@ class DiffusersWay:
         self.pipe.set_progress_bar_config(disable=True)
 
     def weights_gib(self) -> float:
-        return _gib(self.unet)
+        return gib(self.unet)
 
     def __call__(self, x: Inputs, batch: int, steps: int) -> torch.Tensor:
         guided = self.mode == "quality"
@@ -249,91 +200,7 @@ def _lcmla(model: Personalizer, way: str, mode: str):
 
 def _lcmla_weights(model: Personalizer, mode: str) -> float:
     denoiser = model.lcm_denoiser if mode == "fast" else model.denoiser
-    return _gib(model.kv_encoder, denoiser)
-
-
-def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: float) -> dict[str, float]:
-    """Share of a graph-mode call (batch 1, ``call_ms`` end to end) in the K/V pass, the denoiser, guidance +
-    scheduler, decode, and the rest (host work: text encoders, noise, copies): each network captured alone at the
-    step's shapes, the step as the sampling loop captured it, the decode eagerly."""
-    device = model.device
-    spec = StepSpec(mode, 1, x.identity.num_references, model.has_kv_encoder)  # the call just measured
-    captured = model.step_graphs.last()
-    buffers = captured.inputs
-    step_ms = _measure(device, captured.replay, 10)[1]
-    face = noise_reference(buffers["coefficients"], buffers["face_latents"], buffers["face_noise"])
-    timestep = buffers["timestep"].expand(face.shape[0])
-    encoder_args = (face, timestep, buffers["encoder_text"], buffers["encoder_pooled"], buffers["encoder_time_ids"])
-    kv_ms = _graph_ms(device, lambda: model.kv_encoder(*encoder_args))
-    kv = join_references(model.kv_encoder(*encoder_args), spec.kv_rows)
-    latents = buffers["latents"].repeat(len(spec.denoiser_blocks), 1, 1, 1)
-    network = model.lcm_denoiser if mode == "fast" else model.denoiser
-    rest = [buffers[n] for n in ("text", "pooled", "time_ids", "image_tokens", "adapter_scale")]
-    denoise_ms = _graph_ms(device, lambda: network(latents, buffers["timestep"].expand(latents.shape[0]), *rest, kv))
-    decode_ms = _measure(device, lambda: model.decode(buffers["latents"], "pt"), 3)[1]
-    total = call_ms
-    return {
-        "kv_encoder": steps * kv_ms / total, "denoiser": steps * denoise_ms / total,
-        "guidance_scheduler": steps * max(0.0, step_ms - kv_ms - denoise_ms) / total, "decode": decode_ms / total,
-        "rest": max(0.0, total - steps * step_ms - decode_ms) / total,
-        "step_ms": step_ms, "kv_encoder_ms": kv_ms, "denoiser_ms": denoise_ms, "decode_ms": decode_ms,
-    }  # fmt: skip
-
-
-def network_rows(model: Personalizer, x: Inputs) -> dict[str, float]:
-    """Each UNet network alone in a CUDA graph at batch 1: merged adapters against no adapter and peft unmerged."""
-    from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters, materialize
-
-    device, dtype = model.device, model.dtype
-    side = x.size // model.vae_scale
-    face_side = model.face_size // model.vae_scale
-    latent = torch.randn(1, 4, side, side, device=device, dtype=dtype)
-    face = torch.randn(1, 4, face_side, face_side, device=device, dtype=dtype)
-    t = torch.full((1,), 500.0, device=device)
-    ids = time_ids(x.size, x.size, 1, dtype, device)
-    tokens, scale = x.identity.cond_tokens.to(device, dtype), torch.ones(1, device=device)
-    cond = (x.text, x.pooled, ids)
-    plain_encoder = KVEncoder(materialize(model.unet, ()), len(model.kv_blocks))
-    kv = model.kv_encoder(face, t, x.enc_text, x.enc_pooled, ids)
-    rows = {
-        "denoiser (no adapter)": _graph_ms(device, lambda: model.denoiser(latent, t, *cond, tokens, scale, kv)),
-        "LCM denoiser, LoRA merged": _graph_ms(device, lambda: model.lcm_denoiser(latent, t, *cond, tokens, scale, kv)),
-        "K/V-encoder without LoRA": _graph_ms(device, lambda: plain_encoder(face, t, x.enc_text, x.enc_pooled, ids)),
-        "K/V-encoder, LoRA merged": _graph_ms(device, lambda: model.kv_encoder(face, t, x.enc_text, x.enc_pooled, ids)),
-    }
-    peft_denoiser = Denoiser(model.unet)
-    try:
-        activate_adapters(model.unet, (LCM_ADAPTER,))
-        rows["LCM denoiser, peft unmerged"] = _graph_ms(device, lambda: peft_denoiser(latent, t, *cond, tokens, scale, kv))
-        activate_adapters(model.unet, (KV_ENCODER_ADAPTER,))
-        peft_encoder = KVEncoder(model.unet, len(model.kv_blocks))
-        rows["K/V-encoder, peft unmerged"] = _graph_ms(device, lambda: peft_encoder(face, t, x.enc_text, x.enc_pooled, ids))
-    finally:
-        activate_adapters(model.unet, ())
-    big = torch.randn(1, 4, side, side, device=device)
-    vae = model.vae
-    rows["VAE decode fp16"] = _measure(device, lambda: vae.decode(big.to(vae.dtype)).sample, 3)[1]
-    rows["VAE decode fp32"] = _measure(device, lambda: vae.float().decode(big).sample, 3)[1]
-    vae.to(dtype)
-    if model.decoder.tiny_vae is not None:
-        rows["tiny VAE decode fp16"] = _measure(device, lambda: model.decoder.tiny_vae.decode(big.to(dtype)).sample, 3)[1]
-    return rows
-
-
-def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) -> dict[str, float]:
-    """Memory of one identity's cached K/V, and how far cached images move from the authors' noise pairing: mean
-    absolute difference of 8-bit pixels over the same seeds (random weights: a measure of the mechanism, not of the
-    faces a trained model would give)."""
-    kwargs = {"seed": list(range(seeds)), "num_images": seeds, "mode": "fast", "steps": steps, "output": "pt"}
-    kwargs.update(height=x.size, width=x.size)
-    cached = model.generate(x.identity, PROMPT, kv_cache=True, **kwargs)
-    paired = model.generate(x.identity, PROMPT, **kwargs)
-    entry = model.identity_kv_cache.values()[-1][0]
-    return {
-        "gib_per_identity": entry.numel() * entry.element_size() / 2**30,
-        "mean_abs_pixel_difference": ((cached - paired).abs().mean() * 255).item(),
-        "mean_abs_pixel_difference_other_seeds": ((paired - paired.roll(1, 0)).abs().mean() * 255).item(),
-    }
+    return gib(model.kv_encoder, denoiser)
 
 
 def planned_runs(config: BenchConfig) -> list[tuple[str, str]]:
@@ -348,7 +215,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
     ``path``, the JSON is rewritten after every row, so an interrupted run keeps what it measured."""
     begin = time.perf_counter()
     model = Personalizer.from_pretrained(config.preset, device=config.device)
-    _sync(model.device)
+    sync(model.device)
     build_s = time.perf_counter() - begin
     device = model.device
     # The authors decode with the fp16-fix VAE in fp16; every way here does the same.
@@ -362,7 +229,7 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
     }  # fmt: skip
     with torch.inference_mode():
         x = Inputs(model, config.size)
-        if device.type == "cuda":
+        if device.type == "cuda" and config.network_rows:
             results["networks"] = network_rows(model, x)
             report("networks: " + ", ".join(f"{k} {v:.1f} ms" for k, v in results["networks"].items()))
         for mode, way in planned_runs(config):
@@ -374,9 +241,9 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
             runner = {"authors": AuthorsWay, "diffusers": DiffusersWay}.get(way)
             run = runner(model, mode) if runner else _lcmla(model, way, mode)
             weights = run.weights_gib() if runner else _lcmla_weights(model, mode)
-            batches = (1, config.batch) if mode == "fast" else (1,)
+            batches = tuple(sorted({1, config.batch})) if mode == "fast" else (1,)
             for batch in batches:
-                first, ms, peak = _measure(device, lambda: run(x, batch, steps), config.iters)
+                first, ms, peak = measure(device, lambda: run(x, batch, steps), config.iters)
                 row = Row(mode, way, batch, first, ms, 1000 * batch / ms, weights, peak)
                 if way in ("graphs", "compiled") and batch == 1 and device.type == "cuda":
                     row.shares = step_shares(model, x, mode, steps, ms)

@@ -43,7 +43,7 @@ def use_compiled(model, config, runs: list[tuple[str, str]], report: Callable[[s
     if not (folder / "compiled.json").exists():
         shapes = [CompiledShape(mode, batch, config.size, config.size)
                   for mode, way in runs if way.startswith("compiled")
-                  for batch in ((1, config.batch) if mode == "fast" else (1,))]  # fmt: skip
+                  for batch in (sorted({1, config.batch}) if mode == "fast" else (1,))]  # fmt: skip
         manifest = build_compiled(config.preset, folder, shapes, str(model.device), log=report)
         facts["build_s"] = float(manifest["build_s"])
         report(f"built the compiled networks in {facts['build_s']:.0f} s")

@@ -1,0 +1,61 @@
+"""Timing primitives of ``lcmla bench`` and the benchmark scripts: wall clock with device syncs, a piece of work
+alone in a CUDA graph, the memory of modules' weights."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(device: torch.device, work: Callable[[], Any], iters: int) -> tuple[float, float, float]:
+    """``(first call ms, median ms of the next iters, peak extra GiB over what was allocated before)``."""
+    sync(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    begin = time.perf_counter()
+    work()
+    sync(device)
+    first = (time.perf_counter() - begin) * 1000
+    times = []
+    for _ in range(iters):
+        begin = time.perf_counter()
+        work()
+        sync(device)
+        times.append((time.perf_counter() - begin) * 1000)
+    peak = (torch.cuda.max_memory_allocated(device) - base) / 2**30 if device.type == "cuda" else 0.0
+    return first, statistics.median(times), peak
+
+
+def graph_ms(device: torch.device, work: Callable[[], Any], replays: int = 10) -> float:
+    """Milliseconds of ``work`` captured alone in a CUDA graph (eager wall clock on a CPU)."""
+    if device.type != "cuda":
+        return measure(device, work, replays)[1]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        work()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        work()
+    return measure(device, graph.replay, replays)[1]
+
+
+def gib(*modules: torch.nn.Module) -> float:
+    """Bytes of the distinct parameter storages of ``modules``, in GiB."""
+    seen = {}
+    for module in modules:
+        for param in module.parameters():
+            seen[param.data_ptr()] = param.numel() * param.element_size()
+    return sum(seen.values()) / 2**30
+
