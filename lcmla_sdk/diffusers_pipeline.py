@@ -107,8 +107,8 @@ class LCMLookaheadPipeline(DiffusionPipeline):
         if (device, dtype) == (old.device, old.dtype):
             return self
         components = replace(old.components, tiny_vae=old.decoder.tiny_vae)
-        moved = Personalizer(components, device, dtype, old.fingerprint, None, old.source, old.cuda_graphs)
-        moved.faces, moved.faces_dir = old.faces, old.faces_dir  # the same backend, started again on first use
+        # The same face backend, started again on first use.
+        moved = Personalizer(components, device, dtype, old.fingerprint, old.faces, old.source, old.cuda_graphs)
         self.personalizer = moved
         self._register(moved)
         return self

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +14,12 @@ from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
 from .engines.backends import EngineMismatchError
-from .errors import InvalidImageError, ModelFilesError
-from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend, prepare_references
+from .errors import InvalidImageError
+from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend
+from .faces.encoding import FaceEncoder
 from .freeu import stage_values
-from .identity import Identity, detection_fields
-from .images import FACE_RESIZES, FaceInput, clip_pixels, vae_pixels
+from .identity import Identity
+from .images import FACE_RESIZES, FaceInput
 from .integrity import sha256_json
 from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_pays, call_kv, identity_kv
 from .model_dir import loading, saving
@@ -58,7 +58,7 @@ class Personalizer:
         device: torch.device,
         dtype: torch.dtype,
         fingerprint: str | None = None,
-        faces: str | Path | None = AUTO,
+        faces: str | Path | FaceBackend | None = AUTO,
         source: ModelLayout | None = None,
         cuda_graphs: bool = True,
     ) -> None:
@@ -69,8 +69,6 @@ class Personalizer:
         self.fingerprint: str = fingerprint or sha256_json({"config": config})
         self.faces = FaceBackend.parse(faces)
         self.faces_dir = self.faces.pack_dir  # an insightface pack, written by save_pretrained
-        self._face_analyzer: FaceAnalyzer | None = None
-        self._face_lock = threading.RLock()  # the face analyzer: started once, one detection at a time
         self.device, self.dtype, self.cuda_graphs = device, dtype, cuda_graphs
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
         self.face_size: int = config["pipeline"]["face_size"]
@@ -91,6 +89,7 @@ class Personalizer:
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
         self.default_size = self.unet.config.sample_size * self.vae_scale
         self.clip_size: int = components.image_encoder.config.image_size
+        self.face_encoder = FaceEncoder(self.faces, self.vae, self.clip_size, self.face_size, self.fingerprint, device, dtype)
 
         self.step_tables = StepTables(config["scheduler"], device)
         self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
@@ -307,25 +306,7 @@ class Personalizer:
         validation.choice(face_resize, "face_resize", FACE_RESIZES)
         validation.check_memory(validation.vae_bytes(self, len(faces), self.face_size, self.face_size), self.device,
                                 f"face ({len(faces)} photos)", "encode fewer photos at once")  # fmt: skip
-        analyzer = self.face_analyzer
-        if analyzer is None and (crop == "face" or on_multiple == "error"):
-            raise ModelFilesError(
-                "faces: crop='face' and on_multiple='error' need face detection, which is off for this model: "
-                "install the dlib backend (pip install 'lcmla[faces]') or pass faces='dlib' or an insightface pack "
-                "folder to from_pretrained"
-            )
-        references = prepare_references(faces, analyzer, self.face_size, crop=crop, on_multiple=on_multiple,
-                                        face_resize=face_resize, lock=self._face_lock)  # fmt: skip
-        pictures = references.pictures
-        clip = torch.cat([clip_pixels(p, self.clip_size) for p in pictures]).to(self.device, self.dtype)
-        cond, uncond = self.adapter(clip)
-        pixels = torch.cat([vae_pixels(p, self.face_size) for p in pictures]).to(self.device, self.vae.dtype)
-        dist = self.vae.encode(pixels).latent_dist
-        return Identity(
-            cond_tokens=cond.mean(0, keepdim=True), uncond_tokens=uncond[:1], latent_mean=dist.mean.float(),
-            latent_std=dist.std.float(), sources=references.sources, model_fingerprint=self.fingerprint, crop=crop,
-            face_resize=face_resize, **detection_fields(references.detections, analyzer),
-        )  # fmt: skip
+        return self.face_encoder(faces, self.adapter, crop, on_multiple, face_resize)
 
     def load_identity(self, path: str | Path) -> Identity:
         """:meth:`Identity.load` that refuses an identity made by another model."""
@@ -424,11 +405,7 @@ class Personalizer:
     @property
     def face_analyzer(self) -> FaceAnalyzer | None:
         """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
-        with self._face_lock:
-            if self._face_analyzer is None:
-                providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.device.type == "cuda" else None
-                self._face_analyzer = self.faces.open(providers)
-            return self._face_analyzer
+        return self.face_encoder.analyzer
 
 
 def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):

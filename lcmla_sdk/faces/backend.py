@@ -38,7 +38,9 @@ class FaceBackend:
     options: tuple[str, ...] = ()
 
     @classmethod
-    def parse(cls, faces: str | Path | None) -> FaceBackend:
+    def parse(cls, faces: str | Path | FaceBackend | None) -> FaceBackend:
+        if isinstance(faces, FaceBackend):
+            return faces
         if faces is None:
             return cls("off")
         if isinstance(faces, Path):
