@@ -110,17 +110,6 @@ def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: to
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=dtype, device=device).expand(batch, 6)
 
 
-def check_tokenizer_files(folder: Path) -> None:
-    """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
-    for path in sorted(folder.glob("*.json")):
-        read_json(path)
-    if (folder / "merges.txt").is_file():
-        try:
-            (folder / "merges.txt").read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ModelFilesError(f"{folder / 'merges.txt'}: not UTF-8 text: {error}") from None
-
-
 def load_tokenizer(folder: Path) -> CLIPTokenizer:
     """A CLIP tokenizer from local files; unusable files are a :class:`ModelFilesError` naming the folder."""
     try:

@@ -376,7 +376,7 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
     for module, name in loaders:
         monkeypatch.setattr(module, name, forbidden)
     with monkeypatch.context() as headers:
-        headers.setattr(model_dir.checks, "file_header", forbidden)  # not even a header: the missing file comes first
+        headers.setattr(model_dir.format, "file_header", forbidden)  # not even a header: the missing file comes first
         with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {ip_kv}") + "$"):
             Personalizer.from_pretrained(model_copy, device="cpu")
     # With every file present, the unreadable UNet file is found from its header, still before any loading.

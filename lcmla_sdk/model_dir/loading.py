@@ -20,8 +20,8 @@ from ..presets import PRESETS, Components, build_random_components, preset_confi
 from ..text import load_tokenizer
 from ..weights import load_ip_adapter, load_lcm_lora, load_module_state, read_state_dict
 from ..wiring import LookaheadWeights, wire_unet
-from .checks import validate
-from .format import DIFFUSERS_PARTS, ModelLayout, file_header, weight_file
+from .checks import check
+from .format import DIFFUSERS_PARTS, ModelLayout, file_header, read_layout, weight_file
 
 # The authors' pipeline settings, for directories whose index does not name them.
 PIPELINE_DEFAULTS = {"encoder_prompt": "A photo of a face", "face_size": 1024}
@@ -56,7 +56,8 @@ def load_model(
     elif not Path(name).expanduser().is_dir():
         raise ModelFilesError(f"name: {name!r} is neither a model directory nor an embedded preset {PRESETS}")
     else:
-        layout = validate(name, verify)
+        layout = read_layout(Path(name).expanduser())
+        layout = check(layout, verify)
         if faces == AUTO and "faces" in layout.components:
             faces = layout.components["faces"].path
         model = LoadedModel(load(layout, dtype), layout.fingerprint(), faces, layout)
