@@ -11,7 +11,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .cuda_graphs import GraphCache, capture
 from .errors import ModelFilesError
-from .schema import read_json
 
 TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
 TEXT_GRAPH_BYTES = 2 * 2**30  # captured text encoders kept per model (least recently used out)

@@ -371,7 +371,7 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
     unet_file.write_bytes(b"not safetensors")
     ip_kv = model_copy / "adapter" / "ip_kv.safetensors"
     ip_kv.unlink()
-    loaders = [(model_dir.loading, "load"), (model_dir.loading, "load_sdxl"), (model_dir.loading, "read_state_dict"),
+    loaders = [(model_dir.loading, "load"), (model_dir.building, "load_sdxl"), (model_dir.building, "read_state_dict"),
                (torch, "load"), (UNet2DConditionModel, "from_pretrained")]  # fmt: skip
     for module, name in loaders:
         monkeypatch.setattr(module, name, forbidden)
