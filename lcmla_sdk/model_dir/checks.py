@@ -1,7 +1,7 @@
-"""Validation of a model directory before any heavy load: every file its index names (:func:`.format.read_layout`)
-must exist, tokenizers and face packs must be readable, every weight's key, shape and dtype (from file headers) must
-fit meta-device builds of the configs, and every recorded file that loading reads must have its recorded sha256
-(streamed and cached: :mod:`lcmla_sdk.integrity`)."""
+"""Validation of a model directory before any heavy load, on what :func:`.format.read_layout` read (every file
+found, tokenizer files readable): every weight's key, shape and dtype (from the file headers) must fit meta-device
+builds of the configs, a face pack must hold ONNX models, and every recorded file that loading reads must have its
+recorded sha256 (streamed and cached: :mod:`lcmla_sdk.integrity`)."""
 
 from __future__ import annotations
 
@@ -49,8 +49,8 @@ def validate(root: str | Path, verify: bool = True) -> ModelLayout:
 
 
 def check(layout: ModelLayout, verify: bool = True) -> ModelLayout:
-    """Check every weight's key, shape and dtype, the tokenizers and face pack, and (``verify``) the sha256 of every
-    recorded file that loading reads; return ``layout`` with the hashes verified."""
+    """Check every weight's key, shape and dtype, the face pack, and (``verify``) the sha256 of every recorded file
+    that loading reads; return ``layout`` with the hashes verified."""
     _check_weights(layout)
     if "faces" in layout.components:
         check_face_pack(layout.components["faces"].path)

@@ -227,10 +227,32 @@ class _Found:
 
 def read_layout(root: Path) -> ModelLayout:
     """One pass over the directory at ``root``: the index, its components, every file loading reads (each must exist,
-    as must every file the index records), the configs and the headers of the weight files (:data:`HEADER_PARTS`).
-    Their keys, shapes, dtypes and hashes are checked by :func:`lcmla_sdk.model_dir.validate`."""
+    as must every file the index records), the headers of the weight files (:data:`HEADER_PARTS`), the tokenizer
+    files (JSON objects, UTF-8 text) and the configs. Keys, shapes, dtypes and hashes are checked after:
+    :func:`lcmla_sdk.model_dir.checks.check`."""
     index = read_index(root)
     components = read_components(root, index)
+    found = _find_files(root, index, components)
+    missing = [str(p) for p in found.files if not p.is_file()]
+    if missing:
+        raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
+    labels = {path: path_label(root, path) for path in found.files}
+    headers = {part: file_header(found.weights[part]) for part in HEADER_PARTS if part in found.weights}
+    # After the headers: a weight file replaced by one of another format (its old name still recorded) is reported
+    # for what is wrong with the new file.
+    gone = [label for label in index.get("files", {}) if not labelled_path(root, label).is_file()]
+    if gone:
+        raise ModelFilesError(
+            f"{root / INDEX}: files[{gone[0]!r}]: the recorded file {labelled_path(root, gone[0])} is missing"
+        )
+    for part in ("tokenizer", "tokenizer_2"):
+        _check_tokenizer_files(components["sdxl"].path / part)
+    configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
+    return ModelLayout(root, index, components, configs, found.weights, found.files, labels, headers)
+
+
+def _find_files(root: Path, index: dict[str, Any], components: dict[str, Component]) -> _Found:
+    """Every file loading reads (found, not yet known to exist), with the configs and weight files among them."""
     found = _Found({"pipeline": index.get("pipeline", {})}, files=[root / INDEX])
     _find_sdxl(found, components)
     image_encoder = components["image_encoder"]
@@ -246,21 +268,7 @@ def read_layout(root: Path) -> ModelLayout:
         found.files.append(found.weights["lcm_lora"])
     if "faces" in components:
         found.files += sorted(components["faces"].path.glob("*.onnx"))
-    missing = [str(p) for p in found.files if not p.is_file()]
-    if missing:
-        raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
-    labels = {path: path_label(root, path) for path in found.files}
-    headers = {part: file_header(found.weights[part]) for part in HEADER_PARTS if part in found.weights}
-    # After the headers: a file replaced by one of another format is reported as unreadable, not as gone.
-    gone = [label for label in index.get("files", {}) if not labelled_path(root, label).is_file()]
-    if gone:
-        raise ModelFilesError(
-            f"{root / INDEX}: files[{gone[0]!r}]: the recorded file {labelled_path(root, gone[0])} is missing"
-        )
-    for part in ("tokenizer", "tokenizer_2"):
-        check_tokenizer_files(components["sdxl"].path / part)
-    configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
-    return ModelLayout(root, index, components, configs, found.weights, found.files, labels, headers)
+    return found
 
 
 def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
@@ -280,7 +288,7 @@ def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
         found.files += files
 
 
-def check_tokenizer_files(folder: Path) -> None:
+def _check_tokenizer_files(folder: Path) -> None:
     """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
     for path in sorted(folder.glob("*.json")):
         read_json(path)
