@@ -89,20 +89,22 @@ class ModelLayout:
     configs: dict[str, Any]
     weight_files: dict[str, Path]  # part name -> resolved weight file
     files: list[Path]  # every file that loading reads (weights, configs, tokenizers, ONNX)
-    labels: dict[Path, str] = field(default_factory=dict)  # file -> its label (:meth:`label`)
     headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # HEADER_PARTS' headers
     verified: dict[Path, str] = field(default_factory=dict)  # file -> sha256 found equal to its record
+    labels: dict[Path, str] = field(init=False)  # every file in ``files`` -> its :meth:`label`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", {path: self.label(path) for path in self.files})
 
     def fingerprint(self) -> str:
         """sha256 over the index (without its ``files`` record) and the hash of every file read (a recorded hash
         stands in for a file of the recorded size that was not verified)."""
         recorded = self.index.get("files", {})
         digest = hashlib.sha256(canonical_json({k: v for k, v in self.index.items() if k != "files"}).encode())
-        labels = {path: self.labels.get(path) or self.label(path) for path in self.files}
-        for path in sorted(self.files, key=labels.__getitem__):
-            record = recorded.get(labels[path], {})
+        for path in sorted(self.files, key=self.labels.__getitem__):
+            record = recorded.get(self.labels[path], {})
             file_hash = self.verified.get(path) or (record["sha256"] if record.get("bytes") == path.stat().st_size else None)
-            digest.update(f"{labels[path]}={file_hash or sha256_file(path)}\n".encode())
+            digest.update(f"{self.labels[path]}={file_hash or sha256_file(path)}\n".encode())
         return digest.hexdigest()
 
     def path(self, label: str) -> Path:
@@ -111,18 +113,15 @@ class ModelLayout:
 
     def label(self, path: Path) -> str:
         """The path relative to the model directory, or absolute for files kept elsewhere."""
-        return path_label(self.root, path)
+        try:
+            return path.resolve().relative_to(self.root.resolve()).as_posix()
+        except ValueError:
+            return path.resolve().as_posix()
 
 
 def labelled_path(root: Path, label: str) -> Path:
+    """The file a ``files`` label names, under ``root`` unless absolute."""
     return Path(label) if Path(label).is_absolute() else root / label
-
-
-def path_label(root: Path, path: Path) -> str:
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return path.resolve().as_posix()
 
 
 def canonical_json(value: Any) -> str:
@@ -236,7 +235,6 @@ def read_layout(root: Path) -> ModelLayout:
     missing = [str(p) for p in found.files if not p.is_file()]
     if missing:
         raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
-    labels = {path: path_label(root, path) for path in found.files}
     headers = {part: file_header(found.weights[part]) for part in HEADER_PARTS if part in found.weights}
     # After the headers: a weight file replaced by one of another format (its old name still recorded) is reported
     # for what is wrong with the new file.
@@ -248,7 +246,7 @@ def read_layout(root: Path) -> ModelLayout:
     for part in ("tokenizer", "tokenizer_2"):
         _check_tokenizer_files(components["sdxl"].path / part)
     configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
-    return ModelLayout(root, index, components, configs, found.weights, found.files, labels, headers)
+    return ModelLayout(root, index, components, configs, found.weights, found.files, headers)
 
 
 def _find_files(root: Path, index: dict[str, Any], components: dict[str, Component]) -> _Found:
