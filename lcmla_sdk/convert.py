@@ -35,7 +35,7 @@ from diffusers.models.embeddings import IPAdapterPlusImageProjection
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .errors import ModelFilesError
-from .model_dir.loading import assemble, load_sdxl
+from .model_dir.building import assemble, load_sdxl
 from .model_dir.saving import save
 from .schema import read_json
 from .weights import (

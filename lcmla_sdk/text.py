@@ -11,7 +11,6 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokeniz
 
 from .cuda_graphs import GraphCache, capture
 from .errors import ModelFilesError
-from .schema import read_json
 from .transfer import device_tensor, to_device
 
 TextEncoders = tuple[CLIPTextModel, CLIPTextModelWithProjection]
@@ -109,17 +108,6 @@ class PromptEncoder:
 def time_ids(height: int, width: int, batch: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """SDXL micro-conditioning ``(orig_h, orig_w, crop_top, crop_left, target_h, target_w)`` with no crop."""
     return device_tensor([[height, width, 0, 0, height, width]], device, dtype).expand(batch, 6)
-
-
-def check_tokenizer_files(folder: Path) -> None:
-    """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
-    for path in sorted(folder.glob("*.json")):
-        read_json(path)
-    if (folder / "merges.txt").is_file():
-        try:
-            (folder / "merges.txt").read_bytes().decode("utf-8")
-        except UnicodeDecodeError as error:
-            raise ModelFilesError(f"{folder / 'merges.txt'}: not UTF-8 text: {error}") from None
 
 
 def load_tokenizer(folder: Path) -> CLIPTokenizer:

@@ -371,12 +371,12 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
     unet_file.write_bytes(b"not safetensors")
     ip_kv = model_copy / "adapter" / "ip_kv.safetensors"
     ip_kv.unlink()
-    loaders = [(model_dir.loading, "load"), (model_dir.loading, "load_sdxl"), (model_dir.loading, "read_state_dict"),
+    loaders = [(model_dir.loading, "load"), (model_dir.building, "load_sdxl"), (model_dir.building, "read_state_dict"),
                (torch, "load"), (UNet2DConditionModel, "from_pretrained")]  # fmt: skip
     for module, name in loaders:
         monkeypatch.setattr(module, name, forbidden)
     with monkeypatch.context() as headers:
-        headers.setattr(model_dir.checks, "file_header", forbidden)  # not even a header: the missing file comes first
+        headers.setattr(model_dir.format, "file_header", forbidden)  # not even a header: the missing file comes first
         with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {ip_kv}") + "$"):
             Personalizer.from_pretrained(model_copy, device="cpu")
     # With every file present, the unreadable UNet file is found from its header, still before any loading.

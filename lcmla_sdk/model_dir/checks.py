@@ -1,7 +1,7 @@
-"""Validation of a model directory before any heavy load: every file its index names (:func:`.format.read_layout`)
-must exist, tokenizers and face packs must be readable, every weight's key, shape and dtype (from file headers) must
-fit meta-device builds of the configs, and every recorded file that loading reads must have its recorded sha256
-(streamed and cached: :mod:`lcmla_sdk.integrity`)."""
+"""Validation of a model directory before any heavy load, on what :func:`.format.read_layout` read (every file
+found, tokenizer files readable): every weight's key, shape and dtype (from the file headers) must fit meta-device
+builds of the configs, a face pack must hold ONNX models, and every recorded file that loading reads must have its
+recorded sha256 (streamed and cached: :mod:`lcmla_sdk.integrity`)."""
 
 from __future__ import annotations
 
@@ -23,16 +23,13 @@ from transformers import (
 from ..errors import ModelFilesError
 from ..faces import check_face_pack
 from ..integrity import verify_file
-from ..text import check_tokenizer_files
 from ..weights import check_shapes
 from ..wiring import lookahead_shapes
-from .format import FLOAT_DTYPES, INDEX, ModelLayout, file_header, read_layout
+from .format import FLOAT_DTYPES, INDEX, ModelLayout, read_layout
 
 # CLIP checkpoints written by older transformers carry this buffer; current models rebuild it.
 IGNORED_SUFFIXES = ("position_ids",)
 CLIP_PARTS = ("text_encoder", "text_encoder_2", "image_encoder")
-# The weight files checked, in this order (so a message names the first broken one of several).
-CHECKED_PARTS = ("unet", "vae", *CLIP_PARTS, "kv_projections", "kv_lora", "ip_kv", "resampler")
 # How each checked weight file's module is built from the configs (on the meta device: shapes only).
 META_BUILDS: dict[str, Callable[[dict], torch.nn.Module]] = {
     "unet": lambda configs: UNet2DConditionModel.from_config(configs["unet"]),
@@ -45,26 +42,23 @@ META_BUILDS: dict[str, Callable[[dict], torch.nn.Module]] = {
 
 
 def validate(root: str | Path, verify: bool = True) -> ModelLayout:
-    """Check the index, every named file, every weight's key, shape and dtype, and (``verify``) the sha256 of every
-    recorded file that loading reads; load no weights."""
+    """Read the directory (:func:`.format.read_layout`: the index and every named file, which must exist) and
+    :func:`check` it; load no weights."""
     layout = read_layout(Path(root).expanduser())
-    missing = [str(p) for p in layout.files if not p.is_file()]
-    if missing:
-        raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
-    sdxl = layout.components["sdxl"].path
-    for part in ("tokenizer", "tokenizer_2"):
-        check_tokenizer_files(sdxl / part)
+    return check(layout, verify)
+
+
+def check(layout: ModelLayout, verify: bool = True) -> ModelLayout:
+    """Check every weight's key, shape and dtype, the face pack, and (``verify``) the sha256 of every recorded file
+    that loading reads; return ``layout`` with the hashes verified."""
+    _check_weights(layout)
     if "faces" in layout.components:
         check_face_pack(layout.components["faces"].path)
-    _check_weights(layout)
-    records, index_file = layout.index.get("files", {}), layout.root / INDEX
-    gone = [label for label in records if not layout.path(label).is_file()]
-    if gone:
-        raise ModelFilesError(f"{index_file}: files[{gone[0]!r}]: the recorded file {layout.path(gone[0])} is missing")
     if not verify:
         return layout
-    verified = {path: verify_file(path, records[layout.label(path)]["sha256"], index_file)
-                for path in layout.files if layout.label(path) in records}  # fmt: skip
+    records, index_file = layout.index.get("files", {}), layout.root / INDEX
+    verified = {path: verify_file(path, records[label]["sha256"], index_file)
+                for path, label in layout.labels.items() if label in records}  # fmt: skip
     return replace(layout, verified=verified)
 
 
@@ -72,14 +66,12 @@ def _check_weights(layout: ModelLayout) -> None:
     """Every weight file's keys, shapes and dtypes (from its header) against a meta-device build of its config, and
     its size against its record."""
     records, expected = layout.index.get("files", {}), _expected_shapes(layout)
-    # Not checked here: an LCM-LoRA (diffusers converts it), an original IP-Adapter file (checked when read).
-    for part in (p for p in CHECKED_PARTS if p in layout.weight_files):
+    for part, header in layout.headers.items():
         path = layout.weight_files[part]
-        header = file_header(path)
         ignored = IGNORED_SUFFIXES if part in CLIP_PARTS else ()
         found = {k: shape for k, (shape, _) in header.items() if not k.endswith(ignored) or k in expected[part]}
         check_shapes(expected[part], found, str(path))
-        record = records.get(layout.label(path), {})
+        record = records.get(layout.labels[path], {})
         wanted = record.get("dtype")
         wrong = sorted(k for k, (_, dtype) in header.items() if k in expected[part] and (dtype not in FLOAT_DTYPES.values() or (wanted and dtype != wanted)))
         if wrong:

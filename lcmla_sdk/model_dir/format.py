@@ -53,6 +53,9 @@ SAFETENSORS_DTYPES = {
 DIFFUSERS_PARTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model"}
 TRANSFORMERS_PARTS = {"text_encoder": "model", "text_encoder_2": "model"}
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
+# The weight files whose headers are read, in this order (so a message names the first broken one of several). Not
+# read: an LCM-LoRA (diffusers converts it), an original IP-Adapter file (checked when read).
+HEADER_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder", "kv_projections", "kv_lora", "ip_kv", "resampler")
 # Pickled weights of transformers models are named pytorch_model.bin, not model.bin.
 PICKLE_STEMS = {"model": "pytorch_model"}
 COMPONENT = Either(
@@ -77,8 +80,8 @@ class Component:
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """A validated model directory (:func:`lcmla_sdk.model_dir.validate`): resolved components, configs, and every
-    file loading will read."""
+    """What a model directory holds (:func:`read_layout`), read in one pass: resolved components, configs, every
+    file loading will read and the headers of its weight files; validated by :func:`lcmla_sdk.model_dir.validate`."""
 
     root: Path
     index: dict[str, Any]  # the parsed lcmla.json
@@ -86,22 +89,27 @@ class ModelLayout:
     configs: dict[str, Any]
     weight_files: dict[str, Path]  # part name -> resolved weight file
     files: list[Path]  # every file that loading reads (weights, configs, tokenizers, ONNX)
+    headers: dict[str, dict[str, tuple[tuple[int, ...], str]]] = field(default_factory=dict)  # HEADER_PARTS' headers
     verified: dict[Path, str] = field(default_factory=dict)  # file -> sha256 found equal to its record
+    labels: dict[Path, str] = field(init=False)  # every file in ``files`` -> its :meth:`label`
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", {path: self.label(path) for path in self.files})
 
     def fingerprint(self) -> str:
         """sha256 over the index (without its ``files`` record) and the hash of every file read (a recorded hash
         stands in for a file of the recorded size that was not verified)."""
         recorded = self.index.get("files", {})
         digest = hashlib.sha256(canonical_json({k: v for k, v in self.index.items() if k != "files"}).encode())
-        for path in sorted(self.files, key=lambda p: self.label(p)):
-            record = recorded.get(self.label(path), {})
+        for path in sorted(self.files, key=self.labels.__getitem__):
+            record = recorded.get(self.labels[path], {})
             file_hash = self.verified.get(path) or (record["sha256"] if record.get("bytes") == path.stat().st_size else None)
-            digest.update(f"{self.label(path)}={file_hash or sha256_file(path)}\n".encode())
+            digest.update(f"{self.labels[path]}={file_hash or sha256_file(path)}\n".encode())
         return digest.hexdigest()
 
     def path(self, label: str) -> Path:
         """The file a ``files`` label names."""
-        return Path(label) if Path(label).is_absolute() else self.root / label
+        return labelled_path(self.root, label)
 
     def label(self, path: Path) -> str:
         """The path relative to the model directory, or absolute for files kept elsewhere."""
@@ -109,6 +117,11 @@ class ModelLayout:
             return path.resolve().relative_to(self.root.resolve()).as_posix()
         except ValueError:
             return path.resolve().as_posix()
+
+
+def labelled_path(root: Path, label: str) -> Path:
+    """The file a ``files`` label names, under ``root`` unless absolute."""
+    return Path(label) if Path(label).is_absolute() else root / label
 
 
 def canonical_json(value: Any) -> str:
@@ -212,10 +225,32 @@ class _Found:
 
 
 def read_layout(root: Path) -> ModelLayout:
-    """The index of the directory at ``root``, its components (each must exist), their configs and every file
-    loading reads (not checked yet: :func:`lcmla_sdk.model_dir.validate`)."""
+    """One pass over the directory at ``root``: the index, its components, every file loading reads (each must exist,
+    as must every file the index records), the headers of the weight files (:data:`HEADER_PARTS`), the tokenizer
+    files (JSON objects, UTF-8 text) and the configs. Keys, shapes, dtypes and hashes are checked after:
+    :func:`lcmla_sdk.model_dir.checks.check`."""
     index = read_index(root)
     components = read_components(root, index)
+    found = _find_files(root, index, components)
+    missing = [str(p) for p in found.files if not p.is_file()]
+    if missing:
+        raise ModelFilesError(f"missing files: {', '.join(missing[:5])}")
+    headers = {part: file_header(found.weights[part]) for part in HEADER_PARTS if part in found.weights}
+    # After the headers: a weight file replaced by one of another format (its old name still recorded) is reported
+    # for what is wrong with the new file.
+    gone = [label for label in index.get("files", {}) if not labelled_path(root, label).is_file()]
+    if gone:
+        raise ModelFilesError(
+            f"{root / INDEX}: files[{gone[0]!r}]: the recorded file {labelled_path(root, gone[0])} is missing"
+        )
+    for part in ("tokenizer", "tokenizer_2"):
+        _check_tokenizer_files(components["sdxl"].path / part)
+    configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
+    return ModelLayout(root, index, components, configs, found.weights, found.files, headers)
+
+
+def _find_files(root: Path, index: dict[str, Any], components: dict[str, Component]) -> _Found:
+    """Every file loading reads (found, not yet known to exist), with the configs and weight files among them."""
     found = _Found({"pipeline": index.get("pipeline", {})}, files=[root / INDEX])
     _find_sdxl(found, components)
     image_encoder = components["image_encoder"]
@@ -231,8 +266,7 @@ def read_layout(root: Path) -> ModelLayout:
         found.files.append(found.weights["lcm_lora"])
     if "faces" in components:
         found.files += sorted(components["faces"].path.glob("*.onnx"))
-    configs = {**found.configs, **{part: read_json(path) for part, path in found.config_files.items()}}
-    return ModelLayout(root, index, components, configs, found.weights, found.files)
+    return found
 
 
 def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
@@ -250,6 +284,17 @@ def _find_sdxl(found: _Found, components: dict[str, Component]) -> None:
         if not any(p.name == "tokenizer.json" for p in files) and len(files) < 2:
             raise ModelFilesError(f"{sdxl.path / part}: missing CLIP tokenizer files (tokenizer.json, or vocab.json and merges.txt)")
         found.files += files
+
+
+def _check_tokenizer_files(folder: Path) -> None:
+    """JSON objects and UTF-8 text, so that a damaged file is named here rather than by the tokenizers library."""
+    for path in sorted(folder.glob("*.json")):
+        read_json(path)
+    if (folder / "merges.txt").is_file():
+        try:
+            (folder / "merges.txt").read_bytes().decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise ModelFilesError(f"{folder / 'merges.txt'}: not UTF-8 text: {error}") from None
 
 
 def _find_adapter(found: _Found, adapter: Component) -> None:
