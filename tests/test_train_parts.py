@@ -120,7 +120,8 @@ def test_a_model_directory_without_lookahead_weights_fails_before_anything_loads
     from lcmla_sdk.train import Trainer, config_from_dict
 
     config = {"output_dir": str(tmp_path / "out"), "model": str(tmp_path / "model"), "data": {"sets": [{"root": "x"}]},
-              "faces": {"landmarks": "template"}, "logging": {"tracker": None}}  # fmt: skip
+              "faces": {"landmarks": "template"}, "logging": {"tracker": None},
+              "mixed_precision": "no"}  # accelerate's state is per process: the other tests' precision  # fmt: skip
     with pytest.raises(ConfigError, match=r"^tiny_vae: required for a model directory"):
         Trainer(config_from_dict(config))  # the data set and the model directory do not exist either
     with pytest.raises(ConfigError, match=r"^arcface.weights: required for a model directory"):
