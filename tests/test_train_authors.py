@@ -11,9 +11,8 @@ from PIL import Image
 
 from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.config import ConfigError
-from lcmla_sdk.train.losses import DREAMSIM_FILES, DreamSimLoss, load_dreamsim
+from lcmla_sdk.train.losses import DREAMSIM_FILES, DreamSimLoss, MissingLossWarning, load_dreamsim
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
-from lcmla_sdk.train.trainer import MissingLossWarning
 
 MAX_NORM = 1e-4  # far below every gradient norm of the tiny model, so clipping always acts
 

@@ -16,7 +16,7 @@ from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
 from lcmla_sdk.train.arcface import IResNet
 from lcmla_sdk.presets import preset_config
-from lcmla_sdk.train.trainer import responsive_decoder_init
+from lcmla_sdk.train.losses import responsive_decoder_init
 
 
 class Interrupted(Exception):

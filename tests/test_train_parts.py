@@ -116,6 +116,18 @@ def test_no_usable_pair_and_bad_metadata_are_clear_errors(tmp_path):
         PairIndex([DataSetConfig(root=str(tmp_path))])
 
 
+def test_a_model_directory_without_lookahead_weights_fails_before_anything_loads(tmp_path):
+    from lcmla_sdk.train import Trainer, config_from_dict
+
+    config = {"output_dir": str(tmp_path / "out"), "model": str(tmp_path / "model"), "data": {"sets": [{"root": "x"}]},
+              "faces": {"landmarks": "template"}, "logging": {"tracker": None},
+              "mixed_precision": "no"}  # accelerate's state is per process: the other tests' precision  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^tiny_vae: required for a model directory"):
+        Trainer(config_from_dict(config))  # the data set and the model directory do not exist either
+    with pytest.raises(ConfigError, match=r"^arcface.weights: required for a model directory"):
+        Trainer(config_from_dict({**config, "tiny_vae": str(tmp_path / "taesdxl")}))
+
+
 # ---------------------------------------------------------------------------- random draws
 @pytest.mark.parametrize("alpha", [0.5, 0.2])
 def test_timesteps_follow_the_importance_distribution(alpha):

@@ -166,6 +166,16 @@ def build_arcface(arch: str | dict) -> nn.Module:
     return {"iresnet": IResNet, "ir_se": IRSE}[family](**spec)
 
 
+def training_arcface(weights: str | None, arch: str | dict | None, seed: int) -> nn.Module:
+    """The identity loss's ArcFace: from ``weights``, else ``arch`` with random weights drawn from ``seed`` (the
+    global random state is left as it was)."""
+    if weights is not None:
+        return load_arcface(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_arcface(arch).eval().requires_grad_(False)
+
+
 def load_arcface(path: str | Path) -> nn.Module:
     """Load ArcFace weights from a local file: ``.onnx`` (insightface pack), ``.safetensors``, or ``.pth``/``.pt``
     (``torch.load(weights_only=True)``). The network is returned in eval mode, frozen, in fp32."""

@@ -15,6 +15,8 @@ from PIL import Image
 
 from lcmla_sdk.faces import ARCFACE_TEMPLATE, InsightFaceAnalyzer, check_face_pack
 
+from .config import FacesConfig
+
 ARCFACE_SIZE = 112  # ARCFACE_TEMPLATE's crop side
 
 
@@ -48,6 +50,13 @@ class DetectorLandmarks:
             self._analyzer = InsightFaceAnalyzer(self.pack, self.det_thresh, (self.det_size, self.det_size))
         faces = self._analyzer.detect(Image.fromarray(image))
         return faces[0].landmarks if faces else None  # largest first
+
+
+def landmark_source(faces: FacesConfig) -> TemplateLandmarks | DetectorLandmarks:
+    """The landmark source ``faces.landmarks`` names; a detector's pack is checked at once."""
+    if faces.landmarks == "template":
+        return TemplateLandmarks()
+    return DetectorLandmarks(faces.pack, faces.det_size, faces.det_thresh)
 
 
 def similarity_to_template(landmarks: torch.Tensor, size: int = ARCFACE_SIZE) -> torch.Tensor:

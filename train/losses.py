@@ -1,16 +1,21 @@
-"""The lookahead objective: a one-step LCM preview, and identity, DreamSim (and optional perceptual) losses on it."""
+"""The lookahead objective: a one-step LCM preview decoded by the tiny VAE, and identity, DreamSim (and optional
+perceptual) losses on it."""
 
 from __future__ import annotations
 
 import importlib
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import LCMScheduler
+from diffusers import AutoencoderTiny, LCMScheduler
 from torch import nn
+
+from lcmla_sdk.decoding import load_tiny_vae
+from lcmla_sdk.errors import ModelFilesError
 
 from .config import ConfigError
 from .faces import align_faces
@@ -38,6 +43,43 @@ def lcm_preview(
     c_skip, c_out = scheduler.get_scalings_for_boundary_condition_discrete(timesteps.to(noisy.device, torch.float32))
     x0 = (noisy.float() - (1 - alphas).sqrt() * eps.float()) / alphas.sqrt()
     return c_out.view(-1, 1, 1, 1) * x0 + c_skip.view(-1, 1, 1, 1) * noisy.float()
+
+
+class MissingLossWarning(UserWarning):
+    """A loss of the authors' training that this run cannot compute (its weights were not given)."""
+
+
+def preview_decoder(
+    folder: str | None, random_args: dict[str, Any] | None, seed: int, device: torch.device, dtype: torch.dtype
+) -> AutoencoderTiny:
+    """The tiny VAE that decodes the previews, frozen on ``device`` in ``dtype``: a local ``AutoencoderTiny``
+    folder, or without one random weights drawn from ``seed`` (``random_args``: the preset's constructor arguments;
+    the global random state is left as it was)."""
+    if folder is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            vae = AutoencoderTiny(**random_args)
+            responsive_decoder_init(vae)
+    else:
+        try:
+            vae = load_tiny_vae(folder)
+        except ModelFilesError as error:  # a config mistake, reported as one
+            raise ConfigError(str(error)) from None
+    return nn.Module.to(vae, device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def responsive_decoder_init(vae: AutoencoderTiny) -> None:
+    """He-initialise a random tiny VAE's decoder (output layer scaled to images of about unit range).
+
+    With PyTorch's default init the signal shrinks through the decoder's plain convolutions and a random preview
+    barely depends on its latent; presets randomise weights so that every path matters, as the core's presets do.
+    """
+    convs = [m for m in vae.decoder.modules() if isinstance(m, nn.Conv2d)]
+    for conv in convs:
+        nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+    convs[-1].weight.data.mul_(0.05)
 
 
 class IdentityLoss(nn.Module):
@@ -80,15 +122,32 @@ class DreamSimLoss(nn.Module):
         self.model = model
 
     @staticmethod
-    def prepare(images: torch.Tensor) -> torch.Tensor:
+    def dreamsim_input(images: torch.Tensor) -> torch.Tensor:
         unit = (images.float() + 1.0) / 2.0
         size = (DREAMSIM_SIZE, DREAMSIM_SIZE)
         return F.interpolate(unit, size=size, mode="bicubic", align_corners=False, antialias=True)
 
     def forward(self, preview: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            target = self.prepare(reference)
-        return self.model(self.prepare(preview), target).reshape(-1)
+            target = self.dreamsim_input(reference)
+        return self.model(self.dreamsim_input(preview), target).reshape(-1)
+
+
+def optional_dreamsim(folder: str | None, weight: float, device: torch.device) -> DreamSimLoss | None:
+    """DreamSim from ``folder`` when the loss is on (``weight``); without a folder, a loud
+    :class:`MissingLossWarning` and no DreamSim loss."""
+    if not weight:
+        return None
+    if folder is None:
+        warnings.warn(
+            "\n" + "!" * 100 + "\nlookahead.dreamsim_weight is "
+            f"{weight:g} (the authors' DreamSim loss) but no DreamSim folder is given "
+            "(lookahead.dreamsim): training WITHOUT it, unlike the authors. Give the folder, or set "
+            "lookahead.dreamsim_weight=0 to train without it on purpose.\n" + "!" * 100,
+            MissingLossWarning, stacklevel=3,
+        )  # fmt: skip
+        return None
+    return load_dreamsim(folder, device)
 
 
 def load_dreamsim(folder: str | Path, device: torch.device) -> DreamSimLoss:

@@ -14,6 +14,8 @@ from lcmla_sdk.networks import Denoiser, KVEncoder
 from lcmla_sdk.pipeline import Personalizer
 from lcmla_sdk.sampling import Networks
 
+from .config import OptimConfig
+
 
 def trainable_parameters(model: Personalizer) -> dict[str, list[tuple[str, nn.Parameter]]]:
     """The authors' two optimiser groups (``official_method_facts.md`` section 11), by qualified name.
@@ -40,6 +42,17 @@ def make_trainable(groups: dict[str, list[tuple[str, nn.Parameter]]]) -> list[nn
             param.requires_grad_(True)
             params.append(param)
     return params
+
+
+def make_optimizer(groups: dict[str, list[tuple[str, nn.Parameter]]], optim: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the two groups, each at its learning rate (``optim.lr_encoder``, ``optim.lr_adapter``)."""
+    return torch.optim.AdamW(
+        [
+            {"params": [p for _, p in groups["encoder"]], "lr": optim.lr_encoder, "name": "encoder"},
+            {"params": [p for _, p in groups["adapter"]], "lr": optim.lr_adapter, "name": "adapter"},
+        ],
+        betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
+    )  # fmt: skip
 
 
 class _WithAdapters(nn.Module):

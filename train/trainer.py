@@ -17,47 +17,41 @@ Per step (``official_method_facts.md`` sections 7-11):
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, broadcast, gather_object
-from diffusers import AutoencoderTiny, DDPMScheduler, LCMScheduler
+from diffusers import DDPMScheduler, LCMScheduler
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from lcmla_sdk.atomic import write_text
-from lcmla_sdk.decoding import load_tiny_vae
-from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.images import to_uint8
-from lcmla_sdk.lora import LCM_ADAPTER
-from lcmla_sdk.pipeline import Personalizer
 from lcmla_sdk.presets import PRESETS, preset_part
-from lcmla_sdk.text import time_ids
 
 from . import checkpoints
-from .arcface import build_arcface, load_arcface
+from .arcface import training_arcface
 from .config import ConfigError, TrainConfig
 from .data import DataSummary, PairDataset, PairIndex, StepBatches, collate
-from .draws import drop_image_tokens, drop_kv_tokens, generator_for, lcm_lora_scale, sample_timesteps
-from .faces import DetectorLandmarks, TemplateLandmarks
-from .losses import DreamSimLoss, IdentityLoss, lcm_preview, load_dreamsim, load_perceptual
+from .faces import landmark_source
+from .losses import IdentityLoss, load_perceptual, optional_dreamsim, preview_decoder
+from .model import load_model
+from .step_losses import StepLosses
 from .trainables import (
-    SharedUNetLora, average_gradients, checksum, make_trainable, trainable_parameters, training_networks,
+    SharedUNetLora, average_gradients, checksum, make_optimizer, make_trainable, trainable_parameters,
+    training_networks,
 )  # fmt: skip
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 StepCallback = Callable[[int, dict[str, float]], Any]
 
 
-class Trainer:
+class Trainer(StepLosses):
     """Builds everything a run needs from a :class:`TrainConfig`; :meth:`train` runs it (resuming if asked)."""
 
     def __init__(self, config: TrainConfig) -> None:
@@ -71,54 +65,59 @@ class Trainer:
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+        lookahead = config.lookahead
 
-        # What can be checked cheaply comes before the model load: the data sets and the face pack.
+        # 1. What can be checked cheaply comes before the model load: random weights where none are given (presets
+        #    only), the data sets and the face pack.
+        random_parts = preset_parts(
+            config.model, tiny_vae=config.tiny_vae is None, arcface=config.arcface.weights is None and not config.arcface.arch
+        )  # fmt: skip
         self.index = PairIndex(config.data.sets)
         self.summary: DataSummary = self.index.summary
-        self.landmarks = (
-            TemplateLandmarks()
-            if config.faces.landmarks == "template"
-            else DetectorLandmarks(config.faces.pack, config.faces.det_size, config.faces.det_thresh)
-        )
+        self.landmarks = landmark_source(config.faces)
 
-        # Networks: the SDK model (frozen, weight dtype), the tiny VAE and ArcFace for the lookahead loss.
-        self.model = self._load_model()
+        # 2. The SDK model (frozen, weight dtype) and its schedulers.
+        self.model = load_model(
+            config.model, self.device, self.weight_dtype, lookahead=bool(lookahead.every),
+            max_timestep=lookahead.max_timestep, resolution=config.data.resolution,
+        )  # fmt: skip
         self.ddpm = DDPMScheduler.from_config(self.model.config["scheduler"])
         self.lcm_scheduler = LCMScheduler.from_config(
-            self.model.config["scheduler"], timestep_scaling=config.lookahead.timestep_scaling
+            self.model.config["scheduler"], timestep_scaling=lookahead.timestep_scaling
         )
-        self.tiny_vae = self._load_tiny_vae()
-        self.identity_loss = IdentityLoss(self._load_arcface().to(self.device))
-        self.dreamsim = self._load_dreamsim()
-        perceptual = config.lookahead.perceptual
-        self.perceptual = load_perceptual(perceptual, config.lookahead.perceptual_kwargs, self.device) if perceptual else None
 
-        # Trainables, optimiser, LR schedule; checkpointing that keeps each network's LoRA state on recomputation.
-        self.lora = SharedUNetLora(self.model.unet)
-        self.networks = training_networks(self.model)
+        # 3. The lookahead objective: ArcFace for the identity loss, DreamSim, the optional perceptual loss, the tiny
+        #    VAE that decodes the previews.
+        arcface = training_arcface(config.arcface.weights, config.arcface.arch or random_parts.get("arcface"), config.seed)
+        self.identity_loss = IdentityLoss(arcface.to(self.device))
+        self.dreamsim = optional_dreamsim(lookahead.dreamsim, lookahead.dreamsim_weight, self.device) if lookahead.every else None
+        self.perceptual = (
+            load_perceptual(lookahead.perceptual, lookahead.perceptual_kwargs, self.device) if lookahead.perceptual else None
+        )  # fmt: skip
+        self.tiny_vae = preview_decoder(
+            config.tiny_vae, random_parts.get("tiny_vae"), config.seed, self.device, self.weight_dtype
+        )
+
+        # 4. Trainables, optimiser, LR schedule; checkpointing that keeps each network's LoRA state on recomputation.
         self.groups = trainable_parameters(self.model)
         self.params = make_trainable(self.groups)
         self.encoder_params = [param for _, param in self.groups["encoder"]]
+        self.lora = SharedUNetLora(self.model.unet)
         if config.gradient_checkpointing:
             self.model.unet.enable_gradient_checkpointing(gradient_checkpointing_func=self.lora.checkpoint)
             self.tiny_vae.enable_gradient_checkpointing()
-        optim = config.optim
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": [p for _, p in self.groups["encoder"]], "lr": optim.lr_encoder, "name": "encoder"},
-                {"params": [p for _, p in self.groups["adapter"]], "lr": optim.lr_adapter, "name": "adapter"},
-            ],
-            betas=optim.betas, eps=optim.eps, weight_decay=optim.weight_decay,
-        )  # fmt: skip
+        optimizer = make_optimizer(self.groups, config.optim)
+        self.networks = training_networks(self.model)
         self.optimizer = self.accelerator.prepare(optimizer)
         self.lr_scheduler = get_scheduler(
-            optim.lr_schedule, optimizer, num_warmup_steps=optim.warmup_steps, num_training_steps=config.max_steps
-        )
+            config.optim.lr_schedule, optimizer, num_warmup_steps=config.optim.warmup_steps,
+            num_training_steps=config.max_steps,
+        )  # fmt: skip
         if self.accelerator.num_processes > 1:  # every rank starts from rank 0's trainables
             for param in self.params:
                 param.data.copy_(broadcast(param.data, from_process=0))
 
-        # Data: pairs by step, so the data position is the step.
+        # 5. Data: pairs by step, so the data position is the step.
         self.dataset = PairDataset(
             self.index, config.data.resolution, self.model.clip_size, self.landmarks, config.seed, self.rank,
             config.data.max_redraws,
@@ -126,179 +125,10 @@ class Trainer:
         self.step = 0
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    # ------------------------------------------------------------------ building
-    def _load_model(self) -> Personalizer:
-        config = self.config
-        try:
-            model = Personalizer.from_pretrained(config.model, device=self.device, dtype=self.weight_dtype)
-        except ValueError as error:
-            raise ConfigError(f"model: {error}") from None
-        if config.lookahead.every and not model.has_lcm:
-            raise ConfigError("lookahead.every: the model has no LCM-LoRA; add one, or set lookahead.every to 0")
-        train_steps = model.config["scheduler"]["num_train_timesteps"]
-        if config.lookahead.max_timestep > train_steps:
-            raise ConfigError(
-                f"lookahead.max_timestep: at most {train_steps} (the scheduler's "
-                f"training timesteps), got {config.lookahead.max_timestep}"
-            )
-        if config.data.resolution % model.size_multiple:
-            raise ConfigError(f"data.resolution: must be a multiple of {model.size_multiple}, got {config.data.resolution}")
-        # Training trains the K/V-encoder, so checkpoints of a no-K/V model (lcmla convert) generate with K/V.
-        model.config["pipeline"].pop("has_kv_encoder", None)
-        return model
-
-    def _preset_part(self, part: str, key: str) -> Any:
-        if self.config.model not in PRESETS:
-            raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
-        return preset_part(self.config.model, part)
-
-    def _load_tiny_vae(self) -> AutoencoderTiny:
-        if self.config.tiny_vae is not None:
-            try:
-                vae = load_tiny_vae(self.config.tiny_vae)
-            except ModelFilesError as error:  # a config mistake, reported as one
-                raise ConfigError(str(error)) from None
-        else:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.config.seed)
-                vae = AutoencoderTiny(**self._preset_part("tiny_vae", "tiny_vae"))
-                responsive_decoder_init(vae)
-        return torch.nn.Module.to(vae, device=self.device, dtype=self.weight_dtype).eval().requires_grad_(False)
-
-    def _load_dreamsim(self) -> DreamSimLoss | None:
-        lookahead = self.config.lookahead
-        if not lookahead.dreamsim_weight or not lookahead.every:
-            return None
-        if lookahead.dreamsim is None:
-            warnings.warn(
-                "\n" + "!" * 100 + "\nlookahead.dreamsim_weight is "
-                f"{lookahead.dreamsim_weight:g} (the authors' DreamSim loss) but no DreamSim folder is given "
-                "(lookahead.dreamsim): training WITHOUT it, unlike the authors. Give the folder, or set "
-                "lookahead.dreamsim_weight=0 to train without it on purpose.\n" + "!" * 100,
-                MissingLossWarning, stacklevel=3,
-            )  # fmt: skip
-            return None
-        return load_dreamsim(lookahead.dreamsim, self.device)
-
-    def _load_arcface(self) -> torch.nn.Module:
-        arcface = self.config.arcface
-        if arcface.weights is not None:
-            return load_arcface(arcface.weights)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.config.seed)
-            return build_arcface(arcface.arch or self._preset_part("arcface", "arcface.weights")).eval().requires_grad_(False)
-
     # ------------------------------------------------------------------ one step
     def batch_for_step(self, step: int) -> dict[str, Any]:
         """The batch the data loader yields at ``step`` (loaded in this process)."""
         return collate([self.dataset[(step, slot)] for slot in range(self.config.batch_size)])
-
-    @torch.no_grad()
-    def prepare_inputs(self, batch: dict[str, Any], step: int) -> dict[str, torch.Tensor]:
-        """Latents and prompt embeddings of a batch; nothing here is trained."""
-        generator = generator_for(self.config.seed, step, self.rank, "latents")
-        size = self.config.data.resolution
-        batch_size = batch["target_pixels"].shape[0]
-        text, pooled = self._encode_text(batch["target_prompt"])
-        ref_text, ref_pooled = self._encode_text(batch["reference_prompt"])
-        return {
-            "target": self._encode_latents(batch["target_pixels"], generator),
-            "reference": self._encode_latents(batch["reference_pixels"], generator),
-            "text": text, "pooled": pooled, "ref_text": ref_text, "ref_pooled": ref_pooled,
-            "time_ids": time_ids(size, size, batch_size, self.weight_dtype, self.device),
-            "clip": batch["reference_clip"].to(self.device),
-            "reference_pixels": batch["reference_pixels"].to(self.device),
-            "reference_landmarks": batch["reference_landmarks"].to(self.device),
-        }  # fmt: skip
-
-    def _encode_latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        vae = self.model.vae
-        dist = vae.encode(pixels.to(self.device, vae.dtype)).latent_dist
-        return dist.sample(generator=generator).float() * vae.config.scaling_factor
-
-    def _encode_text(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        missing = sorted({p for p in prompts if p not in self._text_cache})
-        if missing:
-            if len(self._text_cache) > 4096:  # prompts repeat across a data set; bound the cache anyway
-                self._text_cache.clear()
-            (text, pooled), _ = self.model.encode_prompt(missing, None)
-            self._text_cache.update({p: (text[i], pooled[i]) for i, p in enumerate(missing)})
-        return tuple(torch.stack([self._text_cache[p][part] for p in prompts]) for part in (0, 1))
-
-    def _noised(self, inputs: dict, count: int, num_timesteps: int, alpha: float, generator: torch.Generator):
-        """Timesteps, noise, and target and reference noised with the same noise at the same t (the authors'
-        ``noisy_encoder_input``)."""
-        timesteps = sample_timesteps(count, num_timesteps, alpha, generator).to(self.device)
-        noise = torch.randn(inputs["target"][:count].shape, generator=generator).to(self.device)
-        target = self.ddpm.add_noise(inputs["target"][:count], noise, timesteps)
-        reference = self.ddpm.add_noise(inputs["reference"][:count], noise, timesteps)
-        return timesteps, noise, target, reference
-
-    def _encoder_kv(self, inputs: dict, count: int, reference: torch.Tensor, timesteps, generator) -> tuple:
-        kv = self.networks.kv_encoder(
-            reference, timesteps, inputs["ref_text"][:count], inputs["ref_pooled"][:count], inputs["time_ids"][:count]
-        )
-        return drop_kv_tokens(kv, self.config.dropout.kv_tokens, generator)
-
-    def diffusion_loss(self, inputs: dict, step: int) -> dict[str, Any]:
-        config = self.config
-        generator = generator_for(config.seed, step, self.rank, "diffusion")
-        count = inputs["target"].shape[0]
-        timesteps, noise, target, reference = self._noised(
-            inputs, count, self.ddpm.config.num_train_timesteps, config.diffusion.importance_alpha, generator
-        )
-        with self.accelerator.autocast():
-            kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
-            cond, uncond = self.model.adapter(inputs["clip"])
-            tokens = drop_image_tokens(cond, uncond, config.dropout.adapter, generator)
-            eps = self.networks.denoiser(
-                target, timesteps, inputs["text"], inputs["pooled"], inputs["time_ids"], tokens, 1.0, kv
-            )
-        loss = F.mse_loss(eps.float(), noise.float()) * config.diffusion.weight
-        return {"loss": loss, "diffusion": loss.detach()}
-
-    def lookahead_loss(self, inputs: dict, step: int) -> dict[str, Any]:
-        config, lookahead = self.config, self.config.lookahead
-        generator = generator_for(config.seed, step, self.rank, "lookahead")
-        count = min(lookahead.batch_size, inputs["target"].shape[0])
-        timesteps, _, target, reference = self._noised(
-            inputs, count, lookahead.max_timestep, lookahead.importance_alpha, generator
-        )
-        scale = lcm_lora_scale(config.seed, step, lookahead.lcm_scale.every, lookahead.lcm_scale.full_prob,
-                               lookahead.lcm_scale.min)  # fmt: skip
-        self.lora.set_scale(LCM_ADAPTER, scale)
-        with self.accelerator.autocast():
-            kv = self._encoder_kv(inputs, count, reference, timesteps, generator)
-            cond, _ = self.model.adapter(inputs["clip"][:count])
-            eps = self.networks.lcm_denoiser(
-                target, timesteps, inputs["text"][:count], inputs["pooled"][:count], inputs["time_ids"][:count],
-                cond, 1.0, kv,
-            )  # fmt: skip
-            latents = lcm_preview(self.lcm_scheduler, eps, target, timesteps)
-            preview = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample.float()
-
-        references = inputs["reference_pixels"][:count]
-        found = [self.landmarks(image) for image in to_uint8(preview)]
-        valid = [i for i, landmarks in enumerate(found) if landmarks is not None]
-        total = preview.new_zeros(())
-        result: dict[str, Any] = {"lcm_scale": scale, "faces_missing": count - len(valid), "preview": preview.detach()}
-        if valid:
-            landmarks = torch.as_tensor(np.stack([found[i] for i in valid]), device=self.device)
-            identity = self.identity_loss(
-                preview[valid], landmarks, references[valid], inputs["reference_landmarks"][:count][valid]
-            ).mean()
-            total = total + lookahead.identity_weight * identity
-            result["identity"] = identity.detach()
-        if self.dreamsim is not None:
-            dreamsim = self.dreamsim(preview, references).mean()
-            total = total + lookahead.dreamsim_weight * dreamsim
-            result["dreamsim"] = dreamsim.detach()
-        if self.perceptual is not None:
-            perceptual = self.perceptual(preview, references).mean()
-            total = total + lookahead.perceptual_weight * perceptual
-            result["perceptual"] = perceptual.detach()
-        result["loss"] = scale * total
-        return result
 
     def optimise(self, loss: torch.Tensor, clipped: list[torch.nn.Parameter] | None = None) -> float | None:
         """Backward, average over processes, clip the norm of ``clipped``'s gradients (default: all trainables'),
@@ -489,22 +319,14 @@ class Trainer:
         return path
 
 
-class MissingLossWarning(UserWarning):
-    """A loss of the authors' training that this run cannot compute (its weights were not given)."""
-
-
-def responsive_decoder_init(vae: AutoencoderTiny) -> None:
-    """He-initialise a random tiny VAE's decoder (output layer scaled to images of about unit range).
-
-    With PyTorch's default init the signal shrinks through the decoder's plain convolutions and a random preview
-    barely depends on its latent; presets randomise weights so that every path matters, as the core's presets do.
-    """
-    convs = [m for m in vae.decoder.modules() if isinstance(m, torch.nn.Conv2d)]
-    for conv in convs:
-        torch.nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-        if conv.bias is not None:
-            torch.nn.init.zeros_(conv.bias)
-    convs[-1].weight.data.mul_(0.05)
+def preset_parts(model: str, *, tiny_vae: bool, arcface: bool) -> dict[str, Any]:
+    """Constructor arguments of the lookahead networks to draw at random (``True``: their weights are not given);
+    presets alone define them."""
+    wanted = [part for part, random in (("tiny_vae", tiny_vae), ("arcface", arcface)) if random]
+    if wanted and model not in PRESETS:
+        key = {"tiny_vae": "tiny_vae", "arcface": "arcface.weights"}[wanted[0]]
+        raise ConfigError(f"{key}: required for a model directory (random weights exist for presets only)")
+    return {part: preset_part(model, part) for part in wanted}
 
 
 def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
