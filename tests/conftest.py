@@ -143,10 +143,20 @@ def run_together(call, count: int) -> list:
 # Files that share the session-scoped ``exported`` fixture run on one xdist worker, so it is built once; every
 # other file is a group of its own (its module fixtures are built once, as with --dist loadfile).
 SHARED_EXPORT = {"test_export.py", "test_tensorrt_rtx.py"}
+# The groups that take longest on a 2-core CI runner (the export group, with its engine builds, by far), handed out first
+# (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out of work;
+# the rest follow in file order.
+LONGEST_FIRST = ["export", "test_train_loop.py", "test_convert.py", "test_serve.py", "test_atomic.py", "test_cli.py",
+                 "test_cli_newcomer.py"]  # fmt: skip
+
+
+def xdist_group(item) -> str:
+    return "export" if item.path.name in SHARED_EXPORT else item.path.name
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("export" if name in SHARED_EXPORT else name))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_group(item), len(rank)))  # stable: a group's tests keep their order
