@@ -143,9 +143,9 @@ def run_together(call, count: int) -> list:
 # Files that share the session-scoped ``exported`` fixture run on one xdist worker, so it is built once; every
 # other file is a group of its own (its module fixtures are built once, as with --dist loadfile).
 SHARED_EXPORT = {"test_export.py", "test_tensorrt_rtx.py"}
-# The groups that take longest on a 2-core CI runner (the export group, with its engine builds, by far), handed out first
-# (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out of work;
-# the rest follow in file order.
+# The groups that take longest on a 2-core CI runner (the export group, with its engine builds, by far) are handed
+# out first (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out
+# of work; the rest follow in file order.
 LONGEST_FIRST = ["export", "test_train_loop.py", "test_convert.py", "test_serve.py", "test_atomic.py", "test_cli.py",
                  "test_cli_newcomer.py"]  # fmt: skip
 
