@@ -57,6 +57,12 @@ def _tiny_built_once(config, seed=0, dtype=torch.float32, device="cpu"):
 loading.build_random_components = _tiny_built_once
 
 
+@pytest.fixture
+def tiny_built_afresh(monkeypatch):
+    """Loads of the tiny preset build it again, for tests that watch it being built."""
+    monkeypatch.setattr(loading, "build_random_components", _build_random_components)
+
+
 @pytest.fixture(scope="session")
 def tiny() -> Personalizer:
     """One shared tiny model; tests that change weights build their own with ``fresh_tiny``."""
