@@ -1,17 +1,66 @@
+import copy
 import os
 import tempfile
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
+from torch import nn
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.images import sample_face
+from lcmla_sdk.model_dir import loading
+from lcmla_sdk.presets import preset_config
 
 # The run's sha256 cache (lcmla_sdk.integrity) stays out of the user's ~/.cache; subprocesses inherit it.
 os.environ.setdefault("LCMLA_CACHE_DIR", tempfile.mkdtemp(prefix="lcmla-test-cache-"))
 # Tiny-preset tensors gain nothing from a second thread, and on a 2-core CI machine every op would wait for it.
 torch.set_num_threads(1)
+
+# Building the tiny preset is mostly peft wiring its LoRA layers (about 5 of its 6 s), and tests load it dozens of
+# times (fixtures, the CLI in-process, training): each test process builds it once per seed, dtype and device and
+# hands out copies, as independent of each other as freshly built ones and with the same weights.
+_ATOMIC = (str, int, float, bool, type(None), torch.dtype, torch.device)
+
+
+def _copy_tree(obj, memo: dict):
+    """``copy.deepcopy(obj, memo)``, with modules' registration dicts copied directly (twice as fast)."""
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if not isinstance(obj, nn.Module):
+        return copy.deepcopy(obj, memo)
+    clone = memo[id(obj)] = object.__new__(type(obj))
+    for key, value in vars(obj).items():
+        if type(value) in (dict, OrderedDict):
+            value = type(value)((k, v if isinstance(v, _ATOMIC) else _copy_tree(v, memo)) for k, v in value.items())
+        elif not isinstance(value, _ATOMIC):
+            value = _copy_tree(value, memo)
+        vars(clone)[key] = value
+    return clone
+
+
+_built_tiny: dict = {}
+_build_random_components = loading.build_random_components
+
+
+def _tiny_built_once(config, seed=0, dtype=torch.float32, device="cpu"):
+    if config != preset_config("tiny"):
+        return _build_random_components(config, seed, dtype, device)
+    key = (seed, dtype, torch.device(device))
+    if key not in _built_tiny:
+        _built_tiny[key] = _build_random_components(config, seed, dtype, device)
+    built, memo = _built_tiny[key], {}
+    return type(built)(**{name: _copy_tree(value, memo) for name, value in vars(built).items()})
+
+
+loading.build_random_components = _tiny_built_once
+
+
+@pytest.fixture
+def tiny_built_afresh(monkeypatch):
+    """Loads of the tiny preset build it again, for tests that watch it being built."""
+    monkeypatch.setattr(loading, "build_random_components", _build_random_components)
 
 
 @pytest.fixture(scope="session")
@@ -100,10 +149,20 @@ def run_together(call, count: int) -> list:
 # Files that share the session-scoped ``exported`` fixture run on one xdist worker, so it is built once; every
 # other file is a group of its own (its module fixtures are built once, as with --dist loadfile).
 SHARED_EXPORT = {"test_export.py", "test_tensorrt_rtx.py"}
+# The groups that take longest on a 2-core CI runner (the export group, with its engine builds, by far) are handed
+# out first (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out
+# of work; the rest follow in file order.
+LONGEST_FIRST = ["export", "test_train_loop.py", "test_convert.py", "test_serve.py", "test_atomic.py", "test_cli.py",
+                 "test_cli_newcomer.py"]  # fmt: skip
+
+
+def xdist_group(item) -> str:
+    return "export" if item.path.name in SHARED_EXPORT else item.path.name
 
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        name = item.path.name
-        item.add_marker(pytest.mark.xdist_group("export" if name in SHARED_EXPORT else name))
+        item.add_marker(pytest.mark.xdist_group(xdist_group(item)))
+    rank = {group: index for index, group in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(xdist_group(item), len(rank)))  # stable: a group's tests keep their order

@@ -385,7 +385,7 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
         Personalizer.from_pretrained(model_copy, device="cpu")
 
 
-def test_one_load_wires_the_unet_once(tiny_dir, monkeypatch):
+def test_one_load_wires_the_unet_once(tiny_dir, tiny_built_afresh, monkeypatch):
     from lcmla_sdk import wiring
 
     wired = []
