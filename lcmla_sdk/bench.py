@@ -35,11 +35,10 @@ import torch
 from diffusers import DDPMScheduler
 
 from .bench_compiled import use_compiled
-from .bench_profile import kv_cache_effect, network_rows, step_shares
+from .bench_profile import PROMPT, Inputs, kv_cache_effect, network_rows, step_shares
 from .bench_timing import gib, measure, sync
 from .freeu import AUTHORS_FREEU, stage_values
 from .guidance import DEFAULT_GUIDANCE, three_branch
-from .images import clip_pixels, sample_face, vae_pixels
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
 from .request import MODES
@@ -48,7 +47,6 @@ from .text import time_ids
 WAYS = ("authors", "diffusers", "eager", "graphs", "kv_cache", "tiny_vae", "compiled", "compiled_kv", "compiled_tiny")
 FAST_ONLY = ("kv_cache", "tiny_vae", "compiled_kv", "compiled_tiny")
 COMPILED_WAYS = ("compiled", "compiled_kv", "compiled_tiny")
-PROMPT = "An oil painting of a face"
 
 
 @dataclass
@@ -77,21 +75,6 @@ class Row:
     weights_gib: float
     peak_extra_gib: float
     shares: dict[str, float] = field(default_factory=dict)
-
-
-class Inputs:
-    """The conditioning every way starts from: prompt embeddings, the identity, the photo's CLIP features."""
-
-    def __init__(self, model: Personalizer, size: int) -> None:
-        self.face = sample_face()
-        self.identity = model.encode_face(self.face)
-        (self.text, self.pooled), (self.neg_text, self.neg_pooled) = model.encode_prompt([PROMPT], None)
-        self.enc_text, self.enc_pooled = model.prompt_encoder.encoder_prompt()
-        pixels = clip_pixels(self.face, model.clip_size).to(model.device, model.dtype)
-        both = torch.cat([torch.zeros_like(pixels), pixels])
-        self.clip_hidden = model.adapter.image_encoder(both, output_hidden_states=True).hidden_states[-2]
-        self.face_pixels = vae_pixels(self.face, model.face_size).to(model.device, model.vae.dtype)
-        self.size, self.prompt = size, PROMPT
 
 
 class AuthorsWay:

@@ -1,5 +1,5 @@
-"""Where the time of ``lcmla bench`` goes: each network alone in a CUDA graph, the share of a call in each part,
-and what the per-identity K/V cache costs and changes."""
+"""The inputs every way of ``lcmla bench`` starts from, and where the time goes: each network alone in a CUDA graph,
+the share of a call in each part, and what the per-identity K/V cache costs and changes."""
 
 from __future__ import annotations
 
@@ -8,14 +8,33 @@ from typing import TYPE_CHECKING
 import torch
 
 from .bench_timing import graph_ms, measure
+from .images import clip_pixels, sample_face, vae_pixels
 from .kv_cache import ahead_pays
 from .networks import Denoiser, KVEncoder
 from .sampling import StepSpec, join_references
 from .text import time_ids
 
 if TYPE_CHECKING:
-    from .bench import Inputs
     from .pipeline import Personalizer
+
+PROMPT = "An oil painting of a face"
+
+
+class Inputs:
+    """The conditioning every way starts from: prompt embeddings, the identity, the photo's CLIP features."""
+
+    def __init__(self, model: Personalizer, size: int) -> None:
+        self.face = sample_face()
+        self.identity = model.encode_face(self.face)
+        (self.text, self.pooled), (self.neg_text, self.neg_pooled) = model.encode_prompt([PROMPT], None)
+        self.enc_text, self.enc_pooled = model.prompt_encoder.encoder_prompt()
+        pixels = clip_pixels(self.face, model.clip_size).to(model.device, model.dtype)
+        both = torch.cat([torch.zeros_like(pixels), pixels])
+        self.clip_hidden = model.adapter.image_encoder(both, output_hidden_states=True).hidden_states[-2]
+        self.face_pixels = vae_pixels(self.face, model.face_size).to(model.device, model.vae.dtype)
+        self.size, self.prompt = size, PROMPT
+
+
 
 def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: float) -> dict[str, float]:
     """Share of a graph-mode call (batch 1, ``call_ms`` end to end) in the K/V-encoder (in every step, or in one pass

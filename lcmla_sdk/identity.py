@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
@@ -25,9 +22,6 @@ from .atomic import atomic_path
 from .errors import IdentityMismatchError, ModelFilesError
 from .images import FACE_RESIZES
 from .schema import NAME, STRING, Is, ListOf, Object, OneOf, check, nullable
-
-if TYPE_CHECKING:
-    from .faces import DetectedFace, FaceAnalyzer
 
 FORMAT = "lcmla-identity"
 FORMAT_VERSION = 2  # 2: face embeddings of any backend (version 1 stored insightface's as "arcface")
@@ -189,15 +183,3 @@ class Identity:
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)
         return identity
-
-
-def detection_fields(detections: Sequence[DetectedFace | None], analyzer: FaceAnalyzer | None) -> dict[str, Any]:
-    """:class:`Identity` fields recording one detection per reference (``None`` entries with detection off)."""
-    if analyzer is None:
-        return {"boxes": [None] * len(detections), "landmarks": [None] * len(detections)}
-    return {
-        "face_embeddings": torch.from_numpy(np.stack([d.embedding for d in detections])),
-        "boxes": [[float(v) for v in d.box] for d in detections],
-        "landmarks": [np.asarray(d.landmarks, dtype=float).tolist() for d in detections],
-        "face_backend": analyzer.name,
-    }

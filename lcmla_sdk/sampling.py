@@ -43,7 +43,8 @@ class StepSpec:
     batch: int  # images B
     references: int  # reference photos R of the identity
     use_kv: bool
-    # (tokens, width) of each K/V tensor when they come from a per-identity cache; None: run the K/V-encoder.
+    # (tokens, width) of each K/V tensor when they are computed ahead of the loop (lcmla_sdk.kv_cache); None: the
+    # K/V-encoder runs in the step.
     kv_layout: tuple[tuple[int, int], ...] | None = None
 
     @property

@@ -4,14 +4,16 @@ the image adapter's tokens and the VAE's latents of the prepared references."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import numpy as np
 import torch
 
 from ..errors import ModelFilesError
-from ..identity import Identity, detection_fields
+from ..identity import Identity
 from ..images import FaceInput, clip_pixels, vae_pixels
-from .analyzer import FaceAnalyzer
+from .analyzer import DetectedFace, FaceAnalyzer
 from .backend import FaceBackend
 from .references import prepare_references
 
@@ -59,3 +61,15 @@ class FaceEncoder:
             latent_std=dist.std.float(), sources=references.sources, model_fingerprint=self.fingerprint, crop=crop,
             face_resize=face_resize, **detection_fields(references.detections, analyzer),
         )  # fmt: skip
+
+
+def detection_fields(detections: Sequence[DetectedFace | None], analyzer: FaceAnalyzer | None) -> dict[str, Any]:
+    """:class:`Identity` fields recording one detection per reference (``None`` entries with detection off)."""
+    if analyzer is None:
+        return {"boxes": [None] * len(detections), "landmarks": [None] * len(detections)}
+    return {
+        "face_embeddings": torch.from_numpy(np.stack([d.embedding for d in detections])),
+        "boxes": [[float(v) for v in d.box] for d in detections],
+        "landmarks": [np.asarray(d.landmarks, dtype=float).tolist() for d in detections],
+        "face_backend": analyzer.name,
+    }
