@@ -42,7 +42,8 @@ def test_bad_arguments_exit_non_zero_with_one_clear_line(tmp_path):
 
 
 # ------------------------------------------------------------------ model directories and identities (issue 3)
-def test_identity_create_then_generate_from_the_identity(tmp_path, astronaut, astronaut_pack, tiny, face):
+def test_identity_create_then_generate_from_the_identity(tmp_path, astronaut, astronaut_pack, fresh_tiny, face):
+    tiny = fresh_tiny  # not the shared one: the session's export with parity checks moves its outputs by ~1e-5
     photo = tmp_path / "astronaut.png"
     Image.fromarray(astronaut).save(photo)
     identity_file = tmp_path / "ids" / "astronaut.safetensors"
