@@ -23,7 +23,7 @@ from .noise import face_latents, fixed_face_noise
 from .request import Request
 from .sampling import StepInputs, StepSpec, encoder_values, flatten_kv, join_references
 from .schedule import StepTable, noise_reference
-from .transfer import device_tensor
+from .transfer import device_tensor, to_device
 
 KV_CACHE_BYTES = 16 * 2**30  # per Personalizer
 AHEAD_ROWS = 4  # encoder rows of one pass ahead of the loop on a GPU (fast mode: 4 steps of one image)
@@ -111,10 +111,10 @@ def compute_kv(encoder: Callable, identity: Identity, spec: StepSpec, table: Ste
                scaling_factor: float, max_bytes: float, steps_per_pass: int) -> Entry:  # fmt: skip
     """One identity's K/V at every step of ``table``: G x references rows, from the identity's fixed reference noise
     and the first image's negative prompt and size."""
-    to = {"device": inputs.latents.device, "dtype": inputs.latents.dtype}
+    device, dtype = inputs.latents.device, inputs.latents.dtype
     eps, noise = fixed_face_noise(identity)
-    one = StepInputs(**{**vars(inputs), "face_latents": face_latents(identity, eps, scaling_factor).to(**to),
-                        "face_noise": noise.to(**to), "neg_text": inputs.neg_text[:1], "neg_pooled": inputs.neg_pooled[:1],
-                        "time_ids": inputs.time_ids[:1]})  # fmt: skip
+    one = StepInputs(**{**vars(inputs), "face_latents": to_device(face_latents(identity, eps, scaling_factor), device, dtype),
+                        "face_noise": to_device(noise, device, dtype), "neg_text": inputs.neg_text[:1],
+                        "neg_pooled": inputs.neg_pooled[:1], "time_ids": inputs.time_ids[:1]})  # fmt: skip
     values = encoder_values(StepSpec(spec.mode, 1, spec.references, True), one)
     return encode_steps(encoder, table, values, spec.references, steps_per_pass, max_bytes)
