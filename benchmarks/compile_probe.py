@@ -55,7 +55,7 @@ def network_call(model, network: str, rows: int, channels_last: bool):
         if channels_last:
             model.vae.to(memory_format=torch.channels_last)
         latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
-        return model.vae, lambda m: m.decode(latent).sample
+        return _Decode(model.vae), lambda m: m(latent)
     face = torch.randn(rows, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
     if network == "kv":
         return model.kv_encoder, lambda m: m(face, t, text, pooled, ids)
@@ -64,6 +64,21 @@ def network_call(model, network: str, rows: int, channels_last: bool):
     tokens = torch.randn(rows, 16, model.unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
     args = (latent, t, text, pooled, ids, tokens, torch.ones(rows, device=device), kv, torch.tensor([1.1, 0.2], device=device))
     return model.lcm_denoiser, lambda m: m(*args)
+
+
+def _Decode(vae):
+    """The VAE decode as a module's forward: torch.compile of the VAE itself would leave ``vae.decode`` eager."""
+    import torch
+
+    class Decode(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vae = vae
+
+        def forward(self, latent):
+            return self.vae.decode(latent).sample
+
+    return Decode()
 
 
 def child(name: str, work: Path, expected: int) -> dict:
