@@ -23,6 +23,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -32,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from lcmla_sdk.atomic import atomic_directory, write_bytes, write_json
+from lcmla_sdk.compiling import load_caches, saved_caches
 from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.integrity import sha256_file, sha256_json, verify_file
 from lcmla_sdk.schema import COUNT, STRING, Is, ListOf, MapOf, Object, OneOf, check, read_json
@@ -44,8 +45,6 @@ from .backends import EngineMismatchError, gpu_identity
 MANIFEST = "compiled.json"
 SCHEMA_VERSION = 1
 BOOL = Is(bool, "true or false")
-# Dynamo's cache entries per code object: sizes 1 and >= 2 of every network and image size used in one process.
-RECOMPILE_LIMIT = 64
 _SHAPE = Object({"mode": OneOf(("fast", "quality")), "batch": COUNT, "height": COUNT, "width": COUNT,
                  "references": COUNT, "use_kv": BOOL, "kv_cache": BOOL})  # fmt: skip
 SCHEMA = Object({
@@ -89,31 +88,6 @@ def parse_shapes(text: str) -> list[CompiledShape]:
         if shapes[-1].batch < 1 or height < 0 or width < 0:
             raise ValueError(f"shapes: images and sizes must be positive, got {part!r}")
     return shapes
-
-
-class CompiledNetwork(nn.Module):
-    """A network compiled whole, with the network's own call signature. Batch size 1 gets graphs of its own;
-    larger batches share one whose batch dimension is symbolic."""
-
-    def __init__(self, network: nn.Module) -> None:
-        super().__init__()
-        self.network = network
-        self.compiled = torch.compile(network)
-
-    def forward(self, *args: Any) -> Any:
-        for value in _tensors(args):
-            if value.dim() and value.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(value, 0)
-        with torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT):
-            return self.compiled(*args)
-
-
-def _tensors(values: Sequence[Any]):
-    for value in values:
-        if isinstance(value, torch.Tensor):
-            yield value
-        elif isinstance(value, (tuple, list)):
-            yield from _tensors(value)
 
 
 def versions() -> dict[str, str]:
@@ -213,10 +187,7 @@ def run_job(job: dict[str, Any]) -> None:
             model.decoder.compile(model.default_size // model.vae_scale, warm=False)  # the decode is a job of its own
             model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
                          shape.kv_cache, compile=True, progress=False)  # fmt: skip
-    artefacts = torch.compiler.save_cache_artifacts()
-    write_bytes(job["out"], artefacts[0] if artefacts else b"")
-    import shutil
-
+    write_bytes(job["out"], saved_caches())
     shutil.rmtree(Path(job["out"]).with_suffix(".cache"), ignore_errors=True)
 
 
@@ -256,9 +227,7 @@ def load_compiled(model, folder: str | Path, verify: bool = True) -> dict[str, A
             raise ModelFilesError(f"{path}: missing (listed in {folder / MANIFEST})")
         if verify:
             verify_file(path, digest, folder / MANIFEST)
-        blob = path.read_bytes()
-        if blob:
-            torch.compiler.load_cache_artifacts(blob)
+        load_caches(path.read_bytes())
     model.compile_networks()
     model.decoder.compile(model.default_size // model.vae_scale, warm=False)
     return manifest

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
+from .compiling import CompiledNetwork, VaeDecode, load_caches, saved_caches
 from .errors import ModelFilesError
 from .images import to_pil, to_uint8
 
@@ -30,7 +30,7 @@ class Decoder:
     def __init__(self, vae: AutoencoderKL, tiny_vae: AutoencoderTiny | None) -> None:
         self.vae, self.tiny_vae = vae, tiny_vae
         self.compiled = False  # the full VAE's decode runs compiled (compile() turns it on; off: eager again)
-        self._compiled_decode: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self._compiled_decode: CompiledNetwork | None = None
 
     def __call__(self, latents: torch.Tensor, output: str, which: str = "full"):
         """``"pt"``: float in [0, 1] on the latents' device; ``"np"``: uint8 arrays; ``"pil"``; ``"latent"``: as is."""
@@ -56,28 +56,19 @@ class Decoder:
         """
         path = Path(cache).expanduser() if cache is not None else None
         if path is not None and path.is_file():
-            torch.compiler.load_cache_artifacts(path.read_bytes())
-        vae = self.vae
-        compiled = torch.compile(lambda z: vae.decode(z).sample)
-
-        def decode(latents: torch.Tensor) -> torch.Tensor:
-            if latents.shape[0] > 1:
-                torch._dynamo.maybe_mark_dynamic(latents, 0)
-            return compiled(latents)
-
+            load_caches(path.read_bytes())
+        decode = CompiledNetwork(VaeDecode(self.vae))
         begin = time.perf_counter()
         with torch.inference_mode():
             for batch in (1, 2) if warm else ():
-                decode(torch.zeros(batch, vae.config.latent_channels, latent_side, latent_side, device=vae.device,
-                                   dtype=vae.dtype))  # fmt: skip
+                decode(torch.zeros(batch, self.vae.config.latent_channels, latent_side, latent_side,
+                                   device=self.vae.device, dtype=self.vae.dtype))  # fmt: skip
         seconds = time.perf_counter() - begin
         if path is not None:
-            artifacts = torch.compiler.save_cache_artifacts()
-            if artifacts is not None:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                temporary = path.with_name(path.name + ".tmp")
-                temporary.write_bytes(artifacts[0])
-                temporary.replace(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_name(path.name + ".tmp")
+            temporary.write_bytes(saved_caches())
+            temporary.replace(path)
         self._compiled_decode, self.compiled = decode, True
         return seconds
 

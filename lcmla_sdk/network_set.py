@@ -7,6 +7,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
+from .compiling import CompiledNetwork
 from .freeu import install_freeu
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter, materialize
 from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -30,7 +31,7 @@ class NetworkSet:
         self.kv_blocks = kv_block_names(unet)
         self.has_lcm = has_adapter(unet, LCM_ADAPTER)
         self.version = 0
-        self.compiled = False  # UNet networks built compiled whole (lcmla_sdk.engines.compiled.CompiledNetwork)
+        self.compiled = False  # UNet networks built compiled whole (lcmla_sdk.compiling.CompiledNetwork)
         self._lock = threading.Lock()
         self._built: dict[str, Any] = {"adapter": adapter}
 
@@ -52,8 +53,6 @@ class NetworkSet:
         else:
             raise KeyError(name)
         if self.compiled:
-            from .engines.compiled import CompiledNetwork
-
             return CompiledNetwork(network)
         return network
 

@@ -11,9 +11,9 @@ import torch
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.engines import EngineMismatchError
+from lcmla_sdk.compiling import CompiledNetwork
 from lcmla_sdk.engines.compiled import (
     MANIFEST,
-    CompiledNetwork,
     CompiledShape,
     build_compiled,
     parse_shapes,
