@@ -3,6 +3,7 @@ processes, then loaded into the benchmarked model; and ``--compare`` of two resu
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,24 +14,34 @@ from pathlib import Path
 from typing import Any
 
 _COLD_START = """
-import sys, torch
+import json, sys, time
+begin = time.perf_counter()
+import torch
 from lcmla_sdk import Personalizer
 preset, folder, size, device = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+seconds = {"import_s": time.perf_counter() - begin}
 model = Personalizer.from_pretrained(preset, device=device, faces=None, compiled=folder)
+seconds["load_s"] = time.perf_counter() - begin - sum(seconds.values())
 identity = model.encode_face(torch.rand(size, size, 3).numpy())
 model.generate(identity, "a face", mode="fast", height=size, width=size, output="pt")
 torch.cuda.synchronize() if device.startswith("cuda") else None
+seconds["first_image_s"] = time.perf_counter() - begin - sum(seconds.values())
+print("COLD " + json.dumps(seconds))
 """
 
 
-def cold_start(preset: str, folder: Path, size: int, device: str) -> float:
+def cold_start(preset: str, folder: Path, size: int, device: str) -> dict[str, float]:
     """Seconds a fresh process (empty Inductor cache) takes from starting Python to its first fast image with the
-    compiled folder: imports, ``from_pretrained(..., compiled=folder)``, face encoding and the call."""
+    compiled folder (``total_s``), and their parts: ``import_s`` (torch and lcmla), ``load_s``
+    (``from_pretrained(..., compiled=folder)``), ``first_image_s`` (face encoding and the call, with each network's
+    compile from the caches)."""
     with tempfile.TemporaryDirectory() as cache:
         begin = time.perf_counter()
-        subprocess.run([sys.executable, "-c", _COLD_START, preset, str(folder), str(size), device], check=True,
-                       env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache))  # fmt: skip
-        return time.perf_counter() - begin
+        done = subprocess.run([sys.executable, "-c", _COLD_START, preset, str(folder), str(size), device], check=True,
+                              env=dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache), stdout=subprocess.PIPE, text=True)  # fmt: skip
+        total = time.perf_counter() - begin
+    parts = json.loads([line for line in done.stdout.splitlines() if line.startswith("COLD ")][-1][5:])
+    return {"total_s": total, **parts}
 
 
 def use_compiled(model, config, runs: list[tuple[str, str]], report: Callable[[str], None]) -> dict[str, Any]:
@@ -47,8 +58,8 @@ def use_compiled(model, config, runs: list[tuple[str, str]], report: Callable[[s
         manifest = build_compiled(config.preset, folder, shapes, str(model.device), log=report)
         facts["build_s"] = float(manifest["build_s"])
         report(f"built the compiled networks in {facts['build_s']:.0f} s")
-        facts["cold_start_s"] = cold_start(config.preset, folder, config.size, str(model.device))
-        report(f"cold start (a fresh process to its first fast image): {facts['cold_start_s']:.1f} s")
+        facts["cold_start"] = cold_start(config.preset, folder, config.size, str(model.device))
+        report(f"cold start (a fresh process to its first fast image): {facts['cold_start']['total_s']:.1f} s")
     begin = time.perf_counter()
     model.use_exported(folder, backend="torch")
     facts["load_s"] = time.perf_counter() - begin
