@@ -17,7 +17,6 @@ from .engines.backends import EngineMismatchError
 from .errors import InvalidImageError
 from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend
 from .faces.encoding import FaceEncoder
-from .freeu import stage_values
 from .identity import Identity
 from .images import FACE_RESIZES, FaceInput
 from .integrity import sha256_json
@@ -26,15 +25,13 @@ from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
 from .networks import ImageAdapter
-from .noise import draw as draw_noise
-from .noise import join as join_noise
+from .noise import draw_per_prompt
 from .presets import Components
 from .progress import stages
 from .request import Request
-from .sampling import StepInputs, StepSpec, sample, step_values
+from .sampling import StepInputs, StepSpec, call_inputs, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
-from .text import PromptEncoder, time_ids
-from .transfer import device_tensor, to_device
+from .text import PromptEncoder
 
 CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
@@ -238,40 +235,17 @@ class Personalizer:
         # checking an identity reads its values, which waits for the GPU's queued work.
         identities = self.prompt_identities(face, len(request.prompt))
 
-        # 3. Encode prompts (one row per image)
-        (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompt, request.negative_prompt)
-        text, pooled, neg_text, neg_pooled = (
-            x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled)
-        )
+        # 3. Encode prompts (one row per prompt)
+        prompts = self.encode_prompt(request.prompt, request.negative_prompt)
 
         # 4. Schedule and every random draw (each image from its own generator: drawn per prompt, as in one draw)
         table = self.step_tables(request.mode, request.steps)
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
-        groups = [(request.seed, identities[0])] if all(i is identities[0] for i in identities) else [
-            (request.seed[p * request.num_images : (p + 1) * request.num_images], identity)
-            for p, identity in enumerate(identities)
-        ]  # fmt: skip
-        noise = join_noise([draw_noise(seeds, shape, identity, table.noise_steps, request.face_noise,
-                                       self.vae.config.scaling_factor, self.dtype, self.device)
-                            for seeds, identity in groups])  # fmt: skip
+        noise = draw_per_prompt(request.seed, identities, shape, table.noise_steps, request.face_noise,
+                                self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
 
         # 5. Denoising loop (a CUDA graph per shape on a GPU), from the call's inputs by name, one row per image
-        rows, to = len(request.seed), {"device": self.device, "dtype": self.dtype}
-        quality = request.mode == "quality"
-
-        def per_image(name: str) -> torch.Tensor:  # each prompt's identity, one row per image
-            return torch.cat([to_device(getattr(i, name), **to).expand(request.num_images, -1, -1) for i in identities])
-
-        inputs = StepInputs(
-            latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
-            image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
-            adapter_scale=torch.full((rows,), request.adapter_scale, device=self.device),
-            time_ids=time_ids(request.height, request.width, rows, self.dtype, self.device),
-            guidance=device_tensor(request.guidance, self.device, torch.float32) if quality else None,
-            freeu=stage_values(request.freeu, self.device) if request.freeu is not None else None,
-            encoder_prompt=self.prompt_encoder.encoder_prompt() if request.use_kv else None,
-            face_latents=noise.face_latents, face_noise=noise.face_noise,
-        )  # fmt: skip
+        inputs = call_inputs(request, identities, prompts, noise, self.prompt_encoder.encoder_prompt, self.device, self.dtype)
         latents = self.denoise(request, identities, inputs, table, noise.steps)
 
         # 6. Decode
