@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +19,7 @@ from .faces.encoding import FaceEncoder
 from .identity import Identity
 from .images import FACE_RESIZES, FaceInput
 from .integrity import sha256_json
-from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_pays, call_kv, identity_kv
+from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_kv
 from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
@@ -313,15 +312,8 @@ class Personalizer:
         """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with every step's K/V
         computed ahead (:mod:`lcmla_sdk.kv_cache`) when they are cached per identity or one pass covers them."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)
-        kv = None
-        if request.use_kv and request.kv_cache:
-            steps_per_pass = max(1, self.kv_ahead_rows // spec.identity_encoder_rows)
-            kv = identity_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
-                             self.vae.config.scaling_factor, steps_per_pass)  # fmt: skip
-        elif ahead_pays(spec, table, self.kv_ahead_rows) and isinstance(self.kv_encoder, torch.nn.Module):
-            kv = call_kv(self.kv_encoder, spec, table, inputs)
-        if kv is not None:
-            spec = replace(spec, kv_layout=kv.layout)
+        kv, spec = ahead_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
+                            self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         values = step_values(spec, inputs)
