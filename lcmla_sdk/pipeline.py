@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,11 +14,10 @@ from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
 from .engines.backends import EngineMismatchError
-from .errors import InvalidImageError
-from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend
+from .faces import AUTO, FaceAnalyzer, FaceBackend
 from .faces.encoding import FaceEncoder
-from .identity import Identity
-from .images import FACE_RESIZES, FaceInput
+from .identity import Identity, identities_per_prompt
+from .images import FaceInput
 from .integrity import sha256_json
 from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_kv
 from .model_dir import loading, saving
@@ -32,7 +32,6 @@ from .sampling import StepInputs, StepSpec, call_inputs, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder
 
-CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
 
 
@@ -271,15 +270,7 @@ class Personalizer:
         (the authors') resizes the whole photo to the face size without keeping its aspect ratio; ``"crop"`` takes
         its centre square. Several photos are combined as :mod:`lcmla_sdk.identity` describes.
         """
-        faces = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not faces:
-            raise InvalidImageError("face: no image given")
-        validation.choice(crop, "crop", CROPS)
-        validation.choice(on_multiple, "on_multiple", ON_MULTIPLE)
-        validation.choice(face_resize, "face_resize", FACE_RESIZES)
-        validation.check_memory(validation.vae_bytes(self, len(faces), self.face_size, self.face_size), self.device,
-                                f"face ({len(faces)} photos)", "encode fewer photos at once")  # fmt: skip
-        return self.face_encoder(faces, self.adapter, crop, on_multiple, face_resize)
+        return self.face_encoder(images, self.adapter, crop, on_multiple, face_resize)
 
     def load_identity(self, path: str | Path) -> Identity:
         """:meth:`Identity.load` that refuses an identity made by another model."""
@@ -292,20 +283,7 @@ class Personalizer:
     def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
         """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
         ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
-        per_prompt = isinstance(face, (list, tuple)) and bool(face) and all(isinstance(f, (Identity, list, tuple)) for f in face)
-        faces = list(face) if per_prompt else [face]
-        if per_prompt and len(faces) != prompts:
-            raise ValueError(f"face: {len(faces)} faces for {prompts} prompts; give one face, or one per prompt")
-        identities = []
-        for item in faces:
-            if isinstance(item, Identity):
-                validation.identity(self, item)
-            identities.append(item if isinstance(item, Identity) else self.encode_face(item))
-        references = sorted({identity.num_references for identity in identities})
-        if len(references) > 1:
-            raise ValueError(f"face: the prompts' identities have {references} reference photos; one call takes "
-                             "identities with as many (group the prompts by it)")  # fmt: skip
-        return identities if per_prompt else identities * prompts
+        return identities_per_prompt(face, prompts, partial(validation.identity, self), self.encode_face)
 
     def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
                 step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
@@ -342,14 +320,8 @@ class Personalizer:
         elif not self._graphed:
             say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
             return
-        latent = self.face_size // self.vae_scale
-        tokens = self.adapter.resampler.latents.shape[1]
-        cross = self.unet.config.cross_attention_dim
-        identity = Identity(
-            cond_tokens=torch.zeros(1, tokens, cross), uncond_tokens=torch.zeros(1, tokens, cross),
-            latent_mean=torch.zeros(references, 4, latent, latent), latent_std=torch.ones(references, 4, latent, latent),
-            model_fingerprint=self.fingerprint,
-        )  # fmt: skip
+        tokens, cross = self.adapter.resampler.latents.shape[1], self.unet.config.cross_attention_dim
+        identity = Identity.blank(references, tokens, cross, self.face_size // self.vae_scale, self.fingerprint)
         with stages(progress) as stage:
             if compile and not self.decoder.compiled:
                 with stage("compiling the VAE decode"):
