@@ -28,7 +28,7 @@ from .noise import draw_per_prompt
 from .presets import Components
 from .progress import stages
 from .request import Request
-from .sampling import StepInputs, StepSpec, call_inputs, sample, step_values
+from .sampling import StepInputs, StepSpec, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder
 
@@ -243,7 +243,7 @@ class Personalizer:
                                 self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
 
         # 5. Denoising loop (a CUDA graph per shape on a GPU), from the call's inputs by name, one row per image
-        inputs = call_inputs(request, identities, prompts, noise, self.prompt_encoder.encoder_prompt, self.device, self.dtype)
+        inputs = request.step_inputs(identities, prompts, noise, self.prompt_encoder.encoder_prompt, self.device, self.dtype)
         latents = self.denoise(request, identities, inputs, table, noise.steps)
 
         # 6. Decode

@@ -29,14 +29,8 @@ from typing import Any
 import torch
 
 from .cuda_graphs import GraphCache, capture, say_once
-from .freeu import stage_values
 from .guidance import three_branch
-from .identity import Identity
-from .noise import Noise
-from .request import Request
 from .schedule import StepTable, apply_step, noise_reference
-from .text import time_ids
-from .transfer import device_tensor, to_device
 
 Embeddings = tuple[torch.Tensor, torch.Tensor]  # (text, pooled)
 
@@ -128,29 +122,6 @@ class StepInputs:
     encoder_prompt: Embeddings | None = None
     face_latents: torch.Tensor | None = None
     face_noise: torch.Tensor | None = None
-
-
-def call_inputs(request: Request, identities: Sequence[Identity], prompts: tuple[Embeddings, Embeddings], noise: Noise,
-                encoder_prompt: Callable[[], Embeddings], device: torch.device, dtype: torch.dtype) -> StepInputs:  # fmt: skip
-    """A generation call's :class:`StepInputs`, one row per image: each prompt's embeddings (``prompts``: the
-    prompts' and the negatives', one row per prompt) and identity (``identities``, one per prompt) repeated for its
-    images; ``encoder_prompt`` is called only when the call uses K/V."""
-    rows, images, quality = len(request.seed), request.num_images, request.mode == "quality"
-    (text, pooled), (neg_text, neg_pooled) = ((x.repeat_interleave(images, 0) for x in pair) for pair in prompts)
-
-    def per_image(name: str) -> torch.Tensor:
-        return torch.cat([to_device(getattr(i, name), device, dtype).expand(images, -1, -1) for i in identities])
-
-    return StepInputs(
-        latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
-        image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
-        adapter_scale=torch.full((rows,), request.adapter_scale, device=device),
-        time_ids=time_ids(request.height, request.width, rows, dtype, device),
-        guidance=device_tensor(request.guidance, device, torch.float32) if quality else None,
-        freeu=stage_values(request.freeu, device) if request.freeu is not None else None,
-        encoder_prompt=encoder_prompt() if request.use_kv else None,
-        face_latents=noise.face_latents, face_noise=noise.face_noise,
-    )  # fmt: skip
 
 
 def step_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
