@@ -249,9 +249,10 @@ class Personalizer:
         # 6. Decode
         return self.decode(latents, request.output, request.vae)
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
-        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
-        return self.prompt_encoder(prompts, negatives, self._graphed)
+    def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
+        """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
+        ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
+        return identities_per_prompt(face, prompts, partial(validation.identity, self), self.encode_face)
 
     @torch.inference_mode()
     def encode_face(
@@ -272,18 +273,9 @@ class Personalizer:
         """
         return self.face_encoder(images, self.adapter, crop, on_multiple, face_resize)
 
-    def load_identity(self, path: str | Path) -> Identity:
-        """:meth:`Identity.load` that refuses an identity made by another model."""
-        return Identity.load(path, expected_fingerprint=self.fingerprint)
-
-    def make_scheduler(self, mode: str):
-        """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
-        return make_scheduler(self.config["scheduler"], mode)
-
-    def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
-        """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
-        ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
-        return identities_per_prompt(face, prompts, partial(validation.identity, self), self.encode_face)
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
+        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
+        return self.prompt_encoder(prompts, negatives, self._graphed)
 
     def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
                 step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
@@ -307,6 +299,15 @@ class Personalizer:
     def _graphed(self) -> bool:
         """Whether CUDA graphs are used: on a CUDA device, unless ``cuda_graphs`` is off."""
         return self.device.type == "cuda" and self.cuda_graphs
+
+    # ------------------------------------------------------------------ around the call
+    def load_identity(self, path: str | Path) -> Identity:
+        """:meth:`Identity.load` that refuses an identity made by another model."""
+        return Identity.load(path, expected_fingerprint=self.fingerprint)
+
+    def make_scheduler(self, mode: str):
+        """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
+        return make_scheduler(self.config["scheduler"], mode)
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
                references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None,
