@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from . import validation
 from .atomic import atomic_path
 from .errors import IdentityMismatchError, ModelFilesError
-from .images import FACE_RESIZES
+from .images import CROPS, FACE_RESIZES, FaceInput
 from .schema import NAME, STRING, Is, ListOf, Object, OneOf, check, nullable
 
 FORMAT = "lcmla-identity"
@@ -31,7 +32,7 @@ NUMBER = Is((int, float), "a number")
 HEADER = Object(
     {
         "format": OneOf((FORMAT,)), "format_version": OneOf((1, FORMAT_VERSION)), "model_fingerprint": STRING,
-        "sources": ListOf(NAME), "crop": OneOf(("none", "face")),
+        "sources": ListOf(NAME), "crop": OneOf(CROPS),
         "boxes": ListOf(nullable(ListOf(NUMBER), "a box [x0, y0, x1, y1]")),
     },
     optional={
@@ -70,6 +71,16 @@ class Identity:
     # (the fingerprint and tensors it was computed from, the digest): hashing copies the tensors to the host, which
     # waits for the GPU, so a generation call hashes an identity once.
     _digest: tuple[tuple, str] | None = field(default=None, init=False, repr=False, compare=False)
+
+    @classmethod
+    def blank(cls, references: int, tokens: int, width: int, latent_side: int, model_fingerprint: str) -> Identity:
+        """Zero image tokens ``(1, tokens, width)`` and ``references`` unit latent distributions ``(4, latent_side,
+        latent_side)``: an identity of a model's shapes that stands for none (:meth:`Personalizer.warmup`)."""
+        return cls(
+            cond_tokens=torch.zeros(1, tokens, width), uncond_tokens=torch.zeros(1, tokens, width),
+            latent_mean=torch.zeros(references, 4, latent_side, latent_side),
+            latent_std=torch.ones(references, 4, latent_side, latent_side), model_fingerprint=model_fingerprint,
+        )  # fmt: skip
 
     @property
     def num_references(self) -> int:
@@ -183,3 +194,24 @@ class Identity:
         if expected_fingerprint is not None:
             identity.check_model(expected_fingerprint)
         return identity
+
+
+def identities_per_prompt(face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int,
+                          check: Callable[[Identity], None], encode: Callable[[list], Identity]) -> list[Identity]:  # fmt: skip
+    """The :class:`Identity` of each of ``prompts`` prompts: ``face`` for all of them, or ``face[i]`` for prompt ``i``
+    when ``face`` is a list of Identities or of photo lists (a list of photos is one person's). A given identity goes
+    through ``check``, photos through ``encode``; every prompt's identity must have as many reference photos."""
+    per_prompt = isinstance(face, (list, tuple)) and bool(face) and all(isinstance(f, (Identity, list, tuple)) for f in face)
+    faces = list(face) if per_prompt else [face]
+    if per_prompt and len(faces) != prompts:
+        raise ValueError(f"face: {len(faces)} faces for {prompts} prompts; give one face, or one per prompt")
+    identities = []
+    for item in faces:
+        if isinstance(item, Identity):
+            check(item)
+        identities.append(item if isinstance(item, Identity) else encode(item))
+    references = sorted({identity.num_references for identity in identities})
+    if len(references) > 1:
+        raise ValueError(f"face: the prompts' identities have {references} reference photos; one call takes "
+                         "identities with as many (group the prompts by it)")  # fmt: skip
+    return identities if per_prompt else identities * prompts

@@ -26,6 +26,8 @@ MIN_SIDE = 16
 # How a reference photo becomes the model's square: "squash" (the authors') resizes the whole photo, "crop" cuts the
 # centre square.
 FACE_RESIZES = ("squash", "crop")
+# What of a reference photo the image encoder and the VAE see: "none" the photo, "face" its aligned face crop.
+CROPS = ("none", "face")
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 FLOAT_SLACK = 1e-3  # float images a resize left just outside [0, 1] are clipped, not refused
 

@@ -8,12 +8,14 @@ computed before the loop, several steps in one batched pass (:func:`encode_steps
   authors, who noise the reference with each image's own initial noise (README);
 * per call (:func:`call_kv`), with the authors' pairing, where one pass covers every step: a batch-1 pass leaves
   most of the GPU idle, so a batch of steps costs less than the steps one by one.
+
+:func:`ahead_kv` picks between them and the K/V-encoder in every step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -73,6 +75,21 @@ def encode_steps(encoder: Callable, table: StepTable, values: dict[str, torch.Te
                              f"the cache's {max_bytes / 2**30:.0f} GiB; use fewer steps or kv_cache=False")  # fmt: skip
         passes.append(flat.view(count, -1, flat.shape[1]))
     return torch.cat(passes), layout
+
+
+def ahead_kv(encoder: Callable, cache: IdentityKVCache, request: Request, identities: list[Identity], spec: StepSpec,
+             table: StepTable, inputs: StepInputs, scaling_factor: float,
+             max_rows: int) -> tuple[StepKV | None, StepSpec]:  # fmt: skip
+    """Where a call's K/V come from: every step's computed ahead, cached per identity (``kv_cache``) or per call where
+    one pass of at most ``max_rows`` encoder rows covers them (a torch encoder), with ``spec`` given their layout; or
+    ``None`` and ``spec`` as it is, for the K/V-encoder to run in every step."""
+    kv = None
+    if request.use_kv and request.kv_cache:
+        steps_per_pass = max(1, max_rows // spec.identity_encoder_rows)
+        kv = identity_kv(encoder, cache, request, identities, spec, table, inputs, scaling_factor, steps_per_pass)
+    elif ahead_pays(spec, table, max_rows) and isinstance(encoder, torch.nn.Module):
+        kv = call_kv(encoder, spec, table, inputs)
+    return (None, spec) if kv is None else (kv, replace(spec, kv_layout=kv.layout))
 
 
 def ahead_pays(spec: StepSpec, table: StepTable, max_rows: int) -> bool:

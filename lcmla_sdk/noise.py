@@ -7,6 +7,7 @@ the same image eagerly and from a CUDA graph, alone or in a batch.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -82,3 +83,18 @@ def draw(
         to_device(noise, device, dtype), to_device(face_latents(face, eps, scaling_factor), device, dtype),
         to_device(reference_noise, device, dtype), to_device(steps, device, dtype) if steps is not None else None,
     )
+
+
+def draw_per_prompt(
+    seeds: list[int | torch.Generator], identities: Sequence[Identity], latent_shape: tuple[int, ...], noise_steps: int,
+    face_noise: str, scaling_factor: float, dtype: torch.dtype, device: torch.device,
+) -> Noise:  # fmt: skip
+    """:func:`draw` for each prompt's images (``seeds`` prompt-major) with that prompt's identity, joined; in one draw
+    when every prompt has the same identity (the same values: each image draws from its own generator)."""
+    if all(identity is identities[0] for identity in identities):
+        groups = [(seeds, identities[0])]
+    else:
+        images = len(seeds) // len(identities)
+        groups = [(seeds[p * images : (p + 1) * images], identity) for p, identity in enumerate(identities)]
+    return join([draw(group, latent_shape, identity, noise_steps, face_noise, scaling_factor, dtype, device)
+                 for group, identity in groups])  # fmt: skip

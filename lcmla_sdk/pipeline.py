@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,29 +14,24 @@ from . import validation
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
 from .engines.backends import EngineMismatchError
-from .errors import InvalidImageError
-from .faces import AUTO, ON_MULTIPLE, FaceAnalyzer, FaceBackend
+from .faces import AUTO, FaceAnalyzer, FaceBackend
 from .faces.encoding import FaceEncoder
-from .freeu import stage_values
-from .identity import Identity
-from .images import FACE_RESIZES, FaceInput
+from .identity import Identity, identities_per_prompt
+from .images import FaceInput
 from .integrity import sha256_json
-from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_pays, call_kv, identity_kv
+from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_kv
 from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
 from .networks import ImageAdapter
-from .noise import draw as draw_noise
-from .noise import join as join_noise
+from .noise import draw_per_prompt
 from .presets import Components
 from .progress import stages
 from .request import Request
 from .sampling import StepInputs, StepSpec, sample, step_values
 from .schedule import StepTable, StepTables, make_scheduler
-from .text import PromptEncoder, time_ids
-from .transfer import device_tensor, to_device
+from .text import PromptEncoder
 
-CROPS = ("none", "face")
 GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
 
 
@@ -238,48 +233,26 @@ class Personalizer:
         # checking an identity reads its values, which waits for the GPU's queued work.
         identities = self.prompt_identities(face, len(request.prompt))
 
-        # 3. Encode prompts (one row per image)
-        (text, pooled), (neg_text, neg_pooled) = self.encode_prompt(request.prompt, request.negative_prompt)
-        text, pooled, neg_text, neg_pooled = (
-            x.repeat_interleave(request.num_images, 0) for x in (text, pooled, neg_text, neg_pooled)
-        )
+        # 3. Encode prompts (one row per prompt)
+        prompts = self.encode_prompt(request.prompt, request.negative_prompt)
 
         # 4. Schedule and every random draw (each image from its own generator: drawn per prompt, as in one draw)
         table = self.step_tables(request.mode, request.steps)
         shape = (1, 4, request.height // self.vae_scale, request.width // self.vae_scale)
-        groups = [(request.seed, identities[0])] if all(i is identities[0] for i in identities) else [
-            (request.seed[p * request.num_images : (p + 1) * request.num_images], identity)
-            for p, identity in enumerate(identities)
-        ]  # fmt: skip
-        noise = join_noise([draw_noise(seeds, shape, identity, table.noise_steps, request.face_noise,
-                                       self.vae.config.scaling_factor, self.dtype, self.device)
-                            for seeds, identity in groups])  # fmt: skip
+        noise = draw_per_prompt(request.seed, identities, shape, table.noise_steps, request.face_noise,
+                                self.vae.config.scaling_factor, self.dtype, self.device)  # fmt: skip
 
         # 5. Denoising loop (a CUDA graph per shape on a GPU), from the call's inputs by name, one row per image
-        rows, to = len(request.seed), {"device": self.device, "dtype": self.dtype}
-        quality = request.mode == "quality"
-
-        def per_image(name: str) -> torch.Tensor:  # each prompt's identity, one row per image
-            return torch.cat([to_device(getattr(i, name), **to).expand(request.num_images, -1, -1) for i in identities])
-
-        inputs = StepInputs(
-            latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
-            image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
-            adapter_scale=torch.full((rows,), request.adapter_scale, device=self.device),
-            time_ids=time_ids(request.height, request.width, rows, self.dtype, self.device),
-            guidance=device_tensor(request.guidance, self.device, torch.float32) if quality else None,
-            freeu=stage_values(request.freeu, self.device) if request.freeu is not None else None,
-            encoder_prompt=self.prompt_encoder.encoder_prompt() if request.use_kv else None,
-            face_latents=noise.face_latents, face_noise=noise.face_noise,
-        )  # fmt: skip
+        inputs = request.step_inputs(identities, prompts, noise, self.prompt_encoder.encoder_prompt, self.device, self.dtype)
         latents = self.denoise(request, identities, inputs, table, noise.steps)
 
         # 6. Decode
         return self.decode(latents, request.output, request.vae)
 
-    def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
-        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
-        return self.prompt_encoder(prompts, negatives, self._graphed)
+    def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
+        """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
+        ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
+        return identities_per_prompt(face, prompts, partial(validation.identity, self), self.encode_face)
 
     @torch.inference_mode()
     def encode_face(
@@ -298,56 +271,19 @@ class Personalizer:
         (the authors') resizes the whole photo to the face size without keeping its aspect ratio; ``"crop"`` takes
         its centre square. Several photos are combined as :mod:`lcmla_sdk.identity` describes.
         """
-        faces = list(images) if isinstance(images, (list, tuple)) else [images]
-        if not faces:
-            raise InvalidImageError("face: no image given")
-        validation.choice(crop, "crop", CROPS)
-        validation.choice(on_multiple, "on_multiple", ON_MULTIPLE)
-        validation.choice(face_resize, "face_resize", FACE_RESIZES)
-        validation.check_memory(validation.vae_bytes(self, len(faces), self.face_size, self.face_size), self.device,
-                                f"face ({len(faces)} photos)", "encode fewer photos at once")  # fmt: skip
-        return self.face_encoder(faces, self.adapter, crop, on_multiple, face_resize)
+        return self.face_encoder(images, self.adapter, crop, on_multiple, face_resize)
 
-    def load_identity(self, path: str | Path) -> Identity:
-        """:meth:`Identity.load` that refuses an identity made by another model."""
-        return Identity.load(path, expected_fingerprint=self.fingerprint)
-
-    def make_scheduler(self, mode: str):
-        """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
-        return make_scheduler(self.config["scheduler"], mode)
-
-    def prompt_identities(self, face: FaceInput | Sequence[FaceInput] | Identity | Sequence, prompts: int) -> list[Identity]:
-        """The :class:`Identity` of each prompt: ``face`` for all of them, or ``face[i]`` for prompt ``i`` when
-        ``face`` is a list of Identities or of photo lists (a list of photos is one person's)."""
-        per_prompt = isinstance(face, (list, tuple)) and bool(face) and all(isinstance(f, (Identity, list, tuple)) for f in face)
-        faces = list(face) if per_prompt else [face]
-        if per_prompt and len(faces) != prompts:
-            raise ValueError(f"face: {len(faces)} faces for {prompts} prompts; give one face, or one per prompt")
-        identities = []
-        for item in faces:
-            if isinstance(item, Identity):
-                validation.identity(self, item)
-            identities.append(item if isinstance(item, Identity) else self.encode_face(item))
-        references = sorted({identity.num_references for identity in identities})
-        if len(references) > 1:
-            raise ValueError(f"face: the prompts' identities have {references} reference photos; one call takes "
-                             "identities with as many (group the prompts by it)")  # fmt: skip
-        return identities if per_prompt else identities * prompts
+    def encode_prompt(self, prompts: list[str], negatives: list[str] | None):
+        """``(text, pooled)`` for the prompts and for the negatives (zeros for an absent negative prompt)."""
+        return self.prompt_encoder(prompts, negatives, self._graphed)
 
     def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
                 step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
         """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with every step's K/V
         computed ahead (:mod:`lcmla_sdk.kv_cache`) when they are cached per identity or one pass covers them."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)
-        kv = None
-        if request.use_kv and request.kv_cache:
-            steps_per_pass = max(1, self.kv_ahead_rows // spec.identity_encoder_rows)
-            kv = identity_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
-                             self.vae.config.scaling_factor, steps_per_pass)  # fmt: skip
-        elif ahead_pays(spec, table, self.kv_ahead_rows) and isinstance(self.kv_encoder, torch.nn.Module):
-            kv = call_kv(self.kv_encoder, spec, table, inputs)
-        if kv is not None:
-            spec = replace(spec, kv_layout=kv.layout)
+        kv, spec = ahead_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
+                            self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         values = step_values(spec, inputs)
@@ -364,6 +300,15 @@ class Personalizer:
         """Whether CUDA graphs are used: on a CUDA device, unless ``cuda_graphs`` is off."""
         return self.device.type == "cuda" and self.cuda_graphs
 
+    # ------------------------------------------------------------------ around the call
+    def load_identity(self, path: str | Path) -> Identity:
+        """:meth:`Identity.load` that refuses an identity made by another model."""
+        return Identity.load(path, expected_fingerprint=self.fingerprint)
+
+    def make_scheduler(self, mode: str):
+        """The diffusers scheduler of a mode (:func:`lcmla_sdk.schedule.make_scheduler`)."""
+        return make_scheduler(self.config["scheduler"], mode)
+
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
                references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None,
                compile: bool = False, progress: bool = True) -> None:  # fmt: skip
@@ -376,14 +321,8 @@ class Personalizer:
         elif not self._graphed:
             say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
             return
-        latent = self.face_size // self.vae_scale
-        tokens = self.adapter.resampler.latents.shape[1]
-        cross = self.unet.config.cross_attention_dim
-        identity = Identity(
-            cond_tokens=torch.zeros(1, tokens, cross), uncond_tokens=torch.zeros(1, tokens, cross),
-            latent_mean=torch.zeros(references, 4, latent, latent), latent_std=torch.ones(references, 4, latent, latent),
-            model_fingerprint=self.fingerprint,
-        )  # fmt: skip
+        tokens, cross = self.adapter.resampler.latents.shape[1], self.unet.config.cross_attention_dim
+        identity = Identity.blank(references, tokens, cross, self.face_size // self.vae_scale, self.fingerprint)
         with stages(progress) as stage:
             if compile and not self.decoder.compiled:
                 with stage("compiling the VAE decode"):

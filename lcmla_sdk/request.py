@@ -1,5 +1,6 @@
 """The arguments of one ``generate`` call: written once, here, as the keyword-only :class:`Request`, checked (types
-and ranges: :mod:`lcmla_sdk.validation`) and normalised by :meth:`Request.from_call`."""
+and ranges: :mod:`lcmla_sdk.validation`) and normalised by :meth:`Request.from_call`, and laid out as the sampling
+loop's inputs by :meth:`Request.step_inputs`."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
+import torch
+
 from . import validation
 from .decoding import OUTPUTS, VAES
 from .defaults import AUTHORS_FREEU, DEFAULT_GUIDANCE, MODES
+from .freeu import stage_values
 from .guidance import Guidance
-from .noise import FACE_NOISES
+from .identity import Identity
+from .noise import FACE_NOISES, Noise
+from .sampling import Embeddings, StepInputs
+from .text import time_ids
+from .transfer import device_tensor, to_device
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -112,4 +120,27 @@ class Request:
             self, prompt=prompts, negative_prompt=negatives, num_images=num_images, seed=seeds, mode=mode, steps=steps,
             guidance=Guidance(*map(float, guidance)), height=height, width=width, use_kv=use_kv,
             adapter_scale=float(adapter_scale), output=output, kv_cache=kv_cache, face_noise=face_noise, freeu=freeu,
+        )  # fmt: skip
+
+    def step_inputs(self, identities: Sequence[Identity], prompts: tuple[Embeddings, Embeddings], noise: Noise,
+                    encoder_prompt: Callable[[], Embeddings], device: torch.device,
+                    dtype: torch.dtype) -> StepInputs:  # fmt: skip
+        """This checked call's :class:`~lcmla_sdk.sampling.StepInputs`, one row per image: each prompt's embeddings
+        (``prompts``: the prompts' and the negatives', one row per prompt) and identity (``identities``, one per
+        prompt) repeated for its images; ``encoder_prompt`` is called only when the call uses K/V."""
+        rows, images, quality = len(self.seed), self.num_images, self.mode == "quality"
+        (text, pooled), (neg_text, neg_pooled) = ((x.repeat_interleave(images, 0) for x in pair) for pair in prompts)
+
+        def per_image(name: str) -> torch.Tensor:
+            return torch.cat([to_device(getattr(i, name), device, dtype).expand(images, -1, -1) for i in identities])
+
+        return StepInputs(
+            latents=noise.latents, text=text, pooled=pooled, neg_text=neg_text, neg_pooled=neg_pooled,
+            image_tokens=per_image("cond_tokens"), uncond_image_tokens=per_image("uncond_tokens"),
+            adapter_scale=torch.full((rows,), self.adapter_scale, device=device),
+            time_ids=time_ids(self.height, self.width, rows, dtype, device),
+            guidance=device_tensor(self.guidance, device, torch.float32) if quality else None,
+            freeu=stage_values(self.freeu, device) if self.freeu is not None else None,
+            encoder_prompt=encoder_prompt() if self.use_kv else None,
+            face_latents=noise.face_latents, face_noise=noise.face_noise,
         )  # fmt: skip

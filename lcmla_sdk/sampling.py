@@ -32,6 +32,8 @@ from .cuda_graphs import GraphCache, capture, say_once
 from .guidance import three_branch
 from .schedule import StepTable, apply_step, noise_reference
 
+Embeddings = tuple[torch.Tensor, torch.Tensor]  # (text, pooled)
+
 
 @dataclass(frozen=True)
 class StepSpec:
@@ -117,7 +119,7 @@ class StepInputs:
     guidance: torch.Tensor | None = None  # (3,) fp32: quality mode's weights
     freeu: torch.Tensor | None = None  # (2,) fp32: FreeU's (b, s); None: off
     # The K/V-encoder's inputs, for a step that runs it: its prompt (1 row) and the references (B x R rows).
-    encoder_prompt: tuple[torch.Tensor, torch.Tensor] | None = None
+    encoder_prompt: Embeddings | None = None
     face_latents: torch.Tensor | None = None
     face_noise: torch.Tensor | None = None
 

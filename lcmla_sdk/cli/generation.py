@@ -151,7 +151,8 @@ def identity_create(
     from .. import cli_checks, validation
     from ..faces import ON_MULTIPLE
     from ..images import FACE_RESIZES
-    from ..pipeline import CROPS, Personalizer
+    from ..images import CROPS
+    from ..pipeline import Personalizer
 
     try:
         # As in generate: the photos are read and their faces found before the model loads.

@@ -10,10 +10,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import ModelFilesError
+from .. import validation
+from ..errors import InvalidImageError, ModelFilesError
 from ..identity import Identity
-from ..images import FaceInput, clip_pixels, vae_pixels
-from .analyzer import DetectedFace, FaceAnalyzer
+from ..images import CROPS, FACE_RESIZES, FaceInput, clip_pixels, vae_pixels
+from .analyzer import ON_MULTIPLE, DetectedFace, FaceAnalyzer
 from .backend import FaceBackend
 from .references import prepare_references
 
@@ -39,9 +40,18 @@ class FaceEncoder:
                 self._analyzer = self.backend.open(providers)
             return self._analyzer
 
-    def __call__(self, photos: list[FaceInput], adapter: Callable, crop: str, on_multiple: str,
+    def __call__(self, images: FaceInput | Sequence[FaceInput], adapter: Callable, crop: str, on_multiple: str,
                  face_resize: str) -> Identity:  # fmt: skip
-        """One :class:`Identity` of ``photos`` (arguments as :meth:`Personalizer.encode_face` checked them)."""
+        """One :class:`Identity` of the photo(s) ``images`` (arguments as :meth:`Personalizer.encode_face` describes
+        them), checked before any work: the choices, and the memory the VAE needs for every photo."""
+        photos = list(images) if isinstance(images, (list, tuple)) else [images]
+        if not photos:
+            raise InvalidImageError("face: no image given")
+        validation.choice(crop, "crop", CROPS)
+        validation.choice(on_multiple, "on_multiple", ON_MULTIPLE)
+        validation.choice(face_resize, "face_resize", FACE_RESIZES)
+        validation.check_memory(validation.vae_bytes(self, len(photos), self.face_size, self.face_size), self.device,
+                                f"face ({len(photos)} photos)", "encode fewer photos at once")  # fmt: skip
         analyzer = self.analyzer
         if analyzer is None and (crop == "face" or on_multiple == "error"):
             raise ModelFilesError(
