@@ -188,7 +188,7 @@ class Personalizer:
 
     def compile_networks(self) -> None:
         """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
-        (:mod:`lcmla_sdk.engines.compiled`): each shape compiles on its first call, which takes minutes, or tens of
+        (:mod:`lcmla_sdk.compiling`): each shape compiles on its first call, which takes minutes, or tens of
         seconds once the caches of a folder built by ``lcmla export --backend torch`` are loaded
         (:meth:`use_exported`)."""
         if not self._networks.compiled:
