@@ -1,5 +1,9 @@
-"""Networks compiled whole by ``torch.compile`` (Inductor), with the one set of Dynamo settings every compile and
-every compiled call runs under. Building the compiled code once and loading it: :mod:`lcmla_sdk.engines.compiled`."""
+"""Networks compiled whole by ``torch.compile`` (Inductor), and the caches of what a process compiled, saved and
+loaded. Building the compiled code once into a folder and loading it: :mod:`lcmla_sdk.engines.compiled`.
+
+Dynamo's own work (tracing, 10-20 s per full-size network on a loaded shape's first call) is not kept: its
+``caching_precompile`` (experimental) failed on torch 2.11 + CUDA with ``assert check_fn.guards_state is not None``
+(H100, 2026-12-06), although it worked on torch 2.13 on a CPU."""
 
 from __future__ import annotations
 
@@ -11,25 +15,12 @@ from torch import nn
 
 # Dynamo's cache entries per code object: sizes 1 and >= 2 of every network and image size used in one process.
 RECOMPILE_LIMIT = 64
-# Dynamo's own work (the traced bytecode and its guards) kept with Inductor's caches, so that a process loading
-# them skips tracing too (each full-size network takes 10-20 s to trace). PyTorch calls it experimental; it drops
-# guards on object identity, which holds here: a compiled forward is only reused for networks of its own class.
-PRECOMPILE = hasattr(torch._dynamo.config, "caching_precompile")
-
-
-def compile_settings():
-    """The Dynamo settings of lcmla's compiles, their calls and the saving of their caches."""
-    settings: dict[str, Any] = {"cache_size_limit": RECOMPILE_LIMIT}
-    if PRECOMPILE:
-        settings["caching_precompile"] = True
-    return torch._dynamo.config.patch(**settings)
 
 
 def saved_caches() -> bytes:
-    """What this process compiled (Inductor, AOTAutograd, Triton and Dynamo's entries), for
+    """What this process compiled (Inductor, AOTAutograd and Triton caches), for
     ``torch.compiler.load_cache_artifacts`` in another process; empty when nothing was compiled."""
-    with compile_settings():
-        artifacts = torch.compiler.save_cache_artifacts()
+    artifacts = torch.compiler.save_cache_artifacts()
     return artifacts[0] if artifacts else b""
 
 
@@ -46,14 +37,13 @@ class CompiledNetwork(nn.Module):
     def __init__(self, network: nn.Module) -> None:
         super().__init__()
         self.network = network
-        with compile_settings():
-            self.compiled = torch.compile(network)
+        self.compiled = torch.compile(network)
 
     def forward(self, *args: Any) -> Any:
         for value in _tensors(args):
             if value.dim() and value.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
-        with compile_settings():
+        with torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT):
             return self.compiled(*args)
 
 
