@@ -9,8 +9,8 @@ Folder layout::
 :func:`build_compiled` compiles every network for the shapes asked, in parallel processes (one job per shape
 class), and saves their caches; :func:`load_compiled` refuses a folder made for another model, PyTorch, Triton,
 diffusers or GPU, loads the caches and switches the model to compiled networks, so each shape's first call compiles
-from the caches (30-50 s per shape for the full-size model on an H100) instead of from scratch (minutes). Nothing
-compiles unless asked: these two functions and ``Personalizer.warmup(..., compile=True)``.
+from the caches (about 40 s for fast batch 1 of the full-size model on an H100: Dynamo traces each network again)
+instead of from scratch (minutes). Nothing compiles unless asked: these two functions and ``Personalizer.warmup(..., compile=True)``.
 
 Whole-network compilation was chosen by measurement (``benchmarks/compile_probe.py``, H100, batch 1, 1024^2): the
 LCM denoiser 32.6 -> 24.8 ms and the K/V-encoder 25.7 -> 19.4 ms, against 27.9 ms for the denoiser compiled by
