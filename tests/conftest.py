@@ -105,19 +105,9 @@ def unet_inputs(model: Personalizer, batch: int = 2, side: int = 16, seed: int =
     )
 
 
-# The tiny preset's export shared by the export and engine tests (denoiser_lcm comes from the same spec code as
-# denoiser; leaving it out saves CI a minute).
-EXPORT_RANGES = dict(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))  # ShapeRanges' arguments
+# The networks the export and engine tests export (denoiser_lcm comes from the same spec code as denoiser; leaving it
+# out saves CI a minute).
 EXPORT_NETWORKS = ["adapter", "kv_encoder", "denoiser", "vae_decoder", "vae_encoder", "text_encoder", "text_encoder_2"]
-
-
-@pytest.fixture(scope="session")
-def exported(tiny, tmp_path_factory):
-    """``EXPORT_NETWORKS`` of the tiny preset, exported once with parity checks (an :class:`ExportReport`)."""
-    from lcmla_sdk.export import ShapeRanges, export_model  # onnx is imported only by the tests that export
-
-    folder = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_model(tiny, folder, ShapeRanges(**EXPORT_RANGES), EXPORT_NETWORKS, check=True, log=lambda _: None)
 
 
 @pytest.fixture(scope="session")
@@ -146,18 +136,16 @@ def run_together(call, count: int) -> list:
         return list(pool.map(call, range(count)))
 
 
-# Files that share the session-scoped ``exported`` fixture run on one xdist worker, so it is built once; every
-# other file is a group of its own (its module fixtures are built once, as with --dist loadfile).
-SHARED_EXPORT = {"test_export.py", "test_tensorrt_rtx.py"}
-# The groups that take longest on a 2-core CI runner (the export group, with its engine builds, by far) are handed
-# out first (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out
-# of work; the rest follow in file order.
-LONGEST_FIRST = ["export", "test_train_loop.py", "test_convert.py", "test_serve.py", "test_atomic.py", "test_cli.py",
-                 "test_cli_newcomer.py"]  # fmt: skip
+# Each file is a group of its own: its tests run on one xdist worker, in order, so its module fixtures are built once
+# (as with --dist loadfile). The groups that take longest on a 2-core CI runner are handed out first
+# (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out of work;
+# the rest follow in file order.
+LONGEST_FIRST = ["test_train_loop.py", "test_export.py", "test_serve.py", "test_convert.py", "test_tensorrt_rtx.py",
+                 "test_atomic.py", "test_cli.py", "test_cli_newcomer.py"]  # fmt: skip
 
 
 def xdist_group(item) -> str:
-    return "export" if item.path.name in SHARED_EXPORT else item.path.name
+    return item.path.name
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -22,9 +22,15 @@ from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest
 
 from conftest import EXPORT_NETWORKS as NETWORKS
-from conftest import EXPORT_RANGES
 
-RANGES = ShapeRanges(**EXPORT_RANGES)
+RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    """``NETWORKS`` of the tiny preset, exported once with parity checks (an :class:`ExportReport`)."""
+    folder = tmp_path_factory.mktemp("engines") / "tiny"
+    return export_model(tiny, folder, RANGES, NETWORKS, check=True, log=lambda _: None)
 
 
 def test_every_graph_matches_pytorch_within_its_stated_tolerance(exported):

@@ -1,11 +1,14 @@
-"""TensorRT-RTX engines from the tiny preset's graphs.
+"""TensorRT-RTX engines from graphs of the tiny architecture.
 
 Its ahead-of-time compiler needs no GPU, so every graph is parsed and every profile built here, and the parsed
-network's inputs and outputs are checked against the manifest. Deserialising an engine needs a GPU: the refusal on a
+network's inputs and outputs are checked against the manifest. The graphs are those of the tiny architecture with one
+or two transformer layers per block: 17 K/V layers instead of 70, the same operations and kinds of inputs and outputs,
+and about 30 s of compiling instead of over 2 minutes (the 70-layer graphs are built by test_export.py's
+test_engines_match_pytorch, on a GPU that TensorRT-RTX runs on). Deserialising an engine needs a GPU: the refusal on a
 GPU the engines do not support is a ``gpu`` test (an H100 or H200, compute capability 9.0, is one).
 """
 
-import shutil
+import copy
 
 import pytest
 import torch
@@ -19,16 +22,31 @@ from lcmla_sdk.engines.engine import Engine, build_engine, check_io, tensor_io
 from lcmla_sdk.export import ShapeRanges, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest, TensorInfo
+from lcmla_sdk.presets import preset_config
+
+from conftest import EXPORT_NETWORKS
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason=TensorRTRTX.install_hint)
 
 TINY_RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
 
 
+def shallow_tiny_config() -> dict:
+    config = copy.deepcopy(preset_config("tiny"))
+    config["unet"]["transformer_layers_per_block"] = [1, 1, 2]  # the tiny preset's: [1, 2, 10]
+    return config
+
+
 @pytest.fixture(scope="module")
-def built(exported, tmp_path_factory):
-    """The shared tiny export (fp32) with a TensorRT-RTX engine built for every graph, here, without a GPU."""
-    folder = shutil.copytree(exported.folder, tmp_path_factory.mktemp("rtx") / "tiny")
+def shallow_tiny() -> Personalizer:
+    return Personalizer.from_config(shallow_tiny_config(), device="cpu", label="shallow tiny")
+
+
+@pytest.fixture(scope="module")
+def built(shallow_tiny, tmp_path_factory):
+    """The shallow tiny model's export (fp32) with a TensorRT-RTX engine built for every graph, here, without a GPU."""
+    folder = tmp_path_factory.mktemp("rtx") / "tiny"
+    export_model(shallow_tiny, folder, TINY_RANGES, EXPORT_NETWORKS, log=lambda _: None)
     lines = []
     manifest = build_engines(folder, BuildOptions("fp32"), log=lines.append, backend=TensorRTRTX())
     return folder, manifest, lines
@@ -70,7 +88,7 @@ def test_parsed_networks_have_the_manifests_io_and_a_wrong_manifest_is_named(bui
 
 
 def test_fp16_normalisation_layers_compute_in_fp32_and_the_engines_build(tmp_path):
-    half = Personalizer.from_pretrained("tiny", device="cpu", dtype=torch.float16)
+    half = Personalizer.from_config(shallow_tiny_config(), device="cpu", dtype=torch.float16, label="shallow tiny")
     export_model(half, tmp_path, TINY_RANGES, ["adapter"], log=lambda _: None)
     network = _parse(tmp_path / "adapter" / "model.onnx")
     layers = lambda: [network.get_layer(i) for i in range(network.num_layers)]  # noqa: E731
@@ -104,12 +122,12 @@ def test_cli_builds_for_the_compute_capabilities_asked(tmp_path):
     assert unknown.exit_code == 2 and "backend: 'tensorrt-llm' is not one of" in unknown.output
 
 
-def test_without_a_gpu_loading_is_refused_in_one_line(built):
+def test_without_a_gpu_loading_is_refused_in_one_line(built, shallow_tiny):
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU: the gpu test below covers loading")
     folder, _, _ = built
     with pytest.raises(EngineMismatchError) as error:
-        Personalizer.from_pretrained("tiny", device="cpu").use_exported(folder, backend="tensorrt-rtx")
+        shallow_tiny.use_exported(folder, backend="tensorrt-rtx")
     assert str(error.value) == f"{folder}: no CUDA GPU to run TensorRT-RTX engines on"
 
 
