@@ -47,16 +47,9 @@ class Personalizer:
     runs it eagerly); concurrent calls are safe: the graph loop holds a lock for the loop only.
     """
 
-    def __init__(
-        self,
-        components: Components,
-        device: torch.device,
-        dtype: torch.dtype,
-        fingerprint: str | None = None,
-        faces: str | Path | FaceBackend | None = AUTO,
-        source: ModelLayout | None = None,
-        cuda_graphs: bool = True,
-    ) -> None:
+    def __init__(self, components: Components, device: torch.device, dtype: torch.dtype, fingerprint: str | None = None,
+                 faces: str | Path | FaceBackend | None = AUTO, source: ModelLayout | None = None,
+                 cuda_graphs: bool = True) -> None:  # fmt: skip
         """``components`` as the loaders give them (:mod:`lcmla_sdk.model_dir.loading`: the UNet wired)."""
         config = self.config = components.config
         self.components, self.source = components, source  # source: the model directory (None for random weights)
@@ -94,19 +87,11 @@ class Personalizer:
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
-    def from_pretrained(
-        cls,
-        name: str | Path,
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        faces: str | Path | None = AUTO,
-        tiny_vae: str | Path | None = None,
-        cuda_graphs: bool = True,
-        verify: bool = True,
-        compiled: str | Path | None = None,
-        compiled_fallback: bool = False,
-    ) -> Personalizer:
+    def from_pretrained(cls, name: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | None = None, seed: int = 0, faces: str | Path | None = AUTO,
+                        tiny_vae: str | Path | None = None, cuda_graphs: bool = True, verify: bool = True,
+                        compiled: str | Path | None = None,
+                        compiled_fallback: bool = False) -> Personalizer:  # fmt: skip
         """Load an lcmla model directory (see :mod:`lcmla_sdk.model_dir`) or an embedded preset.
 
         A directory is validated (files, keys, shapes, dtypes) before any weight is read; nothing is downloaded.
@@ -135,16 +120,9 @@ class Personalizer:
         return model
 
     @classmethod
-    def from_config(
-        cls,
-        config: dict[str, Any],
-        device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
-        seed: int = 0,
-        label: str = "custom",
-        faces: str | Path | None = AUTO,
-        cuda_graphs: bool = True,
-    ) -> Personalizer:
+    def from_config(cls, config: dict[str, Any], device: str | torch.device | None = None,
+                    dtype: torch.dtype | None = None, seed: int = 0, label: str = "custom",
+                    faces: str | Path | None = AUTO, cuda_graphs: bool = True) -> Personalizer:  # fmt: skip
         """Random weights for an architecture given as constructor arguments (the presets' JSON format).
 
         Weights are drawn directly on ``device`` in ``dtype`` (no fp32 copy, no host-to-device transfer), so the
@@ -255,13 +233,8 @@ class Personalizer:
         return identities_per_prompt(face, prompts, partial(validation.identity, self), self.encode_face)
 
     @torch.inference_mode()
-    def encode_face(
-        self,
-        images: FaceInput | Sequence[FaceInput],
-        crop: str = "none",
-        on_multiple: str = "largest",
-        face_resize: str = "squash",
-    ) -> Identity:
+    def encode_face(self, images: FaceInput | Sequence[FaceInput], crop: str = "none", on_multiple: str = "largest",
+                    face_resize: str = "squash") -> Identity:  # fmt: skip
         """Encode one or several photos of one person into an :class:`Identity` (reusable for any prompt).
 
         Unless detection is off (``faces=None``), every photo goes through the face backend: the largest face, or
