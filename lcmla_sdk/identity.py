@@ -73,13 +73,14 @@ class Identity:
     _digest: tuple[tuple, str] | None = field(default=None, init=False, repr=False, compare=False)
 
     @classmethod
-    def blank(cls, references: int, tokens: int, width: int, latent_side: int, model_fingerprint: str) -> Identity:
-        """Zero image tokens ``(1, tokens, width)`` and ``references`` unit latent distributions ``(4, latent_side,
-        latent_side)``: an identity of a model's shapes that stands for none (:meth:`Personalizer.warmup`)."""
+    def blank(cls, references: int, tokens: int, width: int, channels: int, latent_side: int,
+              model_fingerprint: str) -> Identity:  # fmt: skip
+        """Zero image tokens ``(1, tokens, width)`` and ``references`` unit latent distributions ``(channels,
+        latent_side, latent_side)``: an identity of a model's shapes that stands for none (:meth:`Personalizer.warmup`)."""
+        latent = (references, channels, latent_side, latent_side)
         return cls(
             cond_tokens=torch.zeros(1, tokens, width), uncond_tokens=torch.zeros(1, tokens, width),
-            latent_mean=torch.zeros(references, 4, latent_side, latent_side),
-            latent_std=torch.ones(references, 4, latent_side, latent_side), model_fingerprint=model_fingerprint,
+            latent_mean=torch.zeros(latent), latent_std=torch.ones(latent), model_fingerprint=model_fingerprint,
         )  # fmt: skip
 
     @property

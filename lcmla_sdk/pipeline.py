@@ -294,8 +294,10 @@ class Personalizer:
         elif not self._graphed:
             say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
             return
-        tokens, cross = self.adapter.resampler.latents.shape[1], self.unet.config.cross_attention_dim
-        identity = Identity.blank(references, tokens, cross, self.face_size // self.vae_scale, self.fingerprint)
+        # The shapes from the components: an exported adapter (use_exported) has no resampler attribute.
+        tokens, cross = self.components.resampler.latents.shape[1], self.unet.config.cross_attention_dim
+        latent = (self.unet.config.in_channels, self.face_size // self.vae_scale)
+        identity = Identity.blank(references, tokens, cross, *latent, self.fingerprint)
         with stages(progress) as stage:
             if compile and not self.decoder.compiled:
                 with stage("compiling the VAE decode"):

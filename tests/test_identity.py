@@ -81,3 +81,14 @@ def test_version_1_files_keep_their_arcface_embeddings(tiny, face, tmp_path):
     loaded = tiny.load_identity(tmp_path / "v1.safetensors")
     assert torch.equal(loaded.face_embeddings, arcface) and loaded.face_backend == "insightface"
     assert loaded.boxes == [[1.0, 2.0, 3.0, 4.0]] and loaded.landmarks == []
+
+
+def test_a_blank_identity_has_the_shapes_of_a_real_one(tiny, face):
+    """What warmup generates from: every tensor shaped as an encoded face's, taken from the model's components."""
+    real = tiny.encode_face([face, face])
+    blank = Identity.blank(2, tiny.components.resampler.latents.shape[1], tiny.unet.config.cross_attention_dim,
+                           tiny.unet.config.in_channels, tiny.face_size // tiny.vae_scale, tiny.fingerprint)  # fmt: skip
+    for name in ("cond_tokens", "uncond_tokens", "latent_mean", "latent_std"):
+        assert getattr(blank, name).shape == getattr(real, name).shape, name
+    assert not blank.cond_tokens.any() and (blank.latent_std == 1).all()
+    assert tiny.generate(blank, "", mode="fast", output="latent").shape[0] == 1
