@@ -80,11 +80,13 @@ def encode_steps(encoder: Callable, table: StepTable, values: dict[str, torch.Te
 def ahead_kv(encoder: Callable, cache: IdentityKVCache, request: Request, identities: list[Identity], spec: StepSpec,
              table: StepTable, inputs: StepInputs, scaling_factor: float,
              max_rows: int) -> tuple[StepKV | None, StepSpec]:  # fmt: skip
-    """Where a call's K/V come from: every step's computed ahead, cached per identity (``kv_cache``) or per call where
-    one pass of at most ``max_rows`` encoder rows covers them (a torch encoder), with ``spec`` given their layout; or
-    ``None`` and ``spec`` as it is, for the K/V-encoder to run in every step."""
+    """Where the K/V of a call that uses them come from: every step's computed ahead, cached per identity
+    (``kv_cache``) or per call where one pass of at most ``max_rows`` encoder rows covers them, with ``spec`` given
+    their layout; or ``None`` and ``spec`` as it is, for the K/V-encoder to run in every step. Per call only for a
+    torch encoder: an exported one takes the batch sizes of its engine's profiles, which a pass of several steps may
+    exceed."""
     kv = None
-    if request.use_kv and request.kv_cache:
+    if request.kv_cache:
         steps_per_pass = max(1, max_rows // spec.identity_encoder_rows)
         kv = identity_kv(encoder, cache, request, identities, spec, table, inputs, scaling_factor, steps_per_pass)
     elif ahead_pays(spec, table, max_rows) and isinstance(encoder, torch.nn.Module):

@@ -255,8 +255,10 @@ class Personalizer:
         """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with every step's K/V
         computed ahead (:mod:`lcmla_sdk.kv_cache`) when they are cached per identity or one pass covers them."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)
-        kv, spec = ahead_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
-                            self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
+        kv = None
+        if request.use_kv:  # only then: the K/V-encoder is built (a merged copy of the UNet) on first use
+            kv, spec = ahead_kv(self.kv_encoder, self.identity_kv_cache, request, identities, spec, table, inputs,
+                                self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
         values = step_values(spec, inputs)

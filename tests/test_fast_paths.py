@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import run_together, unet_inputs
 
+from lcmla_sdk import Personalizer
 from lcmla_sdk.guidance import Guidance, three_branch
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
 from lcmla_sdk.networks import Denoiser, KVEncoder
@@ -193,3 +194,14 @@ def test_presets_are_drawn_where_they_live_and_reproducibly(tiny):
     for (name, a), b in zip(tiny.unet.named_parameters(), again.unet.parameters()):
         assert torch.equal(a, b), name
     assert tiny.decoder.tiny_vae is not None and tiny.decoder.tiny_vae.device.type == "cpu"
+
+
+def test_a_call_without_kv_builds_no_kv_encoder(face):
+    """The K/V-encoder is a merged copy of the UNet (gigabytes at full size): made only for calls that use K/V."""
+    model = Personalizer.from_pretrained("tiny", device="cpu")
+    identity = model.encode_face(face)
+    for mode in ("fast", "quality"):
+        model.generate(identity, "a face", mode=mode, steps=1, use_kv=False, output="latent")
+    assert "kv_encoder" not in model._networks._built
+    model.generate(identity, "a face", mode="fast", steps=1, output="latent")
+    assert "kv_encoder" in model._networks._built
