@@ -23,9 +23,10 @@ from pathlib import Path
 PRESET, DEVICE = os.environ.get("PROBE_PRESET", "sdxl"), os.environ.get("PROBE_DEVICE", "cuda")
 SIZE = int(os.environ.get("PROBE_SIZE", "1024"))
 FLAGS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True, "conv_1x1_as_mm": True}
-# name: (network, rows, options). Options: "compile" (False: eager only), "dynamic", "inductor" (config patches),
-# "mode", "sdpa" ("cudnn": cuDNN's attention first, eager and compiled), "channels_last", "then_rows" (also time that many rows, recompiled), "precompile" (Dynamo's
-# caching_precompile), "load" (the artefacts of that variant, loaded first: a warm start), "after" (a later batch).
+# name: (network, rows, options). Options: "dynamic", "inductor" (config patches), "mode", "sdpa" ("cudnn": cuDNN's
+# attention first, eager and compiled), "channels_last", "then_rows" (also time that many rows, recompiled),
+# "precompile" (Dynamo's caching_precompile), "load" (the artefacts of that variant, loaded first: a warm start),
+# "after" (a later batch).
 VARIANTS = {
     "kv_b1": ("kv", 1, {"dynamic": False, "then_rows": 4}),
     "lcm_b1": ("lcm", 1, {"dynamic": False}),
@@ -44,6 +45,7 @@ def network_call(model, network: str, rows: int, channels_last: bool):
     """``(module, call(module) -> output)`` at ``rows`` rows, 1024^2, with the model's real argument layout."""
     import torch
 
+    from lcmla_sdk.compiling import VaeDecode
     from lcmla_sdk.text import time_ids
 
     device, dtype = model.device, model.dtype
@@ -56,7 +58,7 @@ def network_call(model, network: str, rows: int, channels_last: bool):
         if channels_last:
             model.vae.to(memory_format=torch.channels_last)
         latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
-        return _Decode(model.vae), lambda m: m(latent)
+        return VaeDecode(model.vae), lambda m: m(latent)
     face = torch.randn(rows, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
     if network == "kv":
         return model.kv_encoder, lambda m: m(face, t, text, pooled, ids)
@@ -65,21 +67,6 @@ def network_call(model, network: str, rows: int, channels_last: bool):
     tokens = torch.randn(rows, 16, model.unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
     args = (latent, t, text, pooled, ids, tokens, torch.ones(rows, device=device), kv, torch.tensor([1.1, 0.2], device=device))
     return model.lcm_denoiser, lambda m: m(*args)
-
-
-def _Decode(vae):
-    """The VAE decode as a module's forward: torch.compile of the VAE itself would leave ``vae.decode`` eager."""
-    import torch
-
-    class Decode(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.vae = vae
-
-        def forward(self, latent):
-            return self.vae.decode(latent).sample
-
-    return Decode()
 
 
 def child(name: str, work: Path, expected: int) -> dict:

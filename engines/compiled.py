@@ -10,7 +10,8 @@ Folder layout::
 class), and saves their caches; :func:`load_compiled` refuses a folder made for another model, PyTorch, Triton,
 diffusers or GPU, loads the caches and switches the model to compiled networks, so each shape's first call compiles
 from the caches (about 40 s for fast batch 1 of the full-size model on an H100: Dynamo traces each network again)
-instead of from scratch (minutes). Nothing compiles unless asked: these two functions and ``Personalizer.warmup(..., compile=True)``.
+instead of from scratch (minutes). Nothing compiles unless asked: these two functions and
+``Personalizer.warmup(..., compile=True)``.
 
 Whole-network compilation was chosen by measurement (``benchmarks/compile_probe.py``, H100, batch 1, 1024^2): the
 LCM denoiser 32.6 -> 24.8 ms and the K/V-encoder 25.7 -> 19.4 ms, against 27.9 ms for the denoiser compiled by

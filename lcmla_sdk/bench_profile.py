@@ -35,7 +35,6 @@ class Inputs:
         self.size, self.prompt = size, PROMPT
 
 
-
 def step_shares(model: Personalizer, x: Inputs, mode: str, steps: int, call_ms: float) -> dict[str, float]:
     """Share of a graph-mode call (batch 1, ``call_ms`` end to end) in the K/V-encoder (in every step, or in one pass
     ahead of the loop), the denoiser, guidance + scheduler, decode, and the rest (host work: text encoders, noise,
@@ -126,5 +125,3 @@ def kv_cache_effect(model: Personalizer, x: Inputs, steps: int, seeds: int = 4) 
         "mean_abs_pixel_difference": ((cached - paired).abs().mean() * 255).item(),
         "mean_abs_pixel_difference_other_seeds": ((paired - paired.roll(1, 0)).abs().mean() * 255).item(),
     }
-
-
