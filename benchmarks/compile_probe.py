@@ -25,8 +25,8 @@ SIZE = int(os.environ.get("PROBE_SIZE", "1024"))
 FLAGS = {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True, "conv_1x1_as_mm": True}
 # name: (network, rows, options). Options: "dynamic", "inductor" (config patches), "mode", "sdpa" ("cudnn": cuDNN's
 # attention first, eager and compiled), "channels_last", "then_rows" (also time that many rows, recompiled),
-# "precompile" (Dynamo's caching_precompile), "load" (the artefacts of that variant, loaded first: a warm start),
-# "after" (a later batch).
+# "load" (the artefacts of that variant, loaded first: a warm start), "aot" ("save": Dynamo's ahead-of-time compile,
+# saved; "load": the one variant "from" saved, loaded without tracing), "after" (a later batch).
 VARIANTS = {
     "kv_b1": ("kv", 1, {"dynamic": False, "then_rows": 4}),
     "lcm_b1": ("lcm", 1, {"dynamic": False}),
@@ -35,14 +35,16 @@ VARIANTS = {
     "vae_b1": ("vae", 1, {"dynamic": False}),
     "vae_b1_channels_last": ("vae", 1, {"dynamic": False, "channels_last": True}),
     "vae_b1_autotune": ("vae", 1, {"dynamic": False, "mode": "max-autotune-no-cudagraphs"}),
-    "kv_b1_precompile": ("kv", 1, {"dynamic": False, "precompile": True}),
-    "kv_b1_precompile_load": ("kv", 1, {"dynamic": False, "precompile": True, "load": "kv_b1_precompile", "after": 1}),
     "kv_b1_load": ("kv", 1, {"dynamic": False, "load": "kv_b1", "after": 1}),
+    "kv_b1_aot": ("kv", 1, {"aot": "save"}),
+    "kv_b1_aot_load": ("kv", 1, {"aot": "load", "from": "kv_b1_aot", "after": 1}),
+    "lcm_b1_aot": ("lcm", 1, {"aot": "save"}),
+    "lcm_b1_aot_load": ("lcm", 1, {"aot": "load", "from": "lcm_b1_aot", "after": 1}),
 }
 
 
 def network_call(model, network: str, rows: int, channels_last: bool):
-    """``(module, call(module) -> output)`` at ``rows`` rows, 1024^2, with the model's real argument layout."""
+    """``(module, args)`` at ``rows`` rows, 1024^2, with the model's real argument layout."""
     import torch
 
     from lcmla_sdk.compiling import VaeDecode
@@ -58,15 +60,15 @@ def network_call(model, network: str, rows: int, channels_last: bool):
         if channels_last:
             model.vae.to(memory_format=torch.channels_last)
         latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
-        return VaeDecode(model.vae), lambda m: m(latent)
+        return VaeDecode(model.vae), (latent,)
     face = torch.randn(rows, 4, face_side, face_side, device=device, dtype=dtype, generator=g)
     if network == "kv":
-        return model.kv_encoder, lambda m: m(face, t, text, pooled, ids)
+        return model.kv_encoder, (face, t, text, pooled, ids)
     kv = tuple(x.contiguous() for x in model.kv_encoder(face, t, text, pooled, ids))
     latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)
     tokens = torch.randn(rows, 16, model.unet.config.cross_attention_dim, device=device, dtype=dtype, generator=g)
     args = (latent, t, text, pooled, ids, tokens, torch.ones(rows, device=device), kv, torch.tensor([1.1, 0.2], device=device))
-    return model.lcm_denoiser, lambda m: m(*args)
+    return model.lcm_denoiser, args
 
 
 def child(name: str, work: Path, expected: int) -> dict:
@@ -77,10 +79,6 @@ def child(name: str, work: Path, expected: int) -> dict:
     network, rows, options = VARIANTS[name]
     torch._dynamo.config.cache_size_limit = 64
     result: dict = {"name": name, "rows": rows, "torch": torch.__version__}
-    if options.get("precompile"):
-        result["has_caching_precompile"] = hasattr(torch._dynamo.config, "caching_precompile")
-        if result["has_caching_precompile"]:
-            torch._dynamo.config.caching_precompile = True
     begin = time.perf_counter()
     model = Personalizer.from_pretrained(PRESET, device=DEVICE, faces=None)
     result["load_model_s"] = time.perf_counter() - begin
@@ -105,26 +103,29 @@ def _compile_and_time(model, network, rows, options, result, work, expected) -> 
         return (out[0] if isinstance(out, tuple) else out).float()
 
     name = result["name"]
-    module, call = network_call(model, network, rows, options.get("channels_last", False))
-    if options.get("sdpa") == "cudnn":
-        call = _cudnn_attention_first(call)
+    module, args = network_call(model, network, rows, options.get("channels_last", False))
+    call = _cudnn_attention_first(args) if options.get("sdpa") == "cudnn" else lambda m: m(*args)
     reference = first(call(module))
-    compiled = torch.compile(module, dynamic=options.get("dynamic"), mode=options.get("mode"),
-                             options=options.get("inductor"))  # fmt: skip
     begin = time.perf_counter()
+    if options.get("aot"):
+        compiled = _aot(module, args, options["aot"], work / f"{options.get('from', name)}.aot", result)
+    else:
+        compiled = torch.compile(module, dynamic=options.get("dynamic"), mode=options.get("mode"),
+                                 options=options.get("inductor"))  # fmt: skip
     out = first(call(compiled))
     torch.cuda.synchronize() if DEVICE == "cuda" else None
     result["compile_s"] = time.perf_counter() - begin
     result["max_abs_diff"] = (out - reference).abs().max().item()
     result["ref_abs_max"] = reference.abs().max().item()
-    if "load" not in options:
+    if "load" not in options and not options.get("aot"):
         blob = torch.compiler.save_cache_artifacts()
         if blob is not None:
             (work / f"{name}.bin").write_bytes(blob[0])
             result["artifact_mb"] = len(blob[0]) / 2**20
     then = options.get("then_rows")
     if then:
-        module_b, call_b = network_call(model, network, then, False)
+        module_b, args_b = network_call(model, network, then, False)
+        call_b = lambda m: m(*args_b)  # noqa: E731
         begin = time.perf_counter()
         call_b(compiled)
         torch.cuda.synchronize() if DEVICE == "cuda" else None
@@ -144,16 +145,37 @@ def _compile_and_time(model, network, rows, options, result, work, expected) -> 
     return result
 
 
-def _cudnn_attention_first(call):
+def _cudnn_attention_first(args):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
     def with_cudnn(module):
         with sdpa_kernel(order, set_priority=True):
-            return call(module)
+            return module(*args)
 
     return with_cudnn
+
+
+def _aot(module, args, how: str, path: Path, result: dict):
+    """Dynamo's ahead-of-time compile (``torch.compile(...).forward.aot_compile``): ``"save"`` compiles at ``args``'
+    shapes and saves the function to ``path``; ``"load"`` loads the one an earlier variant saved (no tracing).
+    Guards are dropped: a module's identity guard cannot be serialized, and the caller keeps to the saved shapes."""
+    import functools
+
+    import torch
+
+    if how == "save":
+        drop_guards = {"guard_filter_fn": lambda entries: [False] * len(entries)}
+        function = torch.compile(module, fullgraph=True, dynamic=False, options=drop_guards).forward.aot_compile((args, {}))
+        function.save_compiled_function(str(path))
+        result["artifact_mb"] = path.stat().st_size / 2**20
+    else:
+        begin = time.perf_counter()
+        with open(path, "rb") as file:
+            function = torch.compiler.load_compiled_function(file)
+        result["load_aot_s"] = time.perf_counter() - begin
+    return functools.partial(function, module)
 
 
 def main() -> None:
