@@ -165,6 +165,7 @@ def _aot(module, args, how: str, path: Path, result: dict):
 
     import torch
 
+    torch._dynamo.config.enable_aot_compile = True  # off by default in torch 2.11
     if how == "save":
         drop_guards = {"guard_filter_fn": lambda entries: [False] * len(entries)}
         function = torch.compile(module, fullgraph=True, dynamic=False, options=drop_guards).forward.aot_compile((args, {}))
