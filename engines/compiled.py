@@ -1,17 +1,18 @@
 """Compiled networks (``backend="torch"``): the sampling step's networks and the VAE decode compiled whole by
-``torch.compile`` (Inductor), built once into a folder and loaded from it, on any device PyTorch compiles for.
+``torch.compile`` (Inductor) ahead of time, built once into a folder and loaded from it, on any device PyTorch
+compiles for.
 
 Folder layout::
 
-    compiled.json       the manifest: model fingerprint, versions, GPU, shapes built, artefacts, cache key
-    inductor-N.bin      ``torch.compiler.save_cache_artifacts()`` of build job N (Inductor, AOTAutograd, Triton)
+    compiled.json                the manifest: model fingerprint, versions, GPU, shapes built, artefacts, cache key
+    aot-NETWORK-SIGNATURE.bin    one network's function at one call signature (lcmla_sdk.compiling.AheadOfTime)
 
-:func:`build_compiled` compiles every network for the shapes asked, in parallel processes (one job per shape
-class), and saves their caches; :func:`load_compiled` refuses a folder made for another model, PyTorch, Triton,
-diffusers or GPU, loads the caches and switches the model to compiled networks, so each shape's first call compiles
-from the caches (about 40 s for fast batch 1 of the full-size model on an H100: Dynamo traces each network again)
-instead of from scratch (minutes). Nothing compiles unless asked: these two functions and
-``Personalizer.warmup(..., compile=True)``.
+:func:`build_compiled` runs one generation of every shape asked in parallel processes (one job per shape), each
+compiling and saving a function for every network call it makes (the K/V pass, the denoiser, the decode);
+:func:`load_compiled` refuses a folder made for another model, PyTorch, Triton, diffusers or GPU and switches the
+model to compiled networks that load each function on the first call with its signature (seconds, no tracing). A
+call at a shape the folder was not built for compiles lazily (minutes, with a warning). Nothing compiles unless
+asked: these two functions and ``Personalizer.warmup(..., compile=True)``.
 
 Whole-network compilation was chosen by measurement (``benchmarks/compile_probe.py``, H100, batch 1, 1024^2): the
 LCM denoiser 32.6 -> 24.8 ms and the K/V-encoder 25.7 -> 19.4 ms, against 27.9 ms for the denoiser compiled by
@@ -23,8 +24,6 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -35,8 +34,8 @@ from typing import Any
 
 import torch
 
-from lcmla_sdk.atomic import atomic_directory, write_bytes, write_json
-from lcmla_sdk.compiling import load_caches, saved_caches
+from lcmla_sdk.atomic import atomic_directory, write_json
+from lcmla_sdk.compiling import AheadOfTime
 from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.integrity import sha256_file, sha256_json, verify_file
 from lcmla_sdk.schema import COUNT, STRING, Is, ListOf, MapOf, Object, OneOf, check, read_json
@@ -44,7 +43,7 @@ from lcmla_sdk.schema import COUNT, STRING, Is, ListOf, MapOf, Object, OneOf, ch
 from .backends import EngineMismatchError, gpu_identity
 
 MANIFEST = "compiled.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: functions compiled ahead of time (1 held Inductor caches)
 BOOL = Is(bool, "true or false")
 _SHAPE = Object({"mode": OneOf(("fast", "quality")), "batch": COUNT, "height": COUNT, "width": COUNT,
                  "references": COUNT, "use_kv": BOOL, "kv_cache": BOOL})  # fmt: skip
@@ -66,12 +65,6 @@ class CompiledShape:
     references: int = 1
     use_kv: bool = True
     kv_cache: bool = False
-
-    def job(self) -> tuple:
-        """Shapes whose networks compile to the same graphs: batch 1 alone (PyTorch specialises size 1), every
-        larger batch together (one graph with a symbolic batch), so a job builds at batch 2; with or without the
-        K/V cache alike (the denoiser gets K/V of the same shapes, and the cache fills from the same encoder)."""
-        return (self.mode, min(self.batch, 2), self.height, self.width, self.references, self.use_kv)
 
 
 def parse_shapes(text: str) -> list[CompiledShape]:
@@ -115,41 +108,37 @@ def build_compiled(
     model_name: str, folder: str | Path, shapes: Sequence[CompiledShape], device: str = "cuda", jobs: int = 4,
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:  # fmt: skip
-    """Compile every network for ``shapes`` and write the folder (manifest + caches), atomically.
+    """Compile every network for ``shapes`` and write the folder (manifest + functions), atomically.
 
-    ``model_name``: what ``Personalizer.from_pretrained`` takes (a model directory or a preset). Shapes that compile
-    to the same graphs are built once; up to ``jobs`` build processes run at once, each with an empty Inductor
-    cache of its own, so each artefact holds everything its job compiled.
+    ``model_name``: what ``Personalizer.from_pretrained`` takes (a model directory or a preset). Each shape is a job
+    of its own (the functions are specialised to their call shapes); up to ``jobs`` build processes run at once.
     """
     from lcmla_sdk.pipeline import Personalizer
 
     model = Personalizer.from_pretrained(model_name, device=device, faces=None)
     size, fingerprint, on = model.default_size, model.fingerprint, model.device
-    shapes = [replace(s, height=s.height or size, width=s.width or size) for s in shapes]
+    shapes = list(dict.fromkeys(replace(s, height=s.height or size, width=s.width or size) for s in shapes))
     for shape in shapes:
         if shape.height % model.size_multiple or shape.width % model.size_multiple:
             raise ValueError(f"shapes: {shape.height}x{shape.width} is not a multiple of {model.size_multiple}")
     del model  # the jobs load their own
     if on.type == "cuda":
         torch.cuda.empty_cache()
-    groups: dict[tuple, CompiledShape] = {}
-    for shape in shapes:
-        groups.setdefault(shape.job(), CompiledShape(*shape.job()))
     begin = time.perf_counter()
     with atomic_directory(folder) as staging:
-        running = []
-        pending = [(index, shape) for index, shape in enumerate([None, *groups.values()])]
+        running: list[tuple[int, CompiledShape, subprocess.Popen]] = []
+        pending = list(enumerate(shapes))
         while pending or running:
             while pending and len(running) < jobs:
                 index, shape = pending.pop(0)
-                running.append((index, shape, _start_job(model_name, device, shape, staging / f"inductor-{index}.bin")))
+                running.append((index, shape, _start_job(model_name, device, shape, staging, index)))
             index, shape, process = running.pop(0)
             process.wait()
-            job_log = staging / f"inductor-{index}.log"
+            job_log = staging / f"job-{index}.log"
             if process.returncode != 0:
-                raise RuntimeError(f"compile job {index} ({shape or 'decode'}) failed:\n{job_log.read_text()[-3000:]}")
+                raise RuntimeError(f"compile job {index} ({asdict(shape)}) failed:\n{job_log.read_text()[-3000:]}")
             job_log.unlink()
-            log(f"compiled {asdict(shape) if shape else 'the VAE decode'} ({time.perf_counter() - begin:.0f} s)")
+            log(f"compiled {asdict(shape)} ({time.perf_counter() - begin:.0f} s)")
         return write_manifest(staging, fingerprint, on, str(model_name), shapes, time.perf_counter() - begin)
 
 
@@ -160,36 +149,35 @@ def write_manifest(folder: Path, fingerprint: str, device: torch.device, model_n
     manifest = {
         "schema": SCHEMA_VERSION, "model": model_name, "model_fingerprint": fingerprint,
         "versions": found_versions, "gpu": gpu, "shapes": [asdict(s) for s in shapes],
-        "artefacts": {p.name: sha256_file(p) for p in sorted(folder.glob("inductor-*.bin"))},
+        "artefacts": {p.name: sha256_file(p) for p in sorted(folder.glob("aot-*.bin"))},
         "cache_key": cache_key(fingerprint, shapes, found_versions, gpu), "build_s": f"{build_s:.1f}",
     }  # fmt: skip
     write_json(folder / MANIFEST, manifest, indent=1)
     return manifest
 
 
-def _start_job(model_name: str, device: str, shape: CompiledShape | None, artefact: Path) -> subprocess.Popen:
-    job = {"model": model_name, "device": device, "shape": asdict(shape) if shape else None, "out": str(artefact)}
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(artefact.with_suffix(".cache")))
+def _start_job(model_name: str, device: str, shape: CompiledShape, folder: Path, index: int) -> subprocess.Popen:
+    job = {"model": model_name, "device": device, "shape": asdict(shape), "folder": str(folder)}
     command = [sys.executable, "-m", "lcmla_sdk.engines.compiled", json.dumps(job)]
-    with open(artefact.with_suffix(".log"), "w") as job_log:  # a file, not a pipe: a chatty job never blocks
-        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=job_log)
+    with open(folder / f"job-{index}.log", "w") as job_log:  # a file, not a pipe: a chatty job never blocks
+        return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=job_log)
 
 
 def run_job(job: dict[str, Any]) -> None:
-    """One build process: compile one shape's networks (or the decode) and save what Inductor made."""
+    """One build process: generate once at one shape, compiling and saving each network call's function."""
     from lcmla_sdk.pipeline import Personalizer
 
     model = Personalizer.from_pretrained(job["model"], device=job["device"], faces=None)
+    shape = CompiledShape(**job["shape"])
+    ahead = AheadOfTime(job["folder"], record=True)
+    model.compile_networks(ahead)
+    model.decoder.compile(model.default_size // model.vae_scale, warm=False, ahead=ahead)
     with torch.inference_mode():
-        if job["shape"] is None:
-            model.compile_decoder()
-        else:
-            shape = CompiledShape(**job["shape"])
-            model.decoder.compile(model.default_size // model.vae_scale, warm=False)  # the decode is a job of its own
-            model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
-                         shape.kv_cache, compile=True, progress=False)  # fmt: skip
-    write_bytes(job["out"], saved_caches())
-    shutil.rmtree(Path(job["out"]).with_suffix(".cache"), ignore_errors=True)
+        model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
+                     shape.kv_cache, compile=True, progress=False)  # fmt: skip
+        latents = torch.zeros(shape.batch, model.unet.config.in_channels, shape.height // model.vae_scale,
+                              shape.width // model.vae_scale, device=model.device, dtype=model.dtype)  # fmt: skip
+        model.decode(latents, "pt")  # the decode of this shape's images, as a call makes it
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
@@ -217,8 +205,8 @@ def check_compatible(manifest: dict[str, Any], fingerprint: str, device: torch.d
 
 
 def load_compiled(model, folder: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Check ``folder`` against ``model`` and this machine, load its caches and compile the model's networks and
-    decode (each shape compiles from the caches on its first call). Returns the manifest."""
+    """Check ``folder`` against ``model`` and this machine and switch the model's networks and decode to the
+    folder's functions (each loaded on its first call). Returns the manifest."""
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     check_compatible(manifest, model.fingerprint, model.device, str(folder / MANIFEST))
@@ -228,9 +216,9 @@ def load_compiled(model, folder: str | Path, verify: bool = True) -> dict[str, A
             raise ModelFilesError(f"{path}: missing (listed in {folder / MANIFEST})")
         if verify:
             verify_file(path, digest, folder / MANIFEST)
-        load_caches(path.read_bytes())
-    model.compile_networks()
-    model.decoder.compile(model.default_size // model.vae_scale, warm=False)
+    ahead = AheadOfTime(folder, manifest["artefacts"])
+    model.compile_networks(ahead)
+    model.decoder.compile(model.default_size // model.vae_scale, warm=False, ahead=ahead)
     return manifest
 
 

@@ -1,17 +1,25 @@
-"""Networks compiled whole by ``torch.compile`` (Inductor), and the caches of what a process compiled, saved and
-loaded. Building the compiled code once into a folder and loading it: :mod:`lcmla_sdk.engines.compiled`.
+"""Networks compiled whole by ``torch.compile`` (Inductor): lazily at each new call shape, or ahead of time at
+fixed call signatures, saved one file each and loaded without tracing. Building them once into a folder and loading
+it: :mod:`lcmla_sdk.engines.compiled`.
 
-Dynamo's own work (tracing, 10-20 s per full-size network on a loaded shape's first call) is not kept: its
-``caching_precompile`` (experimental) failed on torch 2.11 + CUDA with ``assert check_fn.guards_state is not None``
-(H100, 2026-12-06), although it worked on torch 2.13 on a CPU."""
+Why ahead of time (Dynamo's ``aot_compile``), measured on an H200 with torch 2.11 (``benchmarks/compile_probe.py``):
+a fresh process with an empty Inductor cache loads the full-size K/V-encoder's function in 3.2 s and the LCM
+denoiser's in 3.3 s, and runs them at the speed of a lazy compile (19.2 and 23.8 ms), where loading Inductor's caches
+still left Dynamo to trace each network again on its first call (tens of seconds). Dynamo's ``caching_precompile``
+failed on that torch (``assert check_fn.guards_state is not None``)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import hashlib
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .cuda_graphs import say_once
 
 # Dynamo's cache entries per code object: sizes 1 and >= 2 of every network and image size used in one process.
 RECOMPILE_LIMIT = 64
@@ -30,18 +38,75 @@ def load_caches(blob: bytes) -> None:
         torch.compiler.load_cache_artifacts(blob)
 
 
-class CompiledNetwork(nn.Module):
-    """A network compiled whole, with the network's own call signature. Batch size 1 gets graphs of its own;
-    larger batches share one whose batch dimension is symbolic."""
+def call_signature(args: Sequence[Any]) -> str:
+    """What a function compiled ahead of time is specialised to, hashed: every tensor argument's shape, strides,
+    dtype and device type, and the value of every other argument."""
+    leaves = [(tuple(v.shape), v.stride(), str(v.dtype), v.device.type) if isinstance(v, torch.Tensor) else repr(v)
+              for v in _leaves(args)]  # fmt: skip
+    return hashlib.sha256(repr(leaves).encode()).hexdigest()[:16]
 
-    def __init__(self, network: nn.Module) -> None:
+
+class AheadOfTime:
+    """Networks' functions compiled ahead of time, one file per network and call signature
+    (``aot-NETWORK-SIGNATURE.bin`` in ``folder``). ``files``: the names to load from, each on the first call with
+    its signature; ``record=True`` (a build): a call with no file compiles its function and saves it there.
+
+    The functions keep no guards (a module's identity cannot be saved); the signature checked here stands in for
+    them. Parameters are arguments of the function, so it runs on any instance of the same model."""
+
+    def __init__(self, folder: str | Path, files: Iterable[str] = (), record: bool = False) -> None:
+        self.folder, self.record = Path(folder), record
+        self._files = set(files)
+        self._functions: dict[str, Any] = {}
+
+    @staticmethod
+    def file_name(network: str, signature: str) -> str:
+        return f"aot-{network}-{signature}.bin"
+
+    def function(self, name: str, network: nn.Module, args: Sequence[Any]) -> Any | None:
+        """The function for ``network`` (called ``name``) at ``args``' signature, or ``None`` when there is none."""
+        file = self.file_name(name, call_signature(args))
+        if file not in self._functions:
+            with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default on torch 2.11
+                if file in self._files:
+                    with open(self.folder / file, "rb") as saved:
+                        self._functions[file] = torch.compiler.load_compiled_function(saved)
+                elif self.record:
+                    self._functions[file] = self._compile(network, args, self.folder / file)
+                else:
+                    return None
+        return self._functions[file]
+
+    @staticmethod
+    def _compile(network: nn.Module, args: Sequence[Any], path: Path) -> Any:
+        keep_no_guards = {"guard_filter_fn": lambda guards: [False] * len(guards)}
+        function = torch.compile(network, fullgraph=True, dynamic=False, options=keep_no_guards).forward.aot_compile(
+            (tuple(args), {})
+        )
+        temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # parallel build jobs may record one function
+        function.save_compiled_function(str(temporary))
+        temporary.replace(path)
+        return function
+
+
+class CompiledNetwork(nn.Module):
+    """A network compiled whole, with the network's own call signature: by the function ``ahead`` has for a call's
+    signature, or else lazily, where batch size 1 gets graphs of its own and larger batches share one whose batch
+    dimension is symbolic. ``name`` names the network's functions in ``ahead``."""
+
+    def __init__(self, network: nn.Module, name: str, ahead: AheadOfTime | None = None) -> None:
         super().__init__()
-        self.network = network
+        self.network, self.name, self.ahead = network, name, ahead
         self.compiled = torch.compile(network)
 
     def forward(self, *args: Any) -> Any:
-        for value in _tensors(args):
-            if value.dim() and value.shape[0] > 1:
+        function = self.ahead.function(self.name, self.network, args) if self.ahead is not None else None
+        if function is not None:
+            return function(self.network, *args)
+        if self.ahead is not None:
+            say_once(f"compiled networks: none built for {self.name} at this call's shapes; compiling it (minutes)")
+        for value in _leaves(args):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
                 torch._dynamo.maybe_mark_dynamic(value, 0)
         with torch._dynamo.config.patch(cache_size_limit=RECOMPILE_LIMIT):
             return self.compiled(*args)
@@ -58,9 +123,9 @@ class VaeDecode(nn.Module):
         return self.vae.decode(latents).sample
 
 
-def _tensors(values: Sequence[Any]) -> Iterator[torch.Tensor]:
+def _leaves(values: Sequence[Any]) -> Iterator[Any]:
     for value in values:
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, (tuple, list)):
+            yield from _leaves(value)
+        else:
             yield value
-        elif isinstance(value, (tuple, list)):
-            yield from _tensors(value)

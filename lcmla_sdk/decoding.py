@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
 
-from .compiling import CompiledNetwork, VaeDecode, load_caches, saved_caches
+from .compiling import AheadOfTime, CompiledNetwork, VaeDecode, load_caches, saved_caches
 from .errors import ModelFilesError
 from .images import to_pil, to_uint8
 
@@ -45,19 +45,21 @@ class Decoder:
             return (images.float().clamp(-1, 1) + 1) / 2
         return list(to_uint8(images)) if output == "np" else to_pil(images)
 
-    def compile(self, latent_side: int, cache: str | Path | None = None, warm: bool = True) -> float:
+    def compile(self, latent_side: int, cache: str | Path | None = None, warm: bool = True,
+                ahead: AheadOfTime | None = None) -> float:  # fmt: skip
         """Compile the full VAE's decode with ``torch.compile`` (Inductor fuses its normalisations and activations,
         the bulk of its time at 1024^2), run it once at ``latent_side``, and return the seconds that took.
 
         ``cache``: a file for Inductor's artefacts (``torch.compiler.load_cache_artifacts`` before compiling,
         ``save_cache_artifacts`` after), so the next process on this machine compiles from it in a fraction of the
         time. The batch dimension is compiled dynamic; a batch of one is compiled on its own (PyTorch specialises
-        sizes 0 and 1), so both are compiled here; ``warm=False`` leaves each to its first call.
+        sizes 0 and 1), so both are compiled here; ``warm=False`` leaves each to its first call. ``ahead``: decodes
+        compiled ahead of time, used at the shapes they were built for (:mod:`lcmla_sdk.engines.compiled`).
         """
         path = Path(cache).expanduser() if cache is not None else None
         if path is not None and path.is_file():
             load_caches(path.read_bytes())
-        decode = CompiledNetwork(VaeDecode(self.vae))
+        decode = CompiledNetwork(VaeDecode(self.vae), "decode", ahead)
         begin = time.perf_counter()
         with torch.inference_mode():
             for batch in (1, 2) if warm else ():

@@ -7,7 +7,7 @@ from typing import Any
 
 from diffusers import UNet2DConditionModel
 
-from .compiling import CompiledNetwork
+from .compiling import AheadOfTime, CompiledNetwork
 from .freeu import install_freeu
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter, materialize
 from .networks import Denoiser, ImageAdapter, KVEncoder
@@ -32,6 +32,7 @@ class NetworkSet:
         self.has_lcm = has_adapter(unet, LCM_ADAPTER)
         self.version = 0
         self.compiled = False  # UNet networks built compiled whole (lcmla_sdk.compiling.CompiledNetwork)
+        self.ahead: AheadOfTime | None = None  # their functions compiled ahead of time, if a folder has them
         self._lock = threading.Lock()
         self._built: dict[str, Any] = {"adapter": adapter}
 
@@ -53,7 +54,7 @@ class NetworkSet:
         else:
             raise KeyError(name)
         if self.compiled:
-            return CompiledNetwork(network)
+            return CompiledNetwork(network, name, self.ahead)
         return network
 
     def replace(self, **replacements: Any) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from . import validation
+from .compiling import AheadOfTime
 from .cuda_graphs import GraphCache, say_once
 from .decoding import Decoder
 from .engines.backends import EngineMismatchError
@@ -164,13 +165,13 @@ class Personalizer:
         self.step_graphs.clear()
         self.identity_kv_cache.clear()
 
-    def compile_networks(self) -> None:
+    def compile_networks(self, ahead: AheadOfTime | None = None) -> None:
         """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
-        (:mod:`lcmla_sdk.compiling`): each shape compiles on its first call, which takes minutes, or tens of
-        seconds once the caches of a folder built by ``lcmla export --backend torch`` are loaded
-        (:meth:`use_exported`)."""
-        if not self._networks.compiled:
-            self._networks.compiled = True
+        (:mod:`lcmla_sdk.compiling`): by the functions in ``ahead`` at the call shapes they were built for (a folder
+        built by ``lcmla export --backend torch``, :meth:`use_exported`: seconds to load), else each shape compiles
+        on its first call (minutes)."""
+        if ahead is not None or not self._networks.compiled:
+            self._networks.compiled, self._networks.ahead = True, ahead
             self.rebuild_networks()
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:

@@ -1,5 +1,5 @@
-"""Compiled networks (``backend="torch"``): the folder's contract, refusals, and (on a GPU) compiled = uncompiled and
-the build -> load round trip in a second process."""
+"""Compiled networks (``backend="torch"``): functions compiled ahead of time, the folder's contract, refusals, and
+(on a GPU) compiled = uncompiled and the build -> load round trip in a second process."""
 
 import json
 import os
@@ -11,7 +11,7 @@ import torch
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.engines import EngineMismatchError
-from lcmla_sdk.compiling import CompiledNetwork
+from lcmla_sdk.compiling import AheadOfTime, CompiledNetwork
 from lcmla_sdk.engines.compiled import (
     MANIFEST,
     CompiledShape,
@@ -28,10 +28,10 @@ COMPILE_TOLERANCE = 2e-2
 
 @pytest.fixture
 def folder(tmp_path, tiny):
-    """A compiled folder for the tiny model with no caches in it (what a build writes, minus Inductor's files)."""
+    """A compiled folder for the tiny model whose one function file is empty (what a build writes, minus the code)."""
     path = tmp_path / "compiled"
     path.mkdir()
-    (path / "inductor-0.bin").write_bytes(b"")
+    (path / "aot-decode-0.bin").write_bytes(b"")
     write_manifest(path, tiny.fingerprint, tiny.device, "tiny", [CompiledShape("fast", 1, 64, 64)], 1.0)
     return path
 
@@ -74,8 +74,8 @@ def test_a_mismatch_can_fall_back_to_uncompiled_networks(folder):
 
 
 def test_damaged_folders_are_named(folder, tiny):
-    (folder / "inductor-0.bin").write_bytes(b"changed")
-    with pytest.raises(IntegrityError, match="inductor-0.bin"):
+    (folder / "aot-decode-0.bin").write_bytes(b"changed")
+    with pytest.raises(IntegrityError, match="aot-decode-0.bin"):
         tiny.use_exported(folder, backend="torch")
     _edit(folder, lambda m: m.pop("cache_key"))
     with pytest.raises(ModelFilesError, match="cache_key"):
@@ -95,9 +95,29 @@ def test_shapes_are_parsed_and_checked(tiny, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_batches_share_one_compile_job_but_one_does_not():
-    jobs = {CompiledShape("fast", b, 64, 64).job() for b in (1, 2, 8)}
-    assert len(jobs) == 2
+class _Net(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, pair):
+        return self.second(torch.relu(self.first(x) + pair[0])) * pair[1]
+
+
+def test_a_function_compiled_ahead_of_time_is_saved_loaded_and_kept_to_its_signature(tmp_path):
+    torch.manual_seed(0)
+    net, args = _Net(), (torch.randn(2, 8), (torch.randn(2, 8), torch.randn(2, 4)))
+    with torch.inference_mode():
+        recorded = CompiledNetwork(net, "net", AheadOfTime(tmp_path, record=True))(*args)
+        files = [p.name for p in tmp_path.iterdir()]
+        assert len(files) == 1 and files[0].startswith("aot-net-")
+        other = _Net()  # other weights: parameters are arguments of the saved function, not constants in it
+        loading = AheadOfTime(tmp_path, files)
+        torch.testing.assert_close(CompiledNetwork(other, "net", loading)(*args), other(*args))
+        torch.testing.assert_close(recorded, net(*args))
+        assert loading.function("net", other, (torch.randn(3, 8), args[1])) is None  # another shape: none
+        assert loading.function("net", other, (args[0].t().contiguous().t(), args[1])) is None  # other strides
+        assert loading.function("other", other, args) is None
 
 
 # --------------------------------------------------------------------------------------------------- on a GPU
@@ -124,7 +144,7 @@ import sys, torch
 from lcmla_sdk import Personalizer
 model = Personalizer.from_pretrained("tiny", device="cuda", compiled=sys.argv[1])
 identity = model.load_identity(sys.argv[2])
-torch.save(model.generate(identity, "a face", seed=3, mode="fast", output="latent").cpu(), sys.argv[3])
+torch.save(model.generate(identity, "a face", seed=3, mode="fast", output="pt").cpu(), sys.argv[3])
 """
 
 
@@ -137,9 +157,11 @@ def test_a_built_folder_loads_in_a_second_process_and_gives_the_same_image(tmp_p
     model = Personalizer.from_pretrained("tiny", device="cuda")
     identity = model.encode_face(face)
     identity.save(tmp_path / "person.safetensors")
-    expected = model.generate(identity, "a face", seed=3, mode="fast", output="latent").cpu()
-    out = tmp_path / "latents.pt"
-    subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(folder), str(tmp_path / "person.safetensors"), str(out)],
-                   check=True, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")})  # fmt: skip
+    expected = model.generate(identity, "a face", seed=3, mode="fast", output="pt").cpu()
+    out = tmp_path / "images.pt"
+    second = subprocess.run([sys.executable, "-c", _SECOND_PROCESS, str(folder), str(tmp_path / "person.safetensors"),
+                             str(out)], check=True, capture_output=True, text=True,
+                            env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")})  # fmt: skip
+    assert "none built" not in second.stderr  # every network and the decode ran the folder's functions
     found = torch.load(out, weights_only=True)
-    assert (found - expected).abs().max().item() <= COMPILE_TOLERANCE * expected.abs().max().item()
+    assert (found - expected).abs().max().item() <= COMPILE_TOLERANCE
