@@ -34,7 +34,7 @@ def cold_start(preset: str, folder: Path, size: int, device: str) -> dict[str, f
     """Seconds a fresh process (empty Inductor cache) takes from starting Python to its first fast image with the
     compiled folder (``total_s``), and their parts: ``import_s`` (torch and lcmla), ``load_s``
     (``from_pretrained(..., compiled=folder)``), ``first_image_s`` (face encoding and the call, with each network's
-    compile from the caches)."""
+    function loaded from the folder)."""
     with tempfile.TemporaryDirectory() as cache:
         begin = time.perf_counter()
         done = subprocess.run([sys.executable, "-c", _COLD_START, preset, str(folder), str(size), device], check=True,
