@@ -52,7 +52,8 @@ class AheadOfTime:
     its signature; ``record=True`` (a build): a call with no file compiles its function and saves it there.
 
     The functions keep no guards (a module's identity cannot be saved); the signature checked here stands in for
-    them. Parameters are arguments of the function, so it runs on any instance of the same model."""
+    them. Parameters are arguments of the function, so it runs on any instance of the same model. A saved function
+    is code (pickled Python and GPU kernels): load only folders built on machines you trust."""
 
     def __init__(self, folder: str | Path, files: Iterable[str] = (), record: bool = False) -> None:
         self.folder, self.record = Path(folder), record
