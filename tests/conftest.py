@@ -169,11 +169,12 @@ def run_together(call, count: int) -> list:
 
 
 # Each file is a group of its own: its tests run on one xdist worker, in order, so its module fixtures are built once
-# (as with --dist loadfile). The groups that take longest on a 2-core CI runner are handed out first
-# (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other runs out of work;
-# the rest follow in file order.
-LONGEST_FIRST = ["test_train_loop.py", "test_export.py", "test_serve.py", "test_convert.py", "test_atomic.py",
-                 "test_cli.py", "test_cli_newcomer.py"]  # fmt: skip
+# (as with --dist loadfile). The groups that take longest on a 2-core CI runner (about 25 s or more) are handed out
+# first, longest first (--no-loadscope-reorder keeps this order), so that no worker starts a long one while the other
+# runs out of work; the rest (about 20 s at most) follow in file order.
+LONGEST_FIRST = ["test_train_loop.py", "test_export.py", "test_serve.py", "test_convert.py", "test_model_dir.py",
+                 "test_atomic.py", "test_fast_paths.py", "test_validation.py", "test_cli.py",
+                 "test_diffusers_pipeline.py", "test_cli_newcomer.py"]  # fmt: skip
 # Files that share a session fixture join another file's group, so that one worker builds it once: the engine tests
 # build from the export tests' graphs (shallow_export).
 JOINS = {"test_tensorrt_rtx.py": "test_export.py"}
