@@ -3,6 +3,7 @@ into place, so a full disk or a kill leaves the old content, never a broken mix;
 WriteErrors naming the path. The disk-full and kill cases run in subprocesses under a small RLIMIT_FSIZE; each
 imports only the code it puts to the test (the CLI, Identity, the model-directory writer)."""
 
+import json
 import os
 import resource
 import signal
@@ -15,6 +16,8 @@ from typer.testing import CliRunner
 
 from lcmla_sdk import Identity, LcmlaError, Personalizer, WriteError, atomic, model_dir
 from lcmla_sdk.cli import app
+
+from conftest import build_shallow_tiny, shallow_tiny_config
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE and SIGKILL are POSIX")
 
@@ -78,13 +81,14 @@ def test_a_full_disk_keeps_the_previous_identity(tiny, face, tmp_path):
     assert hidden(tmp_path) == []
 
 
-# What Personalizer.save_pretrained runs, without building the rest of a Personalizer.
+# What Personalizer.save_pretrained runs, without building the rest of a Personalizer. What it saves does not matter,
+# only how: the shallow tiny model (conftest.py), which builds in a third of the tiny preset's time.
 SAVE_MODEL = """
-import os, signal, sys
+import json, os, signal, sys
 from lcmla_sdk.errors import WriteError
 from lcmla_sdk.model_dir import saving
-from lcmla_sdk.presets import build_random_components, preset_config
-components = build_random_components(preset_config("tiny"), seed=1)  # other weights than the directory's
+from lcmla_sdk.presets import build_random_components
+components = build_random_components(json.loads(sys.argv[3]), seed=1)  # other weights than the directory's
 if sys.argv[2] == "kill":  # everything written beside, killed before the swap
     saving.write_index = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
 try:
@@ -95,20 +99,21 @@ except WriteError as error:
 
 
 @pytest.fixture(scope="module")
-def other_tiny() -> Personalizer:
-    """The tiny preset with other weights than ``tiny_dir``'s (only saved from)."""
-    return Personalizer.from_pretrained("tiny", device="cpu", seed=1)
+def other_model() -> Personalizer:
+    """Another model than ``tiny_dir``'s (only saved from): the shallow tiny, as the subprocesses save."""
+    return build_shallow_tiny(seed=1)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "kill"])
-def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, other_tiny, tmp_path, failure):
+def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, other_model, tmp_path, failure):
     import shutil
 
     root = shutil.copytree(tiny_dir, tmp_path / "model")
     files = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     fingerprint = model_dir.validate(root).fingerprint()
     limit = 64 * 1024 if failure == "disk full" else resource.RLIM_INFINITY
-    run = run_with_file_limit([sys.executable, "-c", SAVE_MODEL, str(root), failure], limit=limit)
+    config = json.dumps(shallow_tiny_config())
+    run = run_with_file_limit([sys.executable, "-c", SAVE_MODEL, str(root), failure, config], limit=limit)
     if failure == "disk full":
         assert run.returncode == 0 and run.stdout.strip() == f"{root}: cannot write: File too large (the file size limit was reached)"
         assert hidden(tmp_path) == []
@@ -118,7 +123,7 @@ def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, other_
     assert {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()} == files
     assert model_dir.validate(root).fingerprint() == fingerprint
     # The next save over the same place replaces it whole and clears what the killed writer left.
-    resaved = other_tiny.save_pretrained(root)
+    resaved = other_model.save_pretrained(root)
     assert model_dir.validate(resaved).fingerprint() != fingerprint and hidden(tmp_path) == []
 
 

@@ -9,6 +9,7 @@ names), never from :mod:`lcmla_sdk.convert`, so a wrong mapping there fails thes
 import gzip
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from conftest import unet_inputs
-from lcmla_sdk import Personalizer
+from lcmla_sdk import Personalizer, model_dir
 from lcmla_sdk.cli import app
 from lcmla_sdk.convert import convert, is_no_kv_checkpoint, read_checkpoint
 from lcmla_sdk.errors import ModelFilesError
@@ -33,6 +34,7 @@ LAYOUT_FILE = Path(__file__).resolve().parent / "data" / "official_ckpt_layout.j
 RANK = 4  # encoder_lora_rank = kvcopy_lora_rank = 4, no alpha: W_eff = W + up @ down (layout notes, "lora")
 BLOCK = "mid_block.attentions.0.transformer_blocks.3"  # any of the 70 K/V blocks
 LORA_KEY = re.compile(r"(?P<module>.+)\.lora_layer\.(?P<side>down|up)\.weight")
+MARKED_NO_KV = ["--no-kv-encoder", "--dtype", "float32"]  # the CLI options of the conversion marked_no_kv
 
 
 @pytest.fixture(scope="module")
@@ -275,8 +277,7 @@ def test_cli_convert_bad_input_is_one_line_without_traceback(authors_file, tiny_
     state, _ = authors_file
     checkpoint = save_checkpoint({**state, "adapter_modules.1.to_k_ip.weight": torch.zeros(2)}, tmp_path)
     result = CliRunner().invoke(app, convert_args(tiny_dir, tmp_path / "model", checkpoint))
-    assert result.exit_code == 2
-    assert "Traceback" not in result.output
+    assert result.exit_code == 2 and "Traceback" not in result.output
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: ") and "adapter_modules.1.to_k_ip.weight" in line
     assert not (tmp_path / "model").exists()
@@ -323,7 +324,16 @@ def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, fa
     assert generated.exit_code == 0, generated.output
 
 
-def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_file, tiny_dir, tmp_path):
+@pytest.fixture(scope="module")
+def marked_no_kv(authors_file, tiny_dir, tmp_path_factory) -> Personalizer:
+    """The full checkpoint converted by ``lcmla convert`` with ``MARKED_NO_KV`` (once for the tests below), loaded."""
+    out = tmp_path_factory.mktemp("marked") / "model"
+    result = CliRunner().invoke(app, [*convert_args(tiny_dir, out, authors_file[1]), *MARKED_NO_KV])
+    assert result.exit_code == 0, result.output
+    return Personalizer.from_pretrained(out, device="cpu")
+
+
+def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_file, marked_no_kv, tmp_path):
     model = converted[2]
     assert model.has_kv_encoder is True and "has_kv_encoder" not in model.config["pipeline"]
     checkpoint = authors_file[1]
@@ -331,11 +341,7 @@ def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_f
     assert is_no_kv_checkpoint(checkpoint.parent / "encoder_plus_adapter_no_kv.bin")
     (tmp_path / "run_no_kv").mkdir()
     assert is_no_kv_checkpoint(tmp_path / "run_no_kv")  # a folder of their files, named so
-    # --no-kv-encoder marks a checkpoint whatever its name.
-    args = [*convert_args(tiny_dir, tmp_path / "model", checkpoint), "--no-kv-encoder", "--dtype", "float32"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
-    assert Personalizer.from_pretrained(tmp_path / "model", device="cpu").has_kv_encoder is False
+    assert marked_no_kv.has_kv_encoder is False  # --no-kv-encoder marks a checkpoint whatever its name
 
 
 # ------------------------------------------------------------------ the fp16-fix VAE (issue 11, item 5)
@@ -590,8 +596,6 @@ def test_hub_folders_fetch_only_what_loading_reads(variant):
 def hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> None:
     """A Hugging Face cache entry for ``repo_id`` (as ``huggingface_hub`` writes one): ``refs/main`` names a
     snapshot folder holding ``files`` (path in the repository -> local file or folder to copy)."""
-    import shutil
-
     repo = root / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("0" * 40)
@@ -601,7 +605,7 @@ def hub_cache(root: Path, repo_id: str, files: dict[str, Path]) -> None:
         (shutil.copytree if source.is_dir() else shutil.copyfile)(source, target)
 
 
-def test_cli_convert_takes_hub_ids_from_the_cache_offline(authors_file, tiny_dir, tmp_path, monkeypatch):
+def test_cli_convert_takes_hub_ids_from_the_cache_offline(authors_file, tiny_dir, marked_no_kv, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
     cache = tmp_path / "hub"
@@ -612,15 +616,11 @@ def test_cli_convert_takes_hub_ids_from_the_cache_offline(authors_file, tiny_dir
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     hub = ["convert", "--out", str(tmp_path / "from-hub"), "--sdxl", "hf://stabilityai/stable-diffusion-xl-base-1.0",
-           "--image-encoder", "hf://h94/IP-Adapter/models/image_encoder",
+           "--image-encoder", "hf://h94/IP-Adapter/models/image_encoder", *MARKED_NO_KV,
            "--checkpoint", "hf://rinong/lcm_lookahead/encoder_plus_adapter_ckpt.bin"]  # fmt: skip
     result = CliRunner().invoke(app, hub)
     assert result.exit_code == 0, result.output
-    local = CliRunner().invoke(app, convert_args(tiny_dir, tmp_path / "local", authors_file[1]))
-    assert local.exit_code == 0, local.output
-    from lcmla_sdk import model_dir
-
-    assert model_dir.validate(tmp_path / "from-hub").fingerprint() == model_dir.validate(tmp_path / "local").fingerprint()
+    assert model_dir.validate(tmp_path / "from-hub").fingerprint() == marked_no_kv.fingerprint  # the same conversion
 
     missing = CliRunner().invoke(app, [*hub[:-1], "hf://rinong/lcm_lookahead/encoder_plus_adapter_no_kv.bin"])
     assert missing.exit_code == 2 and missing.stderr.startswith(

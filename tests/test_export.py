@@ -1,4 +1,5 @@
-"""ONNX export of the tiny preset: graphs, parity through onnxruntime, manifest, runtime contract, CLI."""
+"""ONNX export of the shallow tiny model (conftest.py: the tiny architecture with 17 K/V layers instead of 70): graphs,
+parity through onnxruntime, manifest, runtime contract, CLI."""
 
 import importlib
 import json
@@ -21,16 +22,15 @@ from lcmla_sdk.export import ShapeRanges, build_specs, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest
 
-from conftest import EXPORT_NETWORKS as NETWORKS
+from conftest import EXPORT_NETWORKS as NETWORKS, EXPORT_RANGES, build_shallow_tiny
 
-RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 128, 128), width=(64, 128, 160))
+RANGES = ShapeRanges(**EXPORT_RANGES)
 
 
 @pytest.fixture(scope="module")
-def exported(tiny, tmp_path_factory):
-    """``NETWORKS`` of the tiny preset, exported once with parity checks (an :class:`ExportReport`)."""
-    folder = tmp_path_factory.mktemp("engines") / "tiny"
-    return export_model(tiny, folder, RANGES, NETWORKS, check=True, log=lambda _: None)
+def exported(shallow_export):
+    """``NETWORKS`` of the shallow tiny model, exported once with parity checks (an :class:`ExportReport`)."""
+    return shallow_export
 
 
 def test_every_graph_matches_pytorch_within_its_stated_tolerance(exported):
@@ -51,7 +51,7 @@ def test_manifest_is_the_contract_names_dtypes_profiles_hashes(exported):
     denoiser = manifest.networks["denoiser"]
     names = [t.name for t in denoiser.inputs]
     assert names[:8] == ["latent", "timestep", "text", "pooled_text", "time_ids", "image_tokens", "adapter_scale", "freeu"]
-    assert names[8:] == [f"{kind}_{i:02d}" for i in range(70) for kind in "kv"]
+    assert names[8:] == [f"{kind}_{i:02d}" for i in range(17) for kind in "kv"]  # one K and V per K/V layer
     assert [t.name for t in manifest.networks["kv_encoder"].outputs] == names[8:]
     assert denoiser.input_shapes("min")["k_00"] == (1, 0, 64)  # K/V may be absent
     assert denoiser.input_shapes("max")["latent"] == (4, 4, 16, 20)  # 2 x 2 images for CFG, 128 x 160 px
@@ -79,14 +79,14 @@ def test_graphs_are_portable_onnx_with_symbolic_dims(exported):
 
 @pytest.fixture(scope="module")
 def onnx_tiny(exported) -> Personalizer:
-    """The tiny model running the exported graphs through onnxruntime (tests only call it)."""
-    model = Personalizer.from_pretrained("tiny", device="cpu")
+    """The shallow tiny model running the exported graphs through onnxruntime (tests only call it)."""
+    model = build_shallow_tiny()
     model.use_exported(exported.folder, backend="onnxruntime")
     return model
 
 
-def test_exported_graphs_run_the_sampling_loop_like_pytorch(tiny, onnx_tiny, face):
-    reference = tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
+def test_exported_graphs_run_the_sampling_loop_like_pytorch(shallow_tiny, onnx_tiny, face):
+    reference = shallow_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
     assert type(onnx_tiny.denoiser).__name__ == "GraphDenoiser"
     from_graphs = onnx_tiny.generate(face, "an oil painting of a face", seed=5, steps=2, output="latent")
     torch.testing.assert_close(from_graphs, reference, rtol=1e-3, atol=1e-3)
@@ -95,20 +95,20 @@ def test_exported_graphs_run_the_sampling_loop_like_pytorch(tiny, onnx_tiny, fac
 
 
 def test_runtime_refuses_a_folder_made_for_another_model(exported):
-    other = Personalizer.from_pretrained("tiny", device="cpu", seed=1)
+    other = build_shallow_tiny(seed=1)
     with pytest.raises(EngineMismatchError, match="model fingerprint"):
         other.use_exported(exported.folder, backend="onnxruntime")
 
 
-def test_tensorrt_backend_without_tensorrt_says_how_to_install(exported, tiny):
+def test_tensorrt_backend_without_tensorrt_says_how_to_install(exported, shallow_tiny):
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(TensorRTUnavailable, match="pip install 'lcmla\\[tensorrt\\]'"):
-            tiny.use_exported(exported.folder, backend="tensorrt")
+            shallow_tiny.use_exported(exported.folder, backend="tensorrt")
     else:
         with pytest.raises(EngineMismatchError, match="no TensorRT engines"):
-            tiny.use_exported(exported.folder, backend="tensorrt")
+            shallow_tiny.use_exported(exported.folder, backend="tensorrt")
 
 
 def test_engine_cache_key_covers_graph_shapes_options_backend_version_and_target(exported):
@@ -134,7 +134,7 @@ def test_engine_cache_key_covers_graph_shapes_options_backend_version_and_target
 
 
 def test_fp16_graphs_export_and_match_within_fp16_tolerance(tmp_path):
-    half = Personalizer.from_pretrained("tiny", device="cpu", dtype=torch.float16)
+    half = build_shallow_tiny(dtype=torch.float16)
     report = export_model(half, tmp_path, RANGES, ["adapter", "text_encoder_2"], check=True, log=lambda _: None)
     adapter, text = report.manifest.networks["adapter"], report.manifest.networks["text_encoder_2"]
     assert adapter.parity["precision"] == "float16" and adapter.parity["passed"]
@@ -362,21 +362,22 @@ def edit(folder, change):
     (folder / "manifest.json").write_text(json.dumps(raw))
 
 
-def test_a_modified_graph_or_a_wrong_recorded_hash_is_refused(folder_copy, fresh_tiny):
+def test_a_modified_graph_or_a_wrong_recorded_hash_is_refused(folder_copy):
+    fresh = build_shallow_tiny()  # it takes the graphs at the end: not the shared one
     graph = folder_copy / "denoiser" / "model.onnx"
     recorded = json.loads((folder_copy / "manifest.json").read_text())["networks"]["denoiser"]["onnx_sha256"]
     with graph.open("ab") as handle:
         handle.write(b"\0")
     found = sha256_file(graph)
     with pytest.raises(IntegrityError, match=re.escape(f"{graph}: sha256 {found} does not match {recorded} recorded in")):
-        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
+        fresh.use_exported(folder_copy, backend="onnxruntime")
     graph.write_bytes(graph.read_bytes()[:-1])  # intact again
     adapter = folder_copy / "adapter" / "model.onnx"
     edit(folder_copy, lambda m: m["networks"]["adapter"].update(onnx_sha256="0" * 64))
     with pytest.raises(IntegrityError, match=re.escape(f"{adapter}: sha256 {sha256_file(adapter)} does not match {'0' * 64}")):
-        fresh_tiny.use_exported(folder_copy, backend="onnxruntime")
-    fresh_tiny.use_exported(folder_copy, backend="onnxruntime", verify=False)  # told to trust the manifest
-    assert type(fresh_tiny.adapter).__name__ == "GraphAdapter"
+        fresh.use_exported(folder_copy, backend="onnxruntime")
+    fresh.use_exported(folder_copy, backend="onnxruntime", verify=False)  # told to trust the manifest
+    assert type(fresh.adapter).__name__ == "GraphAdapter"
 
 
 @pytest.mark.parametrize(
@@ -399,7 +400,7 @@ def test_manifest_schema_errors_name_the_field(manifest_copy, change, message):
     assert str(error.value).startswith(f"{manifest_copy / 'manifest.json'}: {message}"), str(error.value)
 
 
-def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folder_copy, tiny):
+def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folder_copy, shallow_tiny):
     # use_exported fails before it changes the model, so the shared one serves.
     text = (folder_copy / "manifest.json").read_bytes()
     (folder_copy / "manifest.json").write_bytes(b"\xff not json")
@@ -408,14 +409,14 @@ def test_missing_graphs_and_wrong_dtypes_are_named_before_onnxruntime_runs(folde
     (folder_copy / "manifest.json").write_bytes(text)
     (folder_copy / "kv_encoder" / "model.onnx").unlink()
     with pytest.raises(ModelFilesError, match=re.escape(f"networks['kv_encoder'].onnx: {folder_copy / 'kv_encoder' / 'model.onnx'} is missing")):
-        tiny.use_exported(folder_copy, backend="onnxruntime")
+        shallow_tiny.use_exported(folder_copy, backend="onnxruntime")
     edit(folder_copy, lambda m: m["networks"].pop("kv_encoder"))
     edit(folder_copy, lambda m: m["networks"]["denoiser"]["inputs"][0].update(dtype="float64"))
     with pytest.raises(ModelFilesError, match=re.escape(
         "networks['denoiser'].inputs[0]: 'latent' of dtype float64, but the graph "
         f"{folder_copy / 'denoiser' / 'model.onnx'} has dtype float32"
     )):  # fmt: skip
-        tiny.use_exported(folder_copy, backend="onnxruntime")
+        shallow_tiny.use_exported(folder_copy, backend="onnxruntime")
 
 
 def test_engines_are_verified_for_the_tensorrt_backend(manifest_copy):

@@ -93,15 +93,14 @@ def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(tiny_dir
 SAVE_TINY = "import sys; from lcmla_sdk import Personalizer; Personalizer.from_pretrained('tiny', device='cpu').save_pretrained(sys.argv[1])"
 
 
-def test_the_same_weights_give_the_same_files_in_every_process(tmp_path):
+def test_the_same_weights_give_the_same_files_in_every_process(tiny_dir, tmp_path):
     """Python's per-process string hashing must not reach the files (it did through peft's target-module set): a
-    process with another hash seed saves the files this one saves."""
+    process with another hash seed saves the files this one saves (tiny_dir, the tiny preset saved here)."""
     other_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # this process's is random, or the one set
-    roots = [tmp_path / "this process", tmp_path / "another"]
-    other = subprocess.Popen([sys.executable, "-c", SAVE_TINY, str(roots[1])],
-                             env={**os.environ, "PYTHONHASHSEED": other_seed})  # fmt: skip
-    Personalizer.from_pretrained("tiny", device="cpu").save_pretrained(roots[0])
-    assert other.wait(timeout=300) == 0
+    roots = [tiny_dir, tmp_path / "another"]
+    other = subprocess.run([sys.executable, "-c", SAVE_TINY, str(roots[1])],
+                           env={**os.environ, "PYTHONHASHSEED": other_seed}, timeout=300)  # fmt: skip
+    assert other.returncode == 0
     first, second = (model_dir.validate(root) for root in roots)
     assert (roots[1] / "lcm_lora/pytorch_lora_weights.safetensors").is_file()
     assert first.fingerprint() == second.fingerprint()

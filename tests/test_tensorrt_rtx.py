@@ -1,14 +1,16 @@
 """TensorRT-RTX engines from graphs of the tiny architecture.
 
 Its ahead-of-time compiler needs no GPU, so every graph is parsed and every profile built here, and the parsed
-network's inputs and outputs are checked against the manifest. The graphs are those of the tiny architecture with one
-or two transformer layers per block: 17 K/V layers instead of 70, the same operations and kinds of inputs and outputs,
-and about 30 s of compiling instead of over 2 minutes (the 70-layer graphs are built by test_export.py's
-test_engines_match_pytorch, on a GPU that TensorRT-RTX runs on). Deserialising an engine needs a GPU: the refusal on a
-GPU the engines do not support is a ``gpu`` test (an H100 or H200, compute capability 9.0, is one).
+network's inputs and outputs are checked against the manifest. The graphs are test_export.py's, of the shallow tiny
+model (conftest.py): the tiny architecture with one or two transformer layers per block, 17 K/V layers instead of 70,
+the same operations and kinds of inputs and outputs, and about 30 s of compiling instead of over 2 minutes (the
+70-layer graphs are built by test_export.py's test_engines_match_pytorch, on a GPU that TensorRT-RTX runs on).
+Deserialising an engine needs a GPU: the refusal on a GPU the engines do not support is a ``gpu`` test (an H100 or
+H200, compute capability 9.0, is one).
 """
 
-import copy
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -22,31 +24,17 @@ from lcmla_sdk.engines.engine import Engine, build_engine, check_io, tensor_io
 from lcmla_sdk.export import ShapeRanges, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest, TensorInfo
-from lcmla_sdk.presets import preset_config
 
-from conftest import EXPORT_NETWORKS
+from conftest import EXPORT_RANGES, build_shallow_tiny
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason=TensorRTRTX.install_hint)
 
-TINY_RANGES = ShapeRanges(batch=(1, 1, 2), height=(64, 64, 128), width=(64, 64, 128))
-
-
-def shallow_tiny_config() -> dict:
-    config = copy.deepcopy(preset_config("tiny"))
-    config["unet"]["transformer_layers_per_block"] = [1, 1, 2]  # the tiny preset's: [1, 2, 10]
-    return config
-
 
 @pytest.fixture(scope="module")
-def shallow_tiny() -> Personalizer:
-    return Personalizer.from_config(shallow_tiny_config(), device="cpu", label="shallow tiny")
-
-
-@pytest.fixture(scope="module")
-def built(shallow_tiny, tmp_path_factory):
-    """The shallow tiny model's export (fp32) with a TensorRT-RTX engine built for every graph, here, without a GPU."""
-    folder = tmp_path_factory.mktemp("rtx") / "tiny"
-    export_model(shallow_tiny, folder, TINY_RANGES, EXPORT_NETWORKS, log=lambda _: None)
+def built(shallow_export, tmp_path_factory):
+    """A copy of the shallow tiny model's export (fp32) with a TensorRT-RTX engine built for every graph, here, without
+    a GPU."""
+    folder = Path(shutil.copytree(shallow_export.folder, tmp_path_factory.mktemp("rtx") / "tiny"))
     lines = []
     manifest = build_engines(folder, BuildOptions("fp32"), log=lines.append, backend=TensorRTRTX())
     return folder, manifest, lines
@@ -88,8 +76,8 @@ def test_parsed_networks_have_the_manifests_io_and_a_wrong_manifest_is_named(bui
 
 
 def test_fp16_normalisation_layers_compute_in_fp32_and_the_engines_build(tmp_path):
-    half = Personalizer.from_config(shallow_tiny_config(), device="cpu", dtype=torch.float16, label="shallow tiny")
-    export_model(half, tmp_path, TINY_RANGES, ["adapter"], log=lambda _: None)
+    half = build_shallow_tiny(dtype=torch.float16)
+    export_model(half, tmp_path, ShapeRanges(**EXPORT_RANGES), ["adapter"], log=lambda _: None)
     network = _parse(tmp_path / "adapter" / "model.onnx")
     layers = lambda: [network.get_layer(i) for i in range(network.num_layers)]  # noqa: E731
     norms = [layer for layer in layers() if layer.type == trt.LayerType.NORMALIZATION]

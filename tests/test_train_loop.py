@@ -9,7 +9,7 @@ from diffusers import AutoencoderTiny
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from lcmla_sdk import Personalizer
+from lcmla_sdk import Personalizer, model_dir
 from lcmla_sdk.cli import app
 from lcmla_sdk.images import sample_face
 from lcmla_sdk.train import Trainer, config_from_dict
@@ -156,7 +156,7 @@ def loss_weights(tmp_path_factory) -> dict[str, str]:
 
 
 def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_weights, tmp_path):
-    steps = 8
+    steps = 4
     trainer = Trainer(config_from_dict(config_dict(
         face_set, tmp_path / "run", batch_size=2, max_steps=steps, gradient_checkpointing=False, **loss_weights,
         diffusion__weight=0.0,
@@ -173,7 +173,7 @@ def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_w
     trainer.train()
     after = identity_losses()
     assert after.mean() < 0.99 * before.mean()
-    assert int((after < before).sum()) >= steps - 2
+    assert int((after < before).sum()) >= steps - 1
 
 
 def load_checkpoint_model(checkpoint):
@@ -228,7 +228,7 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tiny, tmp_path):
 
 
 def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copying_them(
-    face_set, loss_weights, tiny_dir, dir_model, tmp_path
+    face_set, loss_weights, tiny_dir, tmp_path
 ):
     config = config_dict(
         face_set, tmp_path / "run", model=str(tiny_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
@@ -246,9 +246,9 @@ def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copyi
     assert manifest["files"][str((tiny_dir / unet_file).resolve())] == source[unet_file]
 
     model, trained = load_checkpoint_model(checkpoint)
-    base = dir_model.unet.state_dict()
+    base = trainer.model.unet.state_dict()  # loaded from tiny_dir; training changed only the trained weights
     assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
-    assert model.fingerprint != dir_model.fingerprint
+    assert model.fingerprint != model_dir.validate(tiny_dir).fingerprint()
 
 
 def test_two_processes_step_in_sync(face_set, tmp_path):
