@@ -269,8 +269,10 @@ def test_full_queue_is_503_and_slow_request_times_out(service, face):
 
     def client(index: int) -> None:
         together.wait()
+        # One step: the admitted requests must finish inside the timeout even on a loaded machine (two CPU cores
+        # shared with the other test worker), so only the full queue's 503s are tested here.
         response = service.post("/v1/generate", json={"identity": id_, "prompt": "a", "seed": index, "mode": "fast",
-                                                      "steps": 2, "height": 128, "width": 128})  # fmt: skip
+                                                      "steps": 1, "height": 128, "width": 128})  # fmt: skip
         statuses.append((response.status_code, response.headers.get("retry-after")))
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
