@@ -56,7 +56,6 @@ def network_call(model, network: str, rows: int, channels_last: bool):
     text, pooled = (x.expand(rows, *x.shape[1:]) for x in model.prompt_encoder.encoder_prompt())
     ids, t = time_ids(SIZE, SIZE, rows, dtype, device), torch.full((rows,), 500.0, device=device)
     if network == "vae":
-        torch.nn.Module.to(model.vae, dtype=dtype)  # the fp16-fix VAE, as lcmla bench decodes
         if channels_last:
             model.vae.to(memory_format=torch.channels_last)
         latent = torch.randn(rows, 4, side, side, device=device, dtype=dtype, generator=g)

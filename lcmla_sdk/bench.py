@@ -201,8 +201,6 @@ def run_bench(config: BenchConfig, report: Callable[[str], None] = print, path: 
     sync(model.device)
     build_s = time.perf_counter() - begin
     device = model.device
-    # The authors decode with the fp16-fix VAE in fp16; every way here does the same.
-    torch.nn.Module.to(model.vae, model.dtype).register_to_config(force_upcast=False)
     report(f"built {config.preset} on {device} in {build_s:.1f} s")
     results: dict[str, Any] = {"config": asdict(config), "build_s": build_s, "rows": [], "networks": {}}
     results["environment"] = {

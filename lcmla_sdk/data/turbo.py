@@ -72,7 +72,7 @@ def random_turbo(preset: str, device: str | torch.device, dtype: torch.dtype, se
     with drawn_on(device, dtype, seed):
         tokenizer = tiny_tokenizer()
         return StableDiffusionXLPipeline(
-            vae=AutoencoderKL(**config["vae"]),
+            vae=AutoencoderKL(**{**config["vae"], "force_upcast": True}),  # Turbo's own VAE, upcast as it asks
             text_encoder=CLIPTextModel(CLIPTextConfig(**config["text_encoder"])),
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**config["text_encoder_2"])),
             tokenizer=tokenizer,
