@@ -156,24 +156,21 @@ def _cudnn_attention_first(args):
     return with_cudnn
 
 
-def _aot(module, args, how: str, path: Path, result: dict):
-    """Dynamo's ahead-of-time compile (``torch.compile(...).forward.aot_compile``): ``"save"`` compiles at ``args``'
-    shapes and saves the function to ``path``; ``"load"`` loads the one an earlier variant saved (no tracing).
-    Guards are dropped: a module's identity guard cannot be serialized, and the caller keeps to the saved shapes."""
+def _aot(module, args, how: str, folder: Path, result: dict):
+    """Ahead of time, through the code compiled folders are built and loaded with (``lcmla_sdk.compiling.AheadOfTime``):
+    ``"save"`` compiles at ``args``' signature into ``folder``; ``"load"`` loads what an earlier variant saved there
+    (no tracing)."""
     import functools
 
-    import torch
+    from lcmla_sdk.compiling import AheadOfTime
 
-    torch._dynamo.config.enable_aot_compile = True  # off by default in torch 2.11
     if how == "save":
-        drop_guards = {"guard_filter_fn": lambda entries: [False] * len(entries)}
-        function = torch.compile(module, fullgraph=True, dynamic=False, options=drop_guards).forward.aot_compile((args, {}))
-        function.save_compiled_function(str(path))
-        result["artifact_mb"] = path.stat().st_size / 2**20
+        folder.mkdir(parents=True, exist_ok=True)
+        function = AheadOfTime(folder, record=True).function("probe", module, args)
+        result["artifact_mb"] = sum(p.stat().st_size for p in folder.glob("aot-*.bin")) / 2**20
     else:
         begin = time.perf_counter()
-        with open(path, "rb") as file:
-            function = torch.compiler.load_compiled_function(file)
+        function = AheadOfTime(folder, [p.name for p in folder.glob("aot-*.bin")]).function("probe", module, args)
         result["load_aot_s"] = time.perf_counter() - begin
     return functools.partial(function, module)
 

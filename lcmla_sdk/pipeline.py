@@ -178,8 +178,8 @@ class Personalizer:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
 
         ``backend`` is ``"tensorrt"`` or ``"tensorrt-rtx"`` (engines, GPU), ``"onnxruntime"`` (ONNX graphs, CPU) or ``"torch"``
-        (``torch.compile`` caches: the networks and the VAE decode run compiled inside the graphed sampling step,
-        :mod:`lcmla_sdk.engines.compiled`). The folder's manifest must have been made for this model (its
+        (functions compiled ahead of time by ``torch.compile``: the networks inside the graphed sampling step and the
+        VAE decode, :mod:`lcmla_sdk.engines.compiled`). The folder's manifest must have been made for this model (its
         fingerprint) and, for engines and torch, this GPU and these versions. Over exported graphs the sampling
         loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
         backend loads against the manifest first (cached like model directories').
