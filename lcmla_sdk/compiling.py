@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch._inductor.config
 from torch import nn
 
 from .cuda_graphs import say_once
@@ -70,7 +71,10 @@ class AheadOfTime:
         if file not in self._functions:
             with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default on torch 2.11
                 if file in self._files:
-                    with open(self.folder / file, "rb") as saved:
+                    # Loading runs the kernels' module code, whose first Triton kernel starts Inductor's pool of
+                    # compile workers (one per core, each importing torch) though nothing is compiled; in this
+                    # process instead, the workers' start-up does not compete with the first calls for the host.
+                    with open(self.folder / file, "rb") as saved, torch._inductor.config.patch(compile_threads=1):
                         self._functions[file] = torch.compiler.load_compiled_function(saved)
                 elif self.record:
                     self._functions[file] = self._compile(network, args, self.folder / file)

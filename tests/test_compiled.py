@@ -104,7 +104,14 @@ class _Net(torch.nn.Module):
         return self.second(torch.relu(self.first(x) + pair[0])) * pair[1]
 
 
-def test_a_function_compiled_ahead_of_time_is_saved_loaded_and_kept_to_its_signature(tmp_path):
+def test_a_function_compiled_ahead_of_time_is_saved_loaded_and_kept_to_its_signature(tmp_path, monkeypatch):
+    load, threads = torch.compiler.load_compiled_function, []
+
+    def load_and_note_threads(file):  # a load must not start Inductor's pool of compile workers
+        threads.append(torch._inductor.config.compile_threads)
+        return load(file)
+
+    monkeypatch.setattr(torch.compiler, "load_compiled_function", load_and_note_threads)
     torch.manual_seed(0)
     net, args = _Net(), (torch.randn(2, 8), (torch.randn(2, 8), torch.randn(2, 4)))
     with torch.inference_mode():
@@ -118,6 +125,7 @@ def test_a_function_compiled_ahead_of_time_is_saved_loaded_and_kept_to_its_signa
         assert loading.function("net", other, (torch.randn(3, 8), args[1])) is None  # another shape: none
         assert loading.function("net", other, (args[0].t().contiguous().t(), args[1])) is None  # other strides
         assert loading.function("other", other, args) is None
+    assert threads == [1]
 
 
 # --------------------------------------------------------------------------------------------------- on a GPU
