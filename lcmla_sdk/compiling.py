@@ -71,9 +71,10 @@ class AheadOfTime:
         if file not in self._functions:
             with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default on torch 2.11
                 if file in self._files:
-                    # Loading runs the kernels' module code, whose first Triton kernel would start Inductor's pool
-                    # of compile workers (one per core, each importing torch) though nothing is compiled. With one
-                    # compile thread the kernels load in this process and no start-up competes with the first calls.
+                    # Loading runs the kernels' module code. On a GPU the Triton kernels come bundled with the
+                    # function, yet the first one would start Inductor's pool of compile workers (one per core, each
+                    # importing torch); with one compile thread they load in this process and no start-up competes
+                    # with the first calls for the host. (On a CPU the C++ kernels compile here, one at a time.)
                     with open(self.folder / file, "rb") as saved, torch._inductor.config.patch(compile_threads=1):
                         self._functions[file] = torch.compiler.load_compiled_function(saved)
                 elif self.record:

@@ -148,11 +148,13 @@ def test_compiled_networks_equal_the_uncompiled_ones(case, face):
 
 
 _SECOND_PROCESS = """
-import sys, torch
+import os, sys, torch
 from lcmla_sdk import Personalizer
 model = Personalizer.from_pretrained("tiny", device="cuda", compiled=sys.argv[1])
 identity = model.load_identity(sys.argv[2])
 torch.save(model.generate(identity, "a face", seed=3, mode="fast", output="pt").cpu(), sys.argv[3])
+pid = os.getpid()
+print("CHILDREN", len(open(f"/proc/{pid}/task/{pid}/children").read().split()))
 """
 
 
@@ -171,5 +173,6 @@ def test_a_built_folder_loads_in_a_second_process_and_gives_the_same_image(tmp_p
                              str(out)], check=True, capture_output=True, text=True,
                             env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "empty")})  # fmt: skip
     assert "none built" not in second.stderr  # every network and the decode ran the folder's functions
+    assert "CHILDREN 0" in second.stdout  # loading started no pool of compile workers
     found = torch.load(out, weights_only=True)
     assert (found - expected).abs().max().item() <= COMPILE_TOLERANCE
