@@ -25,7 +25,6 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("explore.json"))
     args = parser.parse_args()
     model = Personalizer.from_pretrained("sdxl", device="cuda")
-    torch.nn.Module.to(model.vae, torch.float16)
     device, dtype = model.device, model.dtype
     out: dict[str, float | list] = {}
     with torch.inference_mode():
