@@ -132,6 +132,13 @@ def shallow_tiny() -> Personalizer:
 
 
 @pytest.fixture(scope="session")
+def shallow_tiny_dir(shallow_tiny, tmp_path_factory):
+    """The shallow tiny model written once as a model directory: it loads in a quarter of the time a process takes
+    to build the tiny preset or load it from a directory, for tests of what any model does (training, resuming)."""
+    return shallow_tiny.save_pretrained(tmp_path_factory.mktemp("models") / "shallow_tiny")
+
+
+@pytest.fixture(scope="session")
 def shallow_export(shallow_tiny, tmp_path_factory):
     """``EXPORT_NETWORKS`` of the shallow tiny model, exported once with parity checks (an :class:`ExportReport`);
     the export tests read its folder, the engine tests build in a copy of it."""

@@ -1,4 +1,8 @@
-"""The training loop on the tiny preset (CPU): what trains, where gradients go, exact resume, the identity loss."""
+"""The training loop on the tiny preset (CPU): what trains, where gradients go, exact resume, the identity loss.
+
+Tests of what holds for any model (resuming, checkpoints of a model directory, two processes) train the shallow tiny
+model's directory (conftest.py), with the lookahead networks' weights of ``loss_weights``: it loads and steps in a
+fraction of the tiny preset's time."""
 
 import json
 
@@ -112,11 +116,12 @@ def test_lookahead_gradient_reaches_the_kv_encoder_lora_and_the_resampler(traine
         trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face_set, tmp_path):
+def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face_set, shallow_tiny_dir, loss_weights,
+                                                                           tmp_path):
     def config(name):
-        return config_from_dict(config_dict(face_set, tmp_path / name, gradient_checkpointing=False,
-                                            checkpoint__every=2, lookahead__lcm_scale__every=1,
-                                            lookahead__lcm_scale__full_prob=0.2))  # fmt: skip
+        return config_from_dict(config_dict(face_set, tmp_path / name, model=str(shallow_tiny_dir), **loss_weights,
+                                            gradient_checkpointing=False, checkpoint__every=2,
+                                            lookahead__lcm_scale__every=1, lookahead__lcm_scale__full_prob=0.2))  # fmt: skip
 
     def recorder(losses, stop_at=None):
         def on_step(step, logs):
@@ -228,10 +233,11 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tiny, tmp_path):
 
 
 def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copying_them(
-    face_set, loss_weights, tiny_dir, tmp_path
+    face_set, loss_weights, shallow_tiny_dir, tmp_path
 ):
+    base_dir = shallow_tiny_dir
     config = config_dict(
-        face_set, tmp_path / "run", model=str(tiny_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
+        face_set, tmp_path / "run", model=str(base_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
     )
     trainer = Trainer(config_from_dict(config))
     trainer.train()
@@ -239,19 +245,19 @@ def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copyi
     manifest = json.loads((checkpoint / "lcmla.json").read_text())
     for frozen in ("sdxl", "image_encoder", "lcm_lora"):
         assert not (checkpoint / frozen).exists()
-        assert manifest["components"][frozen]["path"] == str((tiny_dir / frozen).resolve())
+        assert manifest["components"][frozen]["path"] == str((base_dir / frozen).resolve())
     # The linked files keep the records (hashes) the base directory has for them.
-    source = json.loads((tiny_dir / "lcmla.json").read_text())["files"]
+    source = json.loads((base_dir / "lcmla.json").read_text())["files"]
     unet_file = "sdxl/unet/diffusion_pytorch_model.safetensors"
-    assert manifest["files"][str((tiny_dir / unet_file).resolve())] == source[unet_file]
+    assert manifest["files"][str((base_dir / unet_file).resolve())] == source[unet_file]
 
     model, trained = load_checkpoint_model(checkpoint)
-    base = trainer.model.unet.state_dict()  # loaded from tiny_dir; training changed only the trained weights
+    base = trainer.model.unet.state_dict()  # loaded from base_dir; training changed only the trained weights
     assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
-    assert model.fingerprint != model_dir.validate(tiny_dir).fingerprint()
+    assert model.fingerprint != model_dir.validate(base_dir).fingerprint()
 
 
-def test_two_processes_step_in_sync(face_set, tmp_path):
+def test_two_processes_step_in_sync(face_set, shallow_tiny_dir, loss_weights, tmp_path):
     """Two gloo processes (what `accelerate launch --num_processes 2` starts on GPUs) average their gradients and
     compare their trainables after every step."""
     import os
@@ -259,8 +265,8 @@ def test_two_processes_step_in_sync(face_set, tmp_path):
     import sys
 
     path = tmp_path / "train.yaml"
-    config = config_dict(face_set, tmp_path / "run", max_steps=2, gradient_checkpointing=False, checkpoint__every=2,
-                         logging__check_sync_every=1)  # fmt: skip
+    config = config_dict(face_set, tmp_path / "run", model=str(shallow_tiny_dir), **loss_weights, max_steps=2,
+                         gradient_checkpointing=False, checkpoint__every=2, logging__check_sync_every=1)  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lcmla_sdk.cli", "train", "--config", str(path)]  # fmt: skip
