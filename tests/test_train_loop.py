@@ -315,8 +315,12 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(face_set, tmp_path, fresh_accelerate_state):
-    trainer = Trainer(config_from_dict(config_dict(face_set, tmp_path, mixed_precision="bf16", gradient_checkpointing=False)))
+def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(
+    face_set, shallow_tiny_dir, loss_weights, tmp_path, fresh_accelerate_state
+):
+    config = config_dict(face_set, tmp_path, model=str(shallow_tiny_dir), **loss_weights, mixed_precision="bf16",
+                         gradient_checkpointing=False)  # fmt: skip
+    trainer = Trainer(config_from_dict(config))
     trainable = {id(p) for p in trainer.params}
     frozen = {p.dtype for p in trainer.model.unet.parameters() if id(p) not in trainable}
     assert frozen == {torch.bfloat16} and trainer.tiny_vae.dtype == torch.bfloat16
