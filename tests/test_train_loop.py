@@ -1,15 +1,14 @@
 """The training loop on the tiny preset (CPU): what trains, where gradients go, exact resume, the identity loss.
 
-Tests of what holds for any model (resuming, checkpoints of a model directory, two processes) train the shallow tiny
-model's directory (conftest.py), with the lookahead networks' weights of ``loss_weights``: it loads and steps in a
-fraction of the tiny preset's time."""
+Tests of what holds for any model (resuming, checkpoints of a model directory, two processes, mixed precision) train
+the shallow tiny model's directory with the lookahead networks' weights of ``loss_weights`` (both conftest.py): it
+loads and steps in a fraction of the tiny preset's time."""
 
 import json
 
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderTiny
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -18,9 +17,6 @@ from lcmla_sdk.cli import app
 from lcmla_sdk.images import sample_face
 from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
-from lcmla_sdk.train.arcface import IResNet
-from lcmla_sdk.presets import preset_config
-from lcmla_sdk.train.losses import responsive_decoder_init
 
 
 class Interrupted(Exception):
@@ -146,18 +142,6 @@ def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face
     assert len({straight[s]["lcm_scale"] for s in straight}) > 1  # the scale draws really vary over these steps
     final, expected = restarted.trainable_state(), reference.trainable_state()
     assert all(torch.equal(final[name], expected[name]) for name in expected)
-
-
-@pytest.fixture(scope="module")
-def loss_weights(tmp_path_factory) -> dict[str, str]:
-    """ArcFace and tiny-VAE weight files, loaded through the trainer's real file paths (config overrides)."""
-    root = tmp_path_factory.mktemp("loss_weights")
-    torch.manual_seed(0)
-    torch.save(IResNet(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_features=32).state_dict(), root / "arcface.pth")
-    tiny_vae = AutoencoderTiny(**preset_config("tiny")["tiny_vae"])
-    responsive_decoder_init(tiny_vae)
-    tiny_vae.save_pretrained(root / "taesd")
-    return {"tiny_vae": str(root / "taesd"), "arcface__weights": str(root / "arcface.pth")}
 
 
 def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_weights, tmp_path):
