@@ -1,8 +1,9 @@
-"""The training loop on the tiny preset (CPU): what trains, where gradients go, exact resume, the identity loss.
+"""The training loop (CPU): what trains, where gradients go, exact resume, the identity loss.
 
-Tests of what holds for any model (resuming, checkpoints of a model directory, two processes, mixed precision) train
-the shallow tiny model's directory with the lookahead networks' weights of ``loss_weights`` (both conftest.py): it
-loads and steps in a fraction of the tiny preset's time."""
+Tests of what holds for any model (what trains, where gradients go, resuming, checkpoints of a model directory, two
+processes, mixed precision) train the shallow tiny model's directory with the lookahead networks' weights of
+``loss_weights`` (both conftest.py): it loads and steps in a fraction of the tiny preset's time. The identity-loss
+run and the CLI train the tiny preset."""
 
 import json
 
@@ -46,9 +47,10 @@ def config_dict(face_set, output_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trainer(face_set, tmp_path_factory):
-    """The authors' configuration (gradient checkpointing on) at tiny size."""
-    return Trainer(config_from_dict(config_dict(face_set, tmp_path_factory.mktemp("run"))))
+def trainer(face_set, shallow_tiny_dir, loss_weights, tmp_path_factory):
+    """The authors' configuration (gradient checkpointing on) on the shallow tiny model."""
+    output_dir = tmp_path_factory.mktemp("run")
+    return Trainer(config_from_dict(config_dict(face_set, output_dir, model=str(shallow_tiny_dir), **loss_weights)))
 
 
 def all_tensors(trainer):
