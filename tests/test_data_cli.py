@@ -142,10 +142,11 @@ def test_one_line_errors_for_the_model_folder_the_output_and_a_full_disk(data_se
     assert not list((tmp_path / "full").rglob("*.jpg")) and not list((tmp_path / "full").rglob(".*tmp-*"))
 
 
-def test_lcmla_train_trains_on_the_set_as_it_is_and_resumes(data_set, tmp_path):
+def test_lcmla_train_trains_on_the_set_as_it_is_and_resumes(data_set, shallow_tiny_dir, loss_weights, tmp_path):
     out, _ = data_set
-    config = {
-        "output_dir": str(tmp_path / "run"), "model": "tiny", "mixed_precision": "no", "batch_size": 1,
+    config = {  # the shallow tiny model's directory: what is checked is the data set's use, not the model
+        "output_dir": str(tmp_path / "run"), "model": str(shallow_tiny_dir), "tiny_vae": loss_weights["tiny_vae"],
+        "arcface": {"weights": loss_weights["arcface__weights"]}, "mixed_precision": "no", "batch_size": 1,
         "gradient_checkpointing": False, "data": {"sets": [{"root": str(out)}], "resolution": 64, "num_workers": 0},
         "faces": {"landmarks": "template"}, "logging": {"tracker": None}, "lookahead": {"batch_size": 1},
     }  # fmt: skip

@@ -1,11 +1,15 @@
-"""The training loop on the tiny preset (CPU): what trains, where gradients go, exact resume, the identity loss."""
+"""The training loop (CPU): what trains, where gradients go, exact resume, the identity loss.
+
+Tests of what holds for any model (what trains, where gradients go, resuming, checkpoints of a model directory, two
+processes, mixed precision) train the shallow tiny model's directory with the lookahead networks' weights of
+``loss_weights`` (both conftest.py): it loads and steps in a fraction of the tiny preset's time. The identity-loss
+run and the CLI train the tiny preset."""
 
 import json
 
 import pytest
 import torch
 import yaml
-from diffusers import AutoencoderTiny
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -14,9 +18,6 @@ from lcmla_sdk.cli import app
 from lcmla_sdk.images import sample_face
 from lcmla_sdk.train import Trainer, config_from_dict
 from lcmla_sdk.train.synthetic import write_synthetic_dataset
-from lcmla_sdk.train.arcface import IResNet
-from lcmla_sdk.presets import preset_config
-from lcmla_sdk.train.losses import responsive_decoder_init
 
 
 class Interrupted(Exception):
@@ -46,9 +47,10 @@ def config_dict(face_set, output_dir, **overrides):
 
 
 @pytest.fixture(scope="module")
-def trainer(face_set, tmp_path_factory):
-    """The authors' configuration (gradient checkpointing on) at tiny size."""
-    return Trainer(config_from_dict(config_dict(face_set, tmp_path_factory.mktemp("run"))))
+def trainer(face_set, shallow_tiny_dir, loss_weights, tmp_path_factory):
+    """The authors' configuration (gradient checkpointing on) on the shallow tiny model."""
+    output_dir = tmp_path_factory.mktemp("run")
+    return Trainer(config_from_dict(config_dict(face_set, output_dir, model=str(shallow_tiny_dir), **loss_weights)))
 
 
 def all_tensors(trainer):
@@ -112,11 +114,12 @@ def test_lookahead_gradient_reaches_the_kv_encoder_lora_and_the_resampler(traine
         trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face_set, tmp_path):
+def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face_set, shallow_tiny_dir, loss_weights,
+                                                                           tmp_path):
     def config(name):
-        return config_from_dict(config_dict(face_set, tmp_path / name, gradient_checkpointing=False,
-                                            checkpoint__every=2, lookahead__lcm_scale__every=1,
-                                            lookahead__lcm_scale__full_prob=0.2))  # fmt: skip
+        return config_from_dict(config_dict(face_set, tmp_path / name, model=str(shallow_tiny_dir), **loss_weights,
+                                            gradient_checkpointing=False, checkpoint__every=2,
+                                            lookahead__lcm_scale__every=1, lookahead__lcm_scale__full_prob=0.2))  # fmt: skip
 
     def recorder(losses, stop_at=None):
         def on_step(step, logs):
@@ -141,18 +144,6 @@ def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face
     assert len({straight[s]["lcm_scale"] for s in straight}) > 1  # the scale draws really vary over these steps
     final, expected = restarted.trainable_state(), reference.trainable_state()
     assert all(torch.equal(final[name], expected[name]) for name in expected)
-
-
-@pytest.fixture(scope="module")
-def loss_weights(tmp_path_factory) -> dict[str, str]:
-    """ArcFace and tiny-VAE weight files, loaded through the trainer's real file paths (config overrides)."""
-    root = tmp_path_factory.mktemp("loss_weights")
-    torch.manual_seed(0)
-    torch.save(IResNet(layers=(1, 1, 1, 1), widths=(8, 8, 16, 16), num_features=32).state_dict(), root / "arcface.pth")
-    tiny_vae = AutoencoderTiny(**preset_config("tiny")["tiny_vae"])
-    responsive_decoder_init(tiny_vae)
-    tiny_vae.save_pretrained(root / "taesd")
-    return {"tiny_vae": str(root / "taesd"), "arcface__weights": str(root / "arcface.pth")}
 
 
 def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_weights, tmp_path):
@@ -228,10 +219,11 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tiny, tmp_path):
 
 
 def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copying_them(
-    face_set, loss_weights, tiny_dir, tmp_path
+    face_set, loss_weights, shallow_tiny_dir, tmp_path
 ):
+    base_dir = shallow_tiny_dir
     config = config_dict(
-        face_set, tmp_path / "run", model=str(tiny_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
+        face_set, tmp_path / "run", model=str(base_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
     )
     trainer = Trainer(config_from_dict(config))
     trainer.train()
@@ -239,19 +231,19 @@ def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copyi
     manifest = json.loads((checkpoint / "lcmla.json").read_text())
     for frozen in ("sdxl", "image_encoder", "lcm_lora"):
         assert not (checkpoint / frozen).exists()
-        assert manifest["components"][frozen]["path"] == str((tiny_dir / frozen).resolve())
+        assert manifest["components"][frozen]["path"] == str((base_dir / frozen).resolve())
     # The linked files keep the records (hashes) the base directory has for them.
-    source = json.loads((tiny_dir / "lcmla.json").read_text())["files"]
+    source = json.loads((base_dir / "lcmla.json").read_text())["files"]
     unet_file = "sdxl/unet/diffusion_pytorch_model.safetensors"
-    assert manifest["files"][str((tiny_dir / unet_file).resolve())] == source[unet_file]
+    assert manifest["files"][str((base_dir / unet_file).resolve())] == source[unet_file]
 
     model, trained = load_checkpoint_model(checkpoint)
-    base = trainer.model.unet.state_dict()  # loaded from tiny_dir; training changed only the trained weights
+    base = trainer.model.unet.state_dict()  # loaded from base_dir; training changed only the trained weights
     assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
-    assert model.fingerprint != model_dir.validate(tiny_dir).fingerprint()
+    assert model.fingerprint != model_dir.validate(base_dir).fingerprint()
 
 
-def test_two_processes_step_in_sync(face_set, tmp_path):
+def test_two_processes_step_in_sync(face_set, shallow_tiny_dir, loss_weights, tmp_path):
     """Two gloo processes (what `accelerate launch --num_processes 2` starts on GPUs) average their gradients and
     compare their trainables after every step."""
     import os
@@ -259,8 +251,8 @@ def test_two_processes_step_in_sync(face_set, tmp_path):
     import sys
 
     path = tmp_path / "train.yaml"
-    config = config_dict(face_set, tmp_path / "run", max_steps=2, gradient_checkpointing=False, checkpoint__every=2,
-                         logging__check_sync_every=1)  # fmt: skip
+    config = config_dict(face_set, tmp_path / "run", model=str(shallow_tiny_dir), **loss_weights, max_steps=2,
+                         gradient_checkpointing=False, checkpoint__every=2, logging__check_sync_every=1)  # fmt: skip
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "lcmla_sdk.cli", "train", "--config", str(path)]  # fmt: skip
@@ -309,8 +301,12 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(face_set, tmp_path, fresh_accelerate_state):
-    trainer = Trainer(config_from_dict(config_dict(face_set, tmp_path, mixed_precision="bf16", gradient_checkpointing=False)))
+def test_mixed_precision_keeps_frozen_weights_in_half_and_trainables_in_fp32(
+    face_set, shallow_tiny_dir, loss_weights, tmp_path, fresh_accelerate_state
+):
+    config = config_dict(face_set, tmp_path, model=str(shallow_tiny_dir), **loss_weights, mixed_precision="bf16",
+                         gradient_checkpointing=False)  # fmt: skip
+    trainer = Trainer(config_from_dict(config))
     trainable = {id(p) for p in trainer.params}
     frozen = {p.dtype for p in trainer.model.unet.parameters() if id(p) not in trainable}
     assert frozen == {torch.bfloat16} and trainer.tiny_vae.dtype == torch.bfloat16
