@@ -39,12 +39,11 @@ def load_caches(blob: bytes) -> None:
         torch.compiler.load_cache_artifacts(blob)
 
 
-def call_signature(args: Sequence[Any]) -> str:
-    """What a function compiled ahead of time is specialised to, hashed: every tensor argument's shape, strides,
-    dtype and device type, and the value of every other argument."""
-    leaves = [(tuple(v.shape), v.stride(), str(v.dtype), v.device.type) if isinstance(v, torch.Tensor) else repr(v)
-              for v in _leaves(args)]  # fmt: skip
-    return hashlib.sha256(repr(leaves).encode()).hexdigest()[:16]
+def call_signature(args: Sequence[Any]) -> tuple:
+    """What a function compiled ahead of time is specialised to: every tensor argument's shape, strides, dtype and
+    device type, and the value of every other argument."""
+    return tuple((tuple(v.shape), v.stride(), str(v.dtype), v.device.type) if isinstance(v, torch.Tensor) else repr(v)
+                 for v in _leaves(args))  # fmt: skip
 
 
 class AheadOfTime:
@@ -59,16 +58,18 @@ class AheadOfTime:
     def __init__(self, folder: str | Path, files: Iterable[str] = (), record: bool = False) -> None:
         self.folder, self.record = Path(folder), record
         self._files = set(files)
-        self._functions: dict[str, Any] = {}
+        # By network name and call signature: every call asks, so each is looked up once (a miss too).
+        self._functions: dict[tuple[str, tuple], Any] = {}
 
     @staticmethod
-    def file_name(network: str, signature: str) -> str:
-        return f"aot-{network}-{signature}.bin"
+    def file_name(network: str, signature: tuple) -> str:
+        return f"aot-{network}-{hashlib.sha256(repr(list(signature)).encode()).hexdigest()[:16]}.bin"
 
     def function(self, name: str, network: nn.Module, args: Sequence[Any]) -> Any | None:
         """The function for ``network`` (called ``name``) at ``args``' signature, or ``None`` when there is none."""
-        file = self.file_name(name, call_signature(args))
-        if file not in self._functions:
+        key = (name, call_signature(args))
+        if key not in self._functions:
+            file = self.file_name(*key)
             with torch._dynamo.config.patch(enable_aot_compile=True):  # off by default on torch 2.11
                 if file in self._files:
                     # Loading runs the kernels' module code. On a GPU the Triton kernels come bundled with the
@@ -76,12 +77,12 @@ class AheadOfTime:
                     # importing torch); with one compile thread they load in this process and no start-up competes
                     # with the first calls for the host. (On a CPU the C++ kernels compile here, one at a time.)
                     with open(self.folder / file, "rb") as saved, torch._inductor.config.patch(compile_threads=1):
-                        self._functions[file] = torch.compiler.load_compiled_function(saved)
+                        self._functions[key] = torch.compiler.load_compiled_function(saved)
                 elif self.record:
-                    self._functions[file] = self._compile(network, args, self.folder / file)
+                    self._functions[key] = self._compile(network, args, self.folder / file)
                 else:
-                    return None
-        return self._functions[file]
+                    self._functions[key] = None
+        return self._functions[key]
 
     @staticmethod
     def _compile(network: nn.Module, args: Sequence[Any], path: Path) -> Any:
