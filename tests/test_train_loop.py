@@ -221,9 +221,8 @@ def test_cli_trains_checkpoints_logs_and_resumes(face_set, tiny, tmp_path):
 def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copying_them(
     face_set, loss_weights, shallow_tiny_dir, tmp_path
 ):
-    base_dir = shallow_tiny_dir
     config = config_dict(
-        face_set, tmp_path / "run", model=str(base_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
+        face_set, tmp_path / "run", model=str(shallow_tiny_dir), max_steps=1, gradient_checkpointing=False, **loss_weights
     )
     trainer = Trainer(config_from_dict(config))
     trainer.train()
@@ -231,16 +230,16 @@ def test_checkpoints_of_a_model_directory_name_its_frozen_parts_instead_of_copyi
     manifest = json.loads((checkpoint / "lcmla.json").read_text())
     for frozen in ("sdxl", "image_encoder", "lcm_lora"):
         assert not (checkpoint / frozen).exists()
-        assert manifest["components"][frozen]["path"] == str((base_dir / frozen).resolve())
+        assert manifest["components"][frozen]["path"] == str((shallow_tiny_dir / frozen).resolve())
     # The linked files keep the records (hashes) the base directory has for them.
-    source = json.loads((base_dir / "lcmla.json").read_text())["files"]
+    source = json.loads((shallow_tiny_dir / "lcmla.json").read_text())["files"]
     unet_file = "sdxl/unet/diffusion_pytorch_model.safetensors"
-    assert manifest["files"][str((base_dir / unet_file).resolve())] == source[unet_file]
+    assert manifest["files"][str((shallow_tiny_dir / unet_file).resolve())] == source[unet_file]
 
     model, trained = load_checkpoint_model(checkpoint)
-    base = trainer.model.unet.state_dict()  # loaded from base_dir; training changed only the trained weights
+    base = trainer.model.unet.state_dict()  # loaded from shallow_tiny_dir; training changed only the trained weights
     assert all(torch.equal(base[k], v) for k, v in model.unet.state_dict().items() if f"unet.{k}" not in trained)
-    assert model.fingerprint != model_dir.validate(base_dir).fingerprint()
+    assert model.fingerprint != model_dir.validate(shallow_tiny_dir).fingerprint()
 
 
 def test_two_processes_step_in_sync(face_set, shallow_tiny_dir, loss_weights, tmp_path):
