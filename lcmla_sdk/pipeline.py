@@ -12,7 +12,7 @@ import torch
 
 from . import validation
 from .compiling import AheadOfTime
-from .cuda_graphs import GraphCache, say_once
+from .cuda_graphs import say_once
 from .decoding import Decoder
 from .engines.backends import EngineMismatchError
 from .faces import AUTO, FaceAnalyzer, FaceBackend
@@ -20,7 +20,7 @@ from .faces.encoding import FaceEncoder
 from .identity import Identity, identities_per_prompt
 from .images import FaceInput
 from .integrity import sha256_json
-from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_kv
+from .kv_cache import AHEAD_ROWS, ahead_kv
 from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
@@ -29,11 +29,9 @@ from .noise import draw_per_prompt
 from .presets import Components
 from .progress import stages
 from .request import Request
-from .sampling import StepInputs, StepSpec, sample, step_values
+from .sampling import StepInputs, StepSpec, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder
-
-GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
 
 
 class Personalizer:
@@ -81,8 +79,8 @@ class Personalizer:
         self.face_encoder = FaceEncoder(self.faces, self.vae, self.clip_size, self.face_size, self.fingerprint, device, dtype)
 
         self.step_tables = StepTables(config["scheduler"], device)
-        self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
-        self.identity_kv_cache = IdentityKVCache()
+        # What is made from the networks, dropped with them (rebuild_networks).
+        self.step_graphs, self.identity_kv_cache = self._networks.step_graphs, self._networks.kv_cache
         # Encoder rows batched in one pass when every step's K/V are computed ahead (none on a CPU: nothing to gain).
         self.kv_ahead_rows = AHEAD_ROWS if device.type == "cuda" else 0
 
@@ -162,17 +160,13 @@ class Personalizer:
         """Drop the built networks (they are rebuilt from ``self.unet`` on next use), captured graphs and K/V caches;
         ``replacements`` (``kv_encoder=...``) install networks with the same call signatures instead."""
         self._networks.replace(**replacements)
-        self.step_graphs.clear()
-        self.identity_kv_cache.clear()
 
     def compile_networks(self, ahead: AheadOfTime | None = None) -> None:
         """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
         (:mod:`lcmla_sdk.compiling`): by the functions in ``ahead`` at the call shapes they were built for (a folder
         built by ``lcmla export --backend torch``, :meth:`use_exported`: seconds to load), else each shape compiles
         on its first call (minutes)."""
-        if ahead is not None or not self._networks.compiled:
-            self._networks.compiled, self._networks.ahead = True, ahead
-            self.rebuild_networks()
+        self._networks.compile(ahead)
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
@@ -262,14 +256,8 @@ class Personalizer:
                                 self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
-        values = step_values(spec, inputs)
-        if kv is not None and kv.rows is not None:
-            values["kv_rows"] = kv.rows
-        # The K/V buffer's rows (one group per distinct identity, or per image) are part of a captured step's shape.
-        key = (self._networks.version, None if kv is None else tuple(kv.per_step.shape[1:]))
-        return sample(self._networks.for_step(spec), spec, values, table, step_noise,
-                      None if kv is None else kv.per_step, self.step_graphs if self._graphed else None, key,
-                      request.callback)  # fmt: skip
+        values = step_values(spec, inputs, None if kv is None else kv.rows)
+        return self._networks.sample(spec, values, table, step_noise, kv, self._graphed, request.callback)
 
     @property
     def _graphed(self) -> bool:
