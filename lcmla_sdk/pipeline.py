@@ -60,17 +60,15 @@ class Personalizer:
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
         self.face_size: int = config["pipeline"]["face_size"]
 
-        self.unet = _place(components.unet, device, dtype)
-        adapter = _place(ImageAdapter(components.image_encoder, components.resampler), device, dtype)
+        loading.place_on_device(components, device, dtype)
+        self.unet, self.vae = components.unet, components.vae
+        adapter = ImageAdapter(components.image_encoder, components.resampler).eval()
         self._networks = NetworkSet(self.unet, adapter)
         self.kv_blocks, self.has_lcm = self._networks.kv_blocks, self._networks.has_lcm
         self.tokenizers = (components.tokenizer, components.tokenizer_2)
-        self.text_encoders = (_place(components.text_encoder, device, dtype), _place(components.text_encoder_2, device, dtype))
+        self.text_encoders = (components.text_encoder, components.text_encoder_2)
         self.prompt_encoder = PromptEncoder(self.tokenizers, self.text_encoders, self.encoder_prompt)
-        # The stock SDXL VAE overflows in fp16: keep it in fp32 when its config asks for upcasting.
-        self.vae = _place(components.vae, device, torch.float32 if components.vae.config.force_upcast else dtype)
-        tiny_vae = _place(components.tiny_vae, device, dtype) if components.tiny_vae is not None else None
-        self.decoder = Decoder(self.vae, tiny_vae)
+        self.decoder = Decoder(self.vae, components.tiny_vae)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Latent sides must survive every UNet downsampling.
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -311,9 +309,3 @@ class Personalizer:
     def face_analyzer(self) -> FaceAnalyzer | None:
         """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
         return self.face_encoder.analyzer
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    """Frozen, eval-mode, on ``device`` in ``dtype``. (``nn.Module.to`` skips a diffusers warning that fires for
-    models with no fp32-only modules.)"""
-    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
