@@ -27,11 +27,11 @@ from .network_set import NetworkSet
 from .networks import ImageAdapter
 from .noise import draw_per_prompt
 from .presets import Components
-from .progress import stages
 from .request import Request
 from .sampling import StepInputs, StepSpec, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder
+from .warmup import warm_up
 
 
 class Personalizer:
@@ -278,24 +278,8 @@ class Personalizer:
         generating once from a blank identity: capture its sampling step where the loop is graphed (a CUDA device,
         ``cuda_graphs=True``) and, with ``compile=True``, compile the networks (:meth:`compile_networks`) and the
         VAE decode first, under a progress display (``progress``). Without either it returns at once."""
-        if compile:
-            self.compile_networks()
-        elif not self._graphed:
-            say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
-            return
-        # The shapes from the components: an exported adapter (use_exported) has no resampler attribute.
-        tokens, cross = self.components.resampler.latents.shape[1], self.unet.config.cross_attention_dim
-        latent = (self.unet.config.in_channels, self.face_size // self.vae_scale)
-        identity = Identity.blank(references, tokens, cross, *latent, self.fingerprint)
-        with stages(progress) as stage:
-            if compile and not self.decoder.compiled:
-                with stage("compiling the VAE decode"):
-                    self.compile_decoder()
-            with stage(f"{'compiling and ' if compile else ''}preparing {mode} x{num_images}"):
-                self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height,
-                              width=width, use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
-        if kv_cache:
-            self.identity_kv_cache.clear()
+        warm_up(self, self._graphed, references, compile, progress, mode=mode, num_images=num_images, steps=steps,
+                height=height, width=width, use_kv=use_kv, kv_cache=kv_cache)  # fmt: skip
 
     def compile_decoder(self, cache: str | Path | None = None) -> float:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""
