@@ -14,7 +14,6 @@ from . import validation
 from .compiling import AheadOfTime
 from .cuda_graphs import say_once
 from .decoding import Decoder
-from .engines.backends import EngineMismatchError
 from .faces import AUTO, FaceAnalyzer, FaceBackend
 from .faces.encoding import FaceEncoder
 from .identity import Identity, identities_per_prompt
@@ -77,7 +76,6 @@ class Personalizer:
         self.face_encoder = FaceEncoder(self.faces, self.vae, self.clip_size, self.face_size, self.fingerprint, device, dtype)
 
         self.step_tables = StepTables(config["scheduler"], device)
-        # What is made from the networks, dropped with them (rebuild_networks).
         self.step_graphs, self.identity_kv_cache = self._networks.step_graphs, self._networks.kv_cache
         # Encoder rows batched in one pass when every step's K/V are computed ahead (none on a CPU: nothing to gain).
         self.kv_ahead_rows = AHEAD_ROWS if device.type == "cuda" else 0
@@ -108,12 +106,9 @@ class Personalizer:
         loaded = loading.load_model(name, device, dtype, seed, faces, tiny_vae, verify)
         model = cls(loaded.components, device, dtype, loaded.fingerprint, loaded.faces, loaded.source, cuda_graphs)
         if compiled is not None:
-            try:
-                model.use_exported(compiled, backend="torch", verify=verify)
-            except EngineMismatchError as error:
-                if not compiled_fallback:
-                    raise
-                say_once(f"{error}: running uncompiled")
+            from .engines.compiled import load_compiled
+
+            load_compiled(model, compiled, verify, fallback=compiled_fallback)
         return model
 
     @classmethod
@@ -176,14 +171,9 @@ class Personalizer:
         loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
         backend loads against the manifest first (cached like model directories').
         """
-        if backend == "torch":
-            from .engines.compiled import load_compiled
+        from .engines.runtime import use_exported
 
-            load_compiled(self, folder, verify)
-            return
-        from .engines.runtime import load_networks
-
-        self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype, verify))
+        use_exported(self, folder, backend, verify)
 
     # ------------------------------------------------------------------ the call
     @torch.inference_mode()
