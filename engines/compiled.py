@@ -36,6 +36,7 @@ import torch
 
 from lcmla_sdk.atomic import atomic_directory, write_json
 from lcmla_sdk.compiling import AheadOfTime
+from lcmla_sdk.cuda_graphs import say_once
 from lcmla_sdk.errors import ModelFilesError
 from lcmla_sdk.integrity import sha256_file, sha256_json, verify_file
 from lcmla_sdk.schema import COUNT, STRING, Is, ListOf, MapOf, Object, OneOf, check, read_json
@@ -204,12 +205,20 @@ def check_compatible(manifest: dict[str, Any], fingerprint: str, device: torch.d
             )
 
 
-def load_compiled(model, folder: str | Path, verify: bool = True) -> dict[str, Any]:
+def load_compiled(model, folder: str | Path, verify: bool = True, fallback: bool = False) -> dict[str, Any] | None:
     """Check ``folder`` against ``model`` and this machine and switch the model's networks and decode to the
-    folder's functions (each loaded on its first call). Returns the manifest."""
+    folder's functions (each loaded on its first call). Returns the manifest. ``fallback``: a folder made for another
+    model, PyTorch or GPU (:class:`EngineMismatchError`) is skipped with a warning instead, the model left
+    uncompiled (returns ``None``)."""
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
-    check_compatible(manifest, model.fingerprint, model.device, str(folder / MANIFEST))
+    try:
+        check_compatible(manifest, model.fingerprint, model.device, str(folder / MANIFEST))
+    except EngineMismatchError as error:
+        if not fallback:
+            raise
+        say_once(f"{error}: running uncompiled")
+        return None
     for name, digest in manifest["artefacts"].items():
         path = folder / name
         if not path.is_file():

@@ -3,7 +3,8 @@
 The sampling loop calls ``kv_encoder``, ``denoiser``, ``lcm_denoiser`` and ``adapter`` without knowing what
 runs them. Here they run exported graphs through a runner: :class:`EngineRunner` (TensorRT or TensorRT-RTX
 engines) or :class:`OnnxRuntimeRunner` (onnxruntime on the CPU, which is how the export contract is verified without a GPU).
-Everything (names, order, dtypes) comes from the folder's ``manifest.json``.
+Everything (names, order, dtypes) comes from the folder's ``manifest.json``. :func:`use_exported` switches a model to
+an export folder's networks: these graphs, or the functions compiled ahead of time (:mod:`.compiled`).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -20,6 +21,7 @@ from lcmla_sdk.manifest import Manifest, NetworkEntry, check_graph_io
 
 from .backends import BACKENDS as ENGINE_BACKENDS
 from .backends import EngineBackend, EngineMismatchError, backend_for
+from .compiled import load_compiled
 from .engine import Engine
 
 BACKENDS = (*ENGINE_BACKENDS, "onnxruntime")
@@ -160,3 +162,13 @@ def load_networks(folder: str | Path, model_fingerprint: str, backend: str, devi
             entry = manifest.networks[name]
             networks[ATTRIBUTES[name]] = network_class(runner_class(folder, entry, device), entry, dtype)
     return networks
+
+
+def use_exported(model: Any, folder: str | Path, backend: str, verify: bool = True) -> None:
+    """Run ``model``'s networks from an export folder, as ``Personalizer.use_exported`` describes: ``"torch"``: its
+    functions compiled ahead of time (:func:`.compiled.load_compiled`); else its exported graphs
+    (:func:`load_networks`), installed by ``model.rebuild_networks``."""
+    if backend == "torch":
+        load_compiled(model, folder, verify)
+        return
+    model.rebuild_networks(**load_networks(folder, model.fingerprint, backend, model.device, model.dtype, verify))

@@ -1,20 +1,26 @@
-"""The inference networks of one model (:mod:`lcmla_sdk.networks`), built on first use from the shared peft UNet."""
+"""The inference networks of one model (:mod:`lcmla_sdk.networks`), built on first use from the shared peft UNet, and
+what is made from them: the captured sampling steps and the per-identity K/V."""
 
 from __future__ import annotations
 
 import threading
 from typing import Any
 
+import torch
 from diffusers import UNet2DConditionModel
 
 from .compiling import AheadOfTime, CompiledNetwork
+from .cuda_graphs import GraphCache
 from .freeu import install_freeu
+from .kv_cache import IdentityKVCache, StepKV
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter, materialize
 from .networks import Denoiser, ImageAdapter, KVEncoder
-from .sampling import Networks, StepSpec
+from .sampling import Networks, StepSpec, sample
+from .schedule import StepTable
 from .wiring import kv_block_names
 
 NAMES = ("kv_encoder", "denoiser", "lcm_denoiser", "adapter")
+GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per model (least recently used out)
 
 
 class NetworkSet:
@@ -22,8 +28,8 @@ class NetworkSet:
 
     A UNet network is built on first use from the peft UNet, with its adapters merged (:func:`lora.materialize`);
     :meth:`replace` drops them, to be rebuilt after the UNet's weights changed, or installs others with the same
-    call signatures (exported graphs). ``version`` counts the replacements: what is made from the networks (captured
-    graphs) keys on it.
+    call signatures (exported graphs). ``version`` counts the replacements: the captured sampling steps
+    (``step_graphs``) key on it, and they and the per-identity K/V (``kv_cache``) are dropped with the networks.
     """
 
     def __init__(self, unet: UNet2DConditionModel, adapter: ImageAdapter) -> None:
@@ -35,6 +41,8 @@ class NetworkSet:
         self.ahead: AheadOfTime | None = None  # their functions compiled ahead of time, if a folder has them
         self._lock = threading.Lock()
         self._built: dict[str, Any] = {"adapter": adapter}
+        self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
+        self.kv_cache = IdentityKVCache()
 
     def __getitem__(self, name: str) -> Any:
         with self._lock:
@@ -58,7 +66,8 @@ class NetworkSet:
         return network
 
     def replace(self, **replacements: Any) -> None:
-        """Drop the built UNet networks; ``replacements`` (``kv_encoder=...``) are installed instead."""
+        """Drop the built UNet networks, the captured steps and the K/V cache; ``replacements`` (``kv_encoder=...``)
+        are installed instead."""
         unknown = set(replacements) - set(NAMES)
         if unknown:
             raise ValueError(f"networks: unknown {sorted(unknown)}")
@@ -66,6 +75,16 @@ class NetworkSet:
             adapter = replacements.pop("adapter", self._built["adapter"])
             self._built = {"adapter": adapter, **replacements}
             self.version += 1
+        self.step_graphs.clear()
+        self.kv_cache.clear()
+
+    def compile(self, ahead: AheadOfTime | None = None) -> None:
+        """Build the UNet networks compiled whole from now on (:class:`~lcmla_sdk.compiling.CompiledNetwork`), by
+        ``ahead``'s functions where it has them; the networks already built are dropped, unless they are compiled
+        already and no ``ahead`` is given."""
+        if ahead is not None or not self.compiled:
+            self.compiled, self.ahead = True, ahead
+            self.replace()
 
     def for_step(self, spec: StepSpec) -> Networks:
         """The networks a sampling step of ``spec`` calls."""
@@ -75,3 +94,13 @@ class NetworkSet:
             lcm_denoiser=self["lcm_denoiser"] if spec.mode == "fast" else None,
             adapter=None,
         )
+
+    def sample(self, spec: StepSpec, values: dict[str, torch.Tensor], table: StepTable, step_noise: torch.Tensor | None,
+               kv: StepKV | None, graphed: bool, callback: Any) -> torch.Tensor:  # fmt: skip
+        """:func:`lcmla_sdk.sampling.sample` over the networks of ``spec``, with ``kv`` computed ahead if given; where
+        ``graphed``, its step is captured once per shape and kept in ``step_graphs``."""
+        per_step = None if kv is None else kv.per_step
+        # The K/V buffer's rows (one group per distinct identity, or per image) are part of a captured step's shape.
+        key = (self.version, None if per_step is None else tuple(per_step.shape[1:]))
+        graphs = self.step_graphs if graphed else None
+        return sample(self.for_step(spec), spec, values, table, step_noise, per_step, graphs, key, callback)

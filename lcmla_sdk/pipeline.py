@@ -12,28 +12,25 @@ import torch
 
 from . import validation
 from .compiling import AheadOfTime
-from .cuda_graphs import GraphCache, say_once
+from .cuda_graphs import say_once
 from .decoding import Decoder
-from .engines.backends import EngineMismatchError
 from .faces import AUTO, FaceAnalyzer, FaceBackend
 from .faces.encoding import FaceEncoder
 from .identity import Identity, identities_per_prompt
 from .images import FaceInput
 from .integrity import sha256_json
-from .kv_cache import AHEAD_ROWS, IdentityKVCache, ahead_kv
+from .kv_cache import AHEAD_ROWS, ahead_kv
 from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
 from .networks import ImageAdapter
 from .noise import draw_per_prompt
 from .presets import Components
-from .progress import stages
 from .request import Request
-from .sampling import StepInputs, StepSpec, sample, step_values
+from .sampling import StepInputs, StepSpec, step_values
 from .schedule import StepTable, StepTables, make_scheduler
 from .text import PromptEncoder
-
-GRAPH_MEMORY_BYTES = 32 * 2**30  # captured sampling steps kept per Personalizer (least recently used out)
+from .warmup import warm_up
 
 
 class Personalizer:
@@ -62,17 +59,15 @@ class Personalizer:
         self.encoder_prompt: str = config["pipeline"]["encoder_prompt"]
         self.face_size: int = config["pipeline"]["face_size"]
 
-        self.unet = _place(components.unet, device, dtype)
-        adapter = _place(ImageAdapter(components.image_encoder, components.resampler), device, dtype)
+        loading.place_on_device(components, device, dtype)
+        self.unet, self.vae = components.unet, components.vae
+        adapter = ImageAdapter(components.image_encoder, components.resampler).eval()
         self._networks = NetworkSet(self.unet, adapter)
         self.kv_blocks, self.has_lcm = self._networks.kv_blocks, self._networks.has_lcm
         self.tokenizers = (components.tokenizer, components.tokenizer_2)
-        self.text_encoders = (_place(components.text_encoder, device, dtype), _place(components.text_encoder_2, device, dtype))
+        self.text_encoders = (components.text_encoder, components.text_encoder_2)
         self.prompt_encoder = PromptEncoder(self.tokenizers, self.text_encoders, self.encoder_prompt)
-        # The stock SDXL VAE overflows in fp16: keep it in fp32 when its config asks for upcasting.
-        self.vae = _place(components.vae, device, torch.float32 if components.vae.config.force_upcast else dtype)
-        tiny_vae = _place(components.tiny_vae, device, dtype) if components.tiny_vae is not None else None
-        self.decoder = Decoder(self.vae, tiny_vae)
+        self.decoder = Decoder(self.vae, components.tiny_vae)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         # Latent sides must survive every UNet downsampling.
         self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
@@ -81,8 +76,7 @@ class Personalizer:
         self.face_encoder = FaceEncoder(self.faces, self.vae, self.clip_size, self.face_size, self.fingerprint, device, dtype)
 
         self.step_tables = StepTables(config["scheduler"], device)
-        self.step_graphs = GraphCache("the sampling step of this shape", GRAPH_MEMORY_BYTES)
-        self.identity_kv_cache = IdentityKVCache()
+        self.step_graphs, self.identity_kv_cache = self._networks.step_graphs, self._networks.kv_cache
         # Encoder rows batched in one pass when every step's K/V are computed ahead (none on a CPU: nothing to gain).
         self.kv_ahead_rows = AHEAD_ROWS if device.type == "cuda" else 0
 
@@ -112,12 +106,9 @@ class Personalizer:
         loaded = loading.load_model(name, device, dtype, seed, faces, tiny_vae, verify)
         model = cls(loaded.components, device, dtype, loaded.fingerprint, loaded.faces, loaded.source, cuda_graphs)
         if compiled is not None:
-            try:
-                model.use_exported(compiled, backend="torch", verify=verify)
-            except EngineMismatchError as error:
-                if not compiled_fallback:
-                    raise
-                say_once(f"{error}: running uncompiled")
+            from .engines.compiled import load_compiled
+
+            load_compiled(model, compiled, verify, fallback=compiled_fallback)
         return model
 
     @classmethod
@@ -162,17 +153,13 @@ class Personalizer:
         """Drop the built networks (they are rebuilt from ``self.unet`` on next use), captured graphs and K/V caches;
         ``replacements`` (``kv_encoder=...``) install networks with the same call signatures instead."""
         self._networks.replace(**replacements)
-        self.step_graphs.clear()
-        self.identity_kv_cache.clear()
 
     def compile_networks(self, ahead: AheadOfTime | None = None) -> None:
         """From now on run the K/V-encoder and the denoisers compiled whole by ``torch.compile``
         (:mod:`lcmla_sdk.compiling`): by the functions in ``ahead`` at the call shapes they were built for (a folder
         built by ``lcmla export --backend torch``, :meth:`use_exported`: seconds to load), else each shape compiles
         on its first call (minutes)."""
-        if ahead is not None or not self._networks.compiled:
-            self._networks.compiled, self._networks.ahead = True, ahead
-            self.rebuild_networks()
+        self._networks.compile(ahead)
 
     def use_exported(self, folder: str | Path, backend: str = "tensorrt", verify: bool = True) -> None:
         """Run the KV-encoder, denoisers and adapter from an export folder (``lcmla export``) instead of PyTorch.
@@ -184,14 +171,9 @@ class Personalizer:
         loop runs eagerly (TensorRT engines are graph-free already). ``verify``: check the sha256 of every file the
         backend loads against the manifest first (cached like model directories').
         """
-        if backend == "torch":
-            from .engines.compiled import load_compiled
+        from .engines.runtime import use_exported
 
-            load_compiled(self, folder, verify)
-            return
-        from .engines.runtime import load_networks
-
-        self.rebuild_networks(**load_networks(folder, self.fingerprint, backend, self.device, self.dtype, verify))
+        use_exported(self, folder, backend, verify)
 
     # ------------------------------------------------------------------ the call
     @torch.inference_mode()
@@ -262,14 +244,8 @@ class Personalizer:
                                 self.vae.config.scaling_factor, self.kv_ahead_rows)  # fmt: skip
         if self.device.type != "cuda":
             say_once("CUDA graphs need a CUDA device: the sampling loop runs eagerly", logging.INFO)
-        values = step_values(spec, inputs)
-        if kv is not None and kv.rows is not None:
-            values["kv_rows"] = kv.rows
-        # The K/V buffer's rows (one group per distinct identity, or per image) are part of a captured step's shape.
-        key = (self._networks.version, None if kv is None else tuple(kv.per_step.shape[1:]))
-        return sample(self._networks.for_step(spec), spec, values, table, step_noise,
-                      None if kv is None else kv.per_step, self.step_graphs if self._graphed else None, key,
-                      request.callback)  # fmt: skip
+        values = step_values(spec, inputs, None if kv is None else kv.rows)
+        return self._networks.sample(spec, values, table, step_noise, kv, self._graphed, request.callback)
 
     @property
     def _graphed(self) -> bool:
@@ -292,24 +268,8 @@ class Personalizer:
         generating once from a blank identity: capture its sampling step where the loop is graphed (a CUDA device,
         ``cuda_graphs=True``) and, with ``compile=True``, compile the networks (:meth:`compile_networks`) and the
         VAE decode first, under a progress display (``progress``). Without either it returns at once."""
-        if compile:
-            self.compile_networks()
-        elif not self._graphed:
-            say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
-            return
-        # The shapes from the components: an exported adapter (use_exported) has no resampler attribute.
-        tokens, cross = self.components.resampler.latents.shape[1], self.unet.config.cross_attention_dim
-        latent = (self.unet.config.in_channels, self.face_size // self.vae_scale)
-        identity = Identity.blank(references, tokens, cross, *latent, self.fingerprint)
-        with stages(progress) as stage:
-            if compile and not self.decoder.compiled:
-                with stage("compiling the VAE decode"):
-                    self.compile_decoder()
-            with stage(f"{'compiling and ' if compile else ''}preparing {mode} x{num_images}"):
-                self.generate(identity, "", num_images=num_images, seed=0, mode=mode, steps=steps, height=height,
-                              width=width, use_kv=use_kv, kv_cache=kv_cache, output="latent")  # fmt: skip
-        if kv_cache:
-            self.identity_kv_cache.clear()
+        warm_up(self, self._graphed, references, compile, progress, mode=mode, num_images=num_images, steps=steps,
+                height=height, width=width, use_kv=use_kv, kv_cache=kv_cache)  # fmt: skip
 
     def compile_decoder(self, cache: str | Path | None = None) -> float:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""
@@ -323,9 +283,3 @@ class Personalizer:
     def face_analyzer(self) -> FaceAnalyzer | None:
         """The face backend (:attr:`faces`), started on first use; ``None`` when detection is off."""
         return self.face_encoder.analyzer
-
-
-def _place(module: torch.nn.Module, device: torch.device, dtype: torch.dtype):
-    """Frozen, eval-mode, on ``device`` in ``dtype``. (``nn.Module.to`` skips a diffusers warning that fires for
-    models with no fp32-only modules.)"""
-    return torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)

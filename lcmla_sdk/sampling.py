@@ -124,8 +124,9 @@ class StepInputs:
     face_noise: torch.Tensor | None = None
 
 
-def step_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
-    """The values of a call's step buffers (named in this module's docstring), rows as ``spec`` lays them out."""
+def step_values(spec: StepSpec, inputs: StepInputs, kv_rows: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """The values of a call's step buffers (named in this module's docstring), rows as ``spec`` lays them out;
+    ``kv_rows``: the row of the K/V computed ahead that each denoiser row taking K/V reads (``None``: its own)."""
     blocks = spec.denoiser_blocks
 
     def rows(cond: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
@@ -143,6 +144,8 @@ def step_values(spec: StepSpec, inputs: StepInputs) -> dict[str, torch.Tensor]:
     values.update({name: value for name, value in optional.items() if value is not None})
     if spec.use_kv and spec.kv_layout is None:  # the K/V-encoder runs every step
         values.update(encoder_values(spec, inputs))
+    if kv_rows is not None:
+        values["kv_rows"] = kv_rows
     return {name: value.contiguous() for name, value in values.items()}
 
 

@@ -74,3 +74,15 @@ def random_model(
     return LoadedModel(build_random_components(config, seed, dtype, device), sha256_json(recipe), faces)
 
 
+
+
+def place_on_device(components: Components, device: torch.device, dtype: torch.dtype) -> None:
+    """Every module of ``components`` frozen, in eval mode, on ``device`` in ``dtype``, in place; the VAE in fp32
+    where its config asks for upcasting (the stock SDXL VAE overflows in fp16)."""
+    for name in ("unet", "image_encoder", "resampler", "text_encoder", "text_encoder_2", "vae", "tiny_vae"):
+        module = getattr(components, name)
+        if module is not None:
+            upcast = name == "vae" and module.config.force_upcast
+            # nn.Module.to: diffusers' own .to warns for models with no fp32-only modules.
+            torch.nn.Module.to(module, device=device, dtype=torch.float32 if upcast else dtype)
+            module.eval().requires_grad_(False)
