@@ -96,6 +96,13 @@ def unet_call(unet, rows, anchors=None):
         return unet(latents, 999, text, added_cond_kwargs=added, cross_attention_kwargs=kwargs).sample
 
 
+def test_a_random_turbo_is_drawn_on_a_device_other_than_the_cpu():
+    # Its weights are drawn under a default device; the scheduler's tables go through numpy, which a GPU (or here the
+    # meta device) as default device breaks: the H100 run of benchmarks/data_gen.py failed so before this was fixed.
+    pipe = load_turbo("tiny", device="meta")
+    assert pipe.unet.device.type == "meta" and pipe.scheduler.sigmas.device.type == "cpu"
+
+
 def test_anchor_attention_makes_an_image_depend_on_its_seed_and_its_anchors_only(unet):
     unet.set_attn_processor(AttnProcessor2_0())
     plain = unet_call(unet, [0, 1, 2, 3])

@@ -69,6 +69,8 @@ def load_turbo(
 
 def random_turbo(preset: str, device: str | torch.device, dtype: torch.dtype, seed: int) -> StableDiffusionXLPipeline:
     config = preset_config(preset)
+    # Built outside the device context: the scheduler's tables go through numpy, which a CUDA default device breaks.
+    scheduler = EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER)
     with drawn_on(device, dtype, seed):
         tokenizer = tiny_tokenizer()
         return StableDiffusionXLPipeline(
@@ -78,7 +80,7 @@ def random_turbo(preset: str, device: str | torch.device, dtype: torch.dtype, se
             tokenizer=tokenizer,
             tokenizer_2=tokenizer,
             unet=UNet2DConditionModel(**config["unet"]),
-            scheduler=EulerAncestralDiscreteScheduler(**TURBO_SCHEDULER),
+            scheduler=scheduler,
         )
 
 
