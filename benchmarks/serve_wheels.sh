@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Wheels of the [serve] extra for a device machine without Ray, in two folders under 64 MiB each (what one device
 # call carries): .whl/serve-a and .whl/serve-b. Ray's own wheel (about 76 MiB) is split between them.
-#   here:           bash benchmarks/serve_wheels.sh [PYTHON_VERSION, default 3.11]
+#   here:           bash benchmarks/serve_wheels.sh [PYTHON_VERSION, default 3.12: the device machines' Python]
 #   device call 1:  carry .whl/serve-a;  device call 2 (while warm): carry .whl/serve-b, then
 #                   cat .whl/serve-a/ray.part.* .whl/serve-b/ray.part.* > /tmp/$(cat .whl/serve-a/ray.name)
 #                   pip install --no-index --find-links .whl/serve-a --find-links .whl/serve-b --find-links /tmp \
 #                       "ray[serve]==2.60.0" "fastapi==0.165.0" "python-multipart==0.0.34"
 set -euo pipefail
-version=${1:-3.11}
+version=${1:-3.12}
 all=$(mktemp -d)
 pip download "ray[serve]==2.60.0" "fastapi==0.165.0" "python-multipart==0.0.34" aiohttp -d "$all" -q \
     --only-binary=:all: --platform manylinux_2_34_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
