@@ -74,8 +74,6 @@ def random_model(
     return LoadedModel(build_random_components(config, seed, dtype, device), sha256_json(recipe), faces)
 
 
-
-
 def place_on_device(components: Components, device: torch.device, dtype: torch.dtype) -> None:
     """Every module of ``components`` frozen, in eval mode, on ``device`` in ``dtype``, in place; the VAE in fp32
     where its config asks for upcasting (the stock SDXL VAE overflows in fp16)."""
