@@ -28,8 +28,9 @@ from ..identity import Identity
 from ..pipeline import Personalizer
 from ..request import Request
 from .failures import Failure, failure
-from .settings import ServeSettings, store_path
+from .settings import MAX_BATCH_SIZE, ServeSettings, store_path
 from .store import IdentityStore
+from .turns import PassTurns
 
 RESIDENT_IDENTITIES = 256  # identities kept loaded per replica (their K/V are bounded by kv_cache_gib)
 # What makes two requests' rows share a pass: the Request fields besides prompts, negatives, seeds and output.
@@ -89,6 +90,7 @@ class Generator:
         self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
         self.generate.set_max_batch_size(settings.max_batch_size)
         self.generate.set_batch_wait_timeout_s(settings.batch_wait_s)
+        self.turns = PassTurns(self._run_batch, settings.max_batch_size)
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
         self.warmed = [str(shape) for shape in settings.warmup]
@@ -109,13 +111,16 @@ class Generator:
         except ValueError as error:
             return failure(error)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
+    # Every batch Ray forms goes on at once (never more than the replica's ongoing requests): the passes take turns
+    # in self.turns, which merges the batches waiting.
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
     async def generate(self, jobs: list[Job]) -> list[Outcome]:
         self._drop_changed()
-        return await asyncio.to_thread(self._run_batch, jobs, time.time())
+        return await self.turns.submit(jobs)
 
-    # ------------------------------------------------------------------ one batch
-    def _run_batch(self, jobs: list[Job], started: float) -> list[Outcome]:
+    # ------------------------------------------------------------------ one pass
+    def _run_batch(self, jobs: list[Job]) -> list[Outcome]:
+        started = time.time()
         outcomes: dict[int, Outcome] = {}
         groups: dict[tuple, list[tuple[int, Prepared]]] = {}
         for index, job in enumerate(jobs):
@@ -181,7 +186,8 @@ class Generator:
             count = len(prepared.request.seed)
             hit = prepared.identity.digest() not in missed if request.kv_cache else None
             mine = list(images[start : start + count])
-            results.append((index, Outcome(mine, prepared.request.seed, self.replica, hit, 0, len(rows), 0.0, elapsed)))
+            results.append((index, Outcome(images=mine, seeds=prepared.request.seed, replica=self.replica, kv_cache_hit=hit,
+                                           pass_images=len(rows), generate_ms=elapsed)))
             start += count
         return results
 

@@ -12,6 +12,7 @@ from .. import validation
 from ..request import MODES
 
 APP_NAME = "lcmla"
+MAX_BATCH_SIZE = 256  # requests in one pass, at most
 WARMUP = re.compile(r"^(quality|fast):(\d+):(\d+)x(\d+)$")  # MODE:IMAGES:HEIGHTxWIDTH
 
 
@@ -70,7 +71,7 @@ class ServeSettings:
             validation.integer(self.replicas, "replicas", 1)
         if self.gpus_per_replica is not None:
             validation.number(self.gpus_per_replica, "gpus_per_replica", 0.0, 64.0)
-        validation.integer(self.max_batch_size, "max_batch_size", 1, 256)
+        validation.integer(self.max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE)
         validation.number(self.batch_wait_s, "batch_wait_s", 0.0, 10.0)
         validation.integer(self.max_queued_requests, "max_queued_requests", 1)
         validation.number(self.request_timeout_s, "request_timeout_s", 0.1, 86400.0)
