@@ -11,6 +11,10 @@ Results are merged by network into ``--json`` and written as a Markdown table to
 one network each, add up to one table)::
 
     python benchmarks/trt_rtx_build.py --networks kv_encoder --out /tmp/rtx --json $OUT/rtx.json --markdown $OUT/rtx.md
+
+A device machine has no network: carry ``tensorrt-rtx-cu13-libs`` (95 MB, split in two halves over two calls and
+joined there), ``tensorrt-rtx-cu13-bindings`` for the machine's Python (3.12 on the lent H100s) and
+``onnx-graphsurgeon`` (the export's graph clean-up), all from ``pip download --no-deps``.
 """
 
 from __future__ import annotations
