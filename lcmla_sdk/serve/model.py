@@ -58,7 +58,7 @@ class Outcome:
     seeds: list[int] = field(default_factory=list)
     replica: str = ""
     kv_cache_hit: bool | None = None
-    batch_requests: int = 0  # requests in the replica's batch
+    batch_requests: int = 0  # requests in the replica's pass (several of Ray's batches, merged)
     pass_images: int = 0  # images in the generate pass that made these
     queue_ms: float = 0.0
     generate_ms: float = 0.0
@@ -90,7 +90,7 @@ class Generator:
         self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
         self.generate.set_max_batch_size(settings.max_batch_size)
         self.generate.set_batch_wait_timeout_s(settings.batch_wait_s)
-        self.turns = PassTurns(self._run_batch, settings.max_batch_size)
+        self.turns = PassTurns(self._run_batch, settings.max_batch_size, skip=self._late)
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
         self.warmed = [str(shape) for shape in settings.warmup]
@@ -111,15 +111,22 @@ class Generator:
         except ValueError as error:
             return failure(error)
 
-    # Every batch Ray forms goes on at once (never more than the replica's ongoing requests): the passes take turns
-    # in self.turns, which merges the batches waiting.
+    # Every batch Ray forms goes on at once (there are never more than the replica's ongoing requests): the passes
+    # take turns in self.turns, which merges the batches waiting. Ray warns at start that max_batch_size times
+    # max_concurrent_batches exceeds max_ongoing_requests; the latter is the bound that holds.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
     async def generate(self, jobs: list[Job]) -> list[Outcome]:
-        self._drop_changed()
         return await self.turns.submit(jobs)
+
+    def _late(self, job: Job) -> Outcome | None:
+        """A job whose deadline passed while it waited for a pass: its client has been answered 504 already."""
+        if time.time() <= job.deadline:
+            return None
+        return Outcome(replica=self.replica, failure=Failure(504, "timeout", "timeout: waited past the request's deadline"))
 
     # ------------------------------------------------------------------ one pass
     def _run_batch(self, jobs: list[Job]) -> list[Outcome]:
+        self._drop_changed()
         started = time.time()
         outcomes: dict[int, Outcome] = {}
         groups: dict[tuple, list[tuple[int, Prepared]]] = {}
@@ -202,6 +209,9 @@ class Generator:
                 return self.resident[job.identity][0]
         identity = self.store.load(job.identity, self.model.fingerprint)
         with self.resident_lock:
+            replaced = self.resident.get(job.identity)
+            if replaced is not None:  # its file was replaced since: the old face's K/V go too
+                self._drop_kv(replaced[0])
             self.resident[job.identity] = (identity, stamp)
             while len(self.resident) > RESIDENT_IDENTITIES:
                 self._drop_kv(self.resident.popitem(last=False)[1][0])
@@ -214,7 +224,6 @@ class Generator:
                 if _stamp(self.store.path(id_)) != stamp:
                     del self.resident[id_]
                     self._drop_kv(identity)
-
 
     def _drop_kv(self, identity: Identity) -> None:
         digest = identity.digest()

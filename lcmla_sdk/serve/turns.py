@@ -21,11 +21,15 @@ Outcome = TypeVar("Outcome")
 
 class PassTurns(Generic[Job, Outcome]):
     """Runs ``run`` (a list of jobs -> their outcomes, in order; called on a worker thread) one pass at a time over
-    the jobs :meth:`submit` hands in, at most ``max_jobs`` per pass. Lives on one event loop (the replica's)."""
+    the jobs :meth:`submit` hands in, at most ``max_jobs`` per pass. ``skip(job)``, asked when a pass takes the job:
+    its outcome without a pass (e.g. its deadline has passed: Ray cancels a request whose client gave up, but not the
+    batch it came in), or ``None``. Lives on one event loop (the replica's)."""
 
-    def __init__(self, run: Callable[[list[Job]], Sequence[Outcome]], max_jobs: int) -> None:
+    def __init__(self, run: Callable[[list[Job]], Sequence[Outcome]], max_jobs: int,
+                 skip: Callable[[Job], Outcome | None] = lambda job: None) -> None:  # fmt: skip
         self.run = run
         self.max_jobs = max_jobs
+        self.skip = skip
         self._waiting: deque[tuple[Job, asyncio.Future]] = deque()
         self._passes: asyncio.Task | None = None
 
@@ -43,8 +47,13 @@ class PassTurns(Generic[Job, Outcome]):
             taken: list[tuple[Job, asyncio.Future]] = []
             while self._waiting and len(taken) < self.max_jobs:
                 job, future = self._waiting.popleft()
-                if not future.cancelled():  # its client is gone: no pass for it
+                if future.cancelled():  # its batch was cancelled (the replica stopping): no pass for it
+                    continue
+                skipped = self.skip(job)
+                if skipped is None:
                     taken.append((job, future))
+                else:
+                    future.set_result(skipped)
             if not taken:
                 continue
             try:
@@ -54,6 +63,6 @@ class PassTurns(Generic[Job, Outcome]):
                     if not future.done():
                         future.set_exception(error)
                 continue
-            for (_, future), outcome in zip(taken, outcomes):
+            for (_, future), outcome in zip(taken, outcomes, strict=True):
                 if not future.done():
                     future.set_result(outcome)
