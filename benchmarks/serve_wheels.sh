@@ -2,7 +2,8 @@
 # Wheels of the [serve] extra for a device machine without Ray, in two folders under 64 MiB each (what one device
 # call carries): .whl/serve-a and .whl/serve-b. Ray's own wheel (about 76 MiB) is split between them.
 #   here:           bash benchmarks/serve_wheels.sh [PYTHON_VERSION, default 3.12: the device machines' Python]
-#   device call 1:  carry .whl/serve-a;  device call 2 (while warm): carry .whl/serve-b, then
+#   device call 1:  carry .whl/serve-a (no room for the diffusers and peft wheels: carry those in an earlier call
+#                   of the same warm machine, whose /tmp/site stays);  device call 2 (while warm): carry .whl/serve-b, then
 #                   cat .whl/serve-a/ray.part.* .whl/serve-b/ray.part.* > /tmp/$(cat .whl/serve-a/ray.name)
 #                   pip install --no-index --find-links .whl/serve-a --find-links .whl/serve-b --find-links /tmp \
 #                       "ray[serve]==2.60.0" "fastapi==0.165.0" "python-multipart==0.0.34"
