@@ -10,11 +10,12 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import validation
 from .assets import sample_face_path
 from .faces import AUTO, FaceBackend
 from .images import load_rgb
 from .model_dir import ModelLayout, validate
-from .presets import PRESETS
+from .presets import PRESETS, preset_config
 
 SAMPLE_FACE = "sample"  # --face sample: the photo shipped with lcmla
 NUMBERED = re.compile(r"\d+")
@@ -24,6 +25,12 @@ def model_layout(model: str) -> ModelLayout | None:
     """The model directory's layout, checked (files, keys, shapes; hashes are left to loading), or ``None`` for an
     embedded preset."""
     return None if model in PRESETS else validate(model, verify=False)
+
+
+def size_multiple(model: str, layout: ModelLayout | None) -> int:
+    """What ``--height`` and ``--width`` must be multiples of for ``model``, from its configs (no weights read)."""
+    configs = preset_config(model) if layout is None else layout.configs
+    return validation.size_multiple(configs["unet"], configs["vae"])
 
 
 def face_path(face: str | None) -> Path:

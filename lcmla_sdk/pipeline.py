@@ -69,8 +69,7 @@ class Personalizer:
         self.prompt_encoder = PromptEncoder(self.tokenizers, self.text_encoders, self.encoder_prompt)
         self.decoder = Decoder(self.vae, components.tiny_vae)
         self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        # Latent sides must survive every UNet downsampling.
-        self.size_multiple = self.vae_scale * 2 ** (len(self.unet.config.block_out_channels) - 1)
+        self.size_multiple = validation.size_multiple(self.unet.config, self.vae.config)
         self.default_size = self.unet.config.sample_size * self.vae_scale
         self.clip_size: int = components.image_encoder.config.image_size
         self.face_encoder = FaceEncoder(self.faces, self.vae, self.clip_size, self.face_size, self.fingerprint, device, dtype)

@@ -148,6 +148,12 @@ def freeu(value: Any) -> tuple[float, float, float, float] | None:
     return tuple(number(v, "freeu", 0.0, MAX_WEIGHT) for v in value)
 
 
+def size_multiple(unet_config: Any, vae_config: Any) -> int:
+    """What image sides must be multiples of, from the UNet's and the VAE's configs: the latents (the VAE's
+    downsampling) must survive every UNet downsampling."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
+
+
 def image_side(value: Any, name: str, default: int, multiple: int) -> int:
     if value is None:
         return default

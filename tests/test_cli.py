@@ -138,7 +138,8 @@ def test_errors_are_one_line_unless_debug(tmp_path):
      (["generate", "--prompt", "a", "--steps", "1000"], "error: steps: quality mode: 1000 is out of range (1 .. 150)"),
      (["generate", "--prompt", "a", "--seed", "-1"], "error: seed: -1 is out of range"),
      (["generate", "--prompt", "a", "--num-images", "0"], "error: num_images: 0 is out of range (>= 1)"),
-     (["generate", "--prompt", "a", "--height", "100000"], "error: height: 100000 is out of range")],
+     (["generate", "--prompt", "a", "--height", "100000"], "error: height: 100000 is out of range"),
+     (["generate", "--prompt", "a", "--model", "tiny", "--width", "100"], "error: width: 100 is not a multiple of 32")],
 )  # fmt: skip
 def test_bad_options_fail_in_one_line_before_any_model_is_loaded(tmp_path, monkeypatch, args, message):
     from lcmla_sdk import Personalizer
@@ -147,6 +148,16 @@ def test_bad_options_fail_in_one_line_before_any_model_is_loaded(tmp_path, monke
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 2 and result.stderr.startswith(message) and len(result.stderr.splitlines()) == 1, result.output
+
+
+def test_a_model_directorys_size_step_is_checked_before_it_loads(tmp_path, monkeypatch, tiny_dir):
+    from lcmla_sdk import Personalizer
+
+    monkeypatch.setattr(Personalizer, "from_pretrained", lambda *a, **k: pytest.fail("the model was loaded first"))
+    result = CliRunner().invoke(app, ["generate", "--model", str(tiny_dir), "--prompt", "a", "--height", "100",
+                                      "--out", str(tmp_path / "out")])  # fmt: skip
+    assert result.exit_code == 2 and result.stderr.splitlines() == [
+        "error: height: 100 is not a multiple of 32 (the latents must survive every downsampling)"], result.output
 
 
 def test_damaged_model_files_and_identities_are_one_line_errors(tmp_path, tiny_dir, tiny, face):

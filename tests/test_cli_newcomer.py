@@ -105,10 +105,10 @@ def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, case):
 
 
 def test_an_error_inside_generate_prints_alone_without_a_progress_bar(tmp_path):
-    # 100 is within the range checked before loading, but not a multiple of the model's size step (known once loaded).
-    result = CliRunner().invoke(app, [*TINY_RUN, "--prompt", "a", "--out", str(tmp_path), "--height", "100"])
+    # A combination only the request checks inside generate refuse: the K/V cache without the K/V.
+    result = CliRunner().invoke(app, [*TINY_RUN, "--prompt", "a", "--out", str(tmp_path), "--kv-cache", "--no-kv"])
     assert result.exit_code == 2, result.output
-    assert result.stderr.splitlines() == ["error: height: 100 is not a multiple of 32 (the latents must survive every downsampling)"]
+    assert result.stderr.splitlines() == ["error: kv_cache: caches the K/V-encoder's output, so it needs use_kv=True"]
 
 
 def test_the_readme_example_runs_in_ten_lines(tmp_path, monkeypatch):
