@@ -1,5 +1,5 @@
-"""The model deployment: one ``Personalizer`` per replica, and ``@serve.batch`` merging the compatible requests of a
-batch into one ``generate`` pass.
+"""The model deployment: one ``Personalizer`` per replica; ``@serve.batch`` gathers requests into batches, and each
+pass (:mod:`.turns`: one at a time) merges the compatible requests of every batch waiting into one ``generate`` call.
 
 Requests are compatible when every argument that shapes the pass is equal (mode, steps, size, guidance, K/V
 options, adapter scale, VAE, FreeU, the identity's number of reference photos); their rows (identity, prompt,
@@ -7,7 +7,7 @@ negative prompt, seed) are stacked, each row with its own identity (``generate``
 own generator, so an image does not depend on the pass it was made in. Images go back as arrays: the ingress encodes
 them, so this process keeps the GPU busy. The replica's K/V cache is the
 ``Personalizer``'s, bounded by ``kv_cache_gib`` (least recently used out); an identity whose store file is deleted
-or replaced loses its K/V here before the next batch and at every health check.
+or replaced loses its K/V here before the next pass and at every health check.
 """
 
 from __future__ import annotations
