@@ -100,8 +100,9 @@ def generate(
         if validation.choice(vae, "vae", VAES) == "tiny" and tiny_vae is None:
             raise ValueError("vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder")
         layout = cli_checks.model_layout(model)
-        for name, side in (("height", height), ("width", width)):  # the model's size step, from its configs
-            validation.image_side(side, name, 0, cli_checks.size_multiple(model, layout))
+        multiple = cli_checks.size_multiple(model, layout)  # the model's size step, from its configs
+        for name, side in (("height", height), ("width", width)):
+            validation.image_side(side, name, 0, multiple)
         face_input = Identity.load(identity) if identity else cli_checks.face_photo(face, faces, layout)
         with console.status(f"Loading {model}..."):
             personalizer = Personalizer.from_pretrained(
