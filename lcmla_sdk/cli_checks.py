@@ -33,6 +33,11 @@ def size_multiple(model: str, layout: ModelLayout | None) -> int:
     return validation.size_multiple(configs["unet"], configs["vae"])
 
 
+def has_tiny_vae(model: str, layout: ModelLayout | None) -> bool:
+    """Whether ``model`` brings its own tiny VAE: a preset draws a random one; a model directory has none."""
+    return layout is None and "tiny_vae" in preset_config(model)
+
+
 def face_path(face: str | None) -> Path:
     """The file a ``--face`` value names; no value and ``sample`` name the bundled photo."""
     return sample_face_path() if face in (None, SAMPLE_FACE) else Path(face).expanduser()

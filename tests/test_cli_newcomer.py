@@ -84,7 +84,6 @@ def bad_inputs(tmp_path):
         (["--face", "sample", "--identity", str(tmp_path / "id.safetensors")], "error: face: give --face or --identity"),
         (["--identity", str(tmp_path / "id.safetensors")], f"error: identity: no such file: {tmp_path / 'id.safetensors'}"),
         (["--model", str(broken_model)], f"error: {broken_model / 'lcmla.json'}: invalid JSON"),
-        (["--vae", "tiny"], "error: vae: 'tiny' needs --tiny-vae DIR"),
         (["--vae", "huge"], "error: vae: 'huge' is not one of ('full', 'tiny')"),
         (["--freeu", "1", "1", "1", "-1"], "error: freeu: -1.0 is out of range"),
         (["--adapter-scale", "1000"], "error: adapter_scale: 1000.0 is out of range"),
@@ -94,7 +93,7 @@ def bad_inputs(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("case", range(14))
+@pytest.mark.parametrize("case", range(13))
 def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, case):
     pytest.importorskip("dlib")
     args, message = bad_inputs(tmp_path)[case]
@@ -102,6 +101,15 @@ def test_inputs_are_checked_before_the_model_loads(tmp_path, monkeypatch, case):
     result = CliRunner().invoke(app, ["generate", "--prompt", "a face", "--out", str(tmp_path / "out"), *args])
     assert result.exit_code == 2 and result.stderr.startswith(message), result.output
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_the_tiny_vae_needs_a_folder_only_for_a_model_directory(tmp_path, tiny_dir):
+    result = CliRunner().invoke(app, [*TINY_RUN, "--prompt", "a", "--vae", "tiny", "--out", str(tmp_path / "preset")])
+    assert result.exit_code == 0, result.output  # the preset's own random tiny VAE
+    assert Image.open(result.stdout.splitlines()[-1]).size == (64, 64)
+    result = CliRunner().invoke(app, [*TINY_RUN, "--prompt", "a", "--model", str(tiny_dir), "--vae", "tiny", "--out", str(tmp_path / "dir")])
+    assert result.exit_code == 2 and not (tmp_path / "dir").exists()
+    assert result.stderr.startswith(f"error: vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder: {tiny_dir} has no")
 
 
 def test_an_error_inside_generate_prints_alone_without_a_progress_bar(tmp_path):

@@ -59,7 +59,7 @@ def generate(
     kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
     freeu: tuple[float, float, float, float] = typer.Option(AUTHORS_FREEU, help="FreeU b1 b2 s1 s2."),
     no_freeu: bool = typer.Option(False, "--no-freeu", help="Turn FreeU off."),
-    vae: str = typer.Option("full", help="'full' or 'tiny' (needs --tiny-vae)."),
+    vae: str = typer.Option("full", help="'full' or 'tiny' (the model's own tiny VAE, or --tiny-vae)."),
     tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
     warmup: bool = typer.Option(False, "--warmup", help="Capture the sampling step first and say how long it took."),
     faces: str = typer.Option("auto", help=FACES_HELP),
@@ -97,9 +97,9 @@ def generate(
         validation.freeu(freeu)
         for name, side in (("height", height), ("width", width)):
             validation.image_side(side, name, 0, 1)
-        if validation.choice(vae, "vae", VAES) == "tiny" and tiny_vae is None:
-            raise ValueError("vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder")
         layout = cli_checks.model_layout(model)
+        if validation.choice(vae, "vae", VAES) == "tiny" and tiny_vae is None and not cli_checks.has_tiny_vae(model, layout):
+            raise ValueError(f"vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder: {model} has no tiny VAE")
         multiple = cli_checks.size_multiple(model, layout)  # the model's size step, from its configs
         for name, side in (("height", height), ("width", width)):
             validation.image_side(side, name, 0, multiple)
