@@ -74,7 +74,9 @@ def _decode(open_image, what: str) -> Image.Image:
         image.load()
         return _to_rgb(ImageOps.exif_transpose(image))
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise InvalidImageError(f"face: cannot read an image from {what}: {error}") from None
+        # Pillow's own words for an unknown format name its internal buffer object, which means nothing to a caller.
+        reason = "no image format Pillow reads" if isinstance(error, Image.UnidentifiedImageError) else error
+        raise InvalidImageError(f"face: cannot read an image from {what}: {reason}") from None
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
