@@ -28,6 +28,7 @@ from lcmla_sdk.serve import ServeSettings  # noqa: E402
 from lcmla_sdk.serve import launch  # noqa: E402
 from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
 from lcmla_sdk.serve.store import identity_id  # noqa: E402
+from lcmla_sdk.serve.settings import Placement  # noqa: E402
 
 FAST = {"mode": "fast", "steps": 2}
 # One tiny identity's K/V for 2 (3) fast steps at 128^2 is 2.6 (3.9) MB: each replica's cache holds one.
@@ -122,6 +123,17 @@ def test_settings_and_config_are_checked(tmp_path):
     assert ServeSettings.from_args(application["args"]) == ServeSettings(replicas=3, store="/shared/ids")
     bad = CliRunner().invoke(cli, ["serve", "--max-batch-size", "0", "--write-config", str(out)])
     assert bad.exit_code == 2 and "max_batch_size" in bad.output
+
+
+def test_replicas_share_the_machine_and_name_their_cpus():
+    # One CPU stays for the proxy and the ingress; Ray sets each replica's torch threads to its CPUs.
+    assert ServeSettings().placement(gpus=0, cpus=16) == Placement(replicas=1, gpus=0.0, cpus=15.0)
+    assert ServeSettings().placement(gpus=2, cpus=16) == Placement(replicas=2, gpus=1.0, cpus=7.0)
+    assert ServeSettings(replicas=4).placement(gpus=0, cpus=2) == Placement(replicas=4, gpus=0.0, cpus=1.0)
+    assert ServeSettings().placement(gpus=8) == Placement(replicas=8, gpus=1.0, cpus=1.0)  # a cluster's nodes differ
+    assert ServeSettings(cpus_per_replica=3).placement(gpus=1, cpus=64).cpus == 3.0
+    with pytest.raises(ValueError, match="^cpus_per_replica:"):
+        ServeSettings(cpus_per_replica=-1)
 
 
 def test_round_trip_matches_direct_generate(service, tiny, face):

@@ -19,6 +19,9 @@ def serve_command(
     port: int = typer.Option(8000),
     replicas: Optional[int] = typer.Option(None, help="Model replicas (default: one per GPU, else one)."),
     gpus_per_replica: Optional[float] = typer.Option(None, help="GPUs each replica holds (default: 1, or 0 without GPUs)."),
+    cpus_per_replica: Optional[float] = typer.Option(
+        None, help="CPUs each replica holds, its torch threads (default: this machine's CPUs but one, shared)."
+    ),
     store: str = typer.Option("lcmla-identities", help="Identity store folder (on a cluster: one every node can read)."),
     max_batch_size: int = typer.Option(8, help="Requests merged into one pass at most."),
     batch_wait_ms: float = typer.Option(20.0, help="How long a batch waits to fill."),
@@ -39,7 +42,7 @@ def serve_command(
     try:
         settings = ServeSettings(
             model=model, host=host, port=port, replicas=replicas, gpus_per_replica=gpus_per_replica,
-            store=str(Path(store).expanduser().resolve()),
+            cpus_per_replica=cpus_per_replica, store=str(Path(store).expanduser().resolve()),
             max_batch_size=max_batch_size, batch_wait_s=batch_wait_ms / 1000, max_queued_requests=max_queued,
             request_timeout_s=timeout, kv_cache_gib=kv_cache_gib, max_upload_mib=max_upload_mib,
             warmup=tuple(warmup or ()), faces=faces, device=device,

@@ -10,7 +10,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from .settings import APP_NAME, ServeSettings
+from .settings import APP_NAME, Placement, ServeSettings
 
 # Ray reads this when it starts; nothing of this service is reported anywhere.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -26,13 +26,14 @@ from .routing import IdentityAffinityRouter  # noqa: E402
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder holding lcmla_sdk, for Ray's worker processes
 
 
-def build(settings: ServeSettings, gpus: int) -> serve.Application:
+def build(settings: ServeSettings, placement: Placement) -> serve.Application:
     """The application: the ingress and the model replicas (routed by :class:`IdentityAffinityRouter`)."""
-    replicas, per_replica = settings.placement(gpus)
+    replicas = placement.replicas
     # A replica holds one batch running and the next one filling; the queue beyond that is bounded.
     ongoing = 2 * settings.max_batch_size
     generator = Generator.options(
-        num_replicas=replicas, ray_actor_options={"num_gpus": per_replica}, max_ongoing_requests=ongoing,
+        num_replicas=replicas, ray_actor_options={"num_gpus": placement.gpus, "num_cpus": placement.cpus},
+        max_ongoing_requests=ongoing,
         max_queued_requests=settings.max_queued_requests,
         request_router_config=RequestRouterConfig(request_router_class=IdentityAffinityRouter),
     ).bind(settings.to_args())  # fmt: skip
@@ -44,7 +45,8 @@ def build(settings: ServeSettings, gpus: int) -> serve.Application:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """For ``serve deploy`` of the config ``lcmla serve --write-config`` writes (runs on the cluster)."""
-    return build(ServeSettings.from_args(args), int(ray.cluster_resources().get("GPU", 0)))
+    settings = ServeSettings.from_args(args)
+    return build(settings, settings.placement(int(ray.cluster_resources().get("GPU", 0))))
 
 
 def local_gpus(settings: ServeSettings) -> int:
@@ -57,16 +59,17 @@ def local_gpus(settings: ServeSettings) -> int:
 
 def start(settings: ServeSettings) -> str:
     """Start Ray on this machine and deploy; return the service's URL once every replica is up."""
-    gpus = local_gpus(settings)
-    replicas, _ = settings.placement(gpus)
+    gpus, cpus = local_gpus(settings), os.cpu_count() or 1
+    placement = settings.placement(gpus, cpus)
     path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
     ray.init(
-        address="local", include_dashboard=False, num_gpus=gpus, num_cpus=max(os.cpu_count() or 1, replicas + 1),
+        address="local", include_dashboard=False, num_gpus=gpus,
+        num_cpus=max(cpus, int(placement.replicas * placement.cpus) + 1),
         runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING,
     )  # fmt: skip
     try:
         serve.start(http_options={"host": settings.host, "port": settings.port})
-        serve.run(build(settings, gpus), name=APP_NAME, route_prefix="/")
+        serve.run(build(settings, placement), name=APP_NAME, route_prefix="/")
     except BaseException:
         stop()
         raise

@@ -38,9 +38,20 @@ class Shape:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """How many model replicas run and what each holds. ``cpus`` also sets the replica's torch threads (Ray sets
+    ``OMP_NUM_THREADS`` to an actor's CPUs, and to 1 when it names none)."""
+
+    replicas: int
+    gpus: float
+    cpus: float
+
+
+@dataclass(frozen=True)
 class ServeSettings:
     """``model``: a model directory or preset. ``replicas``: model replicas (default: one per GPU, else one);
-    ``gpus_per_replica``: GPUs each holds (default: 1 with GPUs, else 0). ``store``: the identity folder (on a cluster,
+    ``gpus_per_replica``: GPUs each holds (default: 1 with GPUs, else 0); ``cpus_per_replica``: CPUs each holds
+    (default: on one machine its CPUs but one, shared by the replicas; on a cluster 1). ``store``: the identity folder (on a cluster,
     a folder every node reads and writes). ``max_batch_size`` requests merged into one pass after at most
     ``batch_wait_s``; ``max_queued_requests`` waiting beyond what the replicas hold, then 503. ``kv_cache_gib``: each
     replica's K/V-cache bound (least recently used out). ``warmup``: shapes captured before ready."""
@@ -50,6 +61,7 @@ class ServeSettings:
     port: int = 8000
     replicas: int | None = None
     gpus_per_replica: float | None = None
+    cpus_per_replica: float | None = None
     store: str = "lcmla-identities"
     max_batch_size: int = 8
     batch_wait_s: float = 0.02
@@ -71,6 +83,8 @@ class ServeSettings:
             validation.integer(self.replicas, "replicas", 1)
         if self.gpus_per_replica is not None:
             validation.number(self.gpus_per_replica, "gpus_per_replica", 0.0, 64.0)
+        if self.cpus_per_replica is not None:
+            validation.number(self.cpus_per_replica, "cpus_per_replica", 0.0, 4096.0)
         validation.integer(self.max_batch_size, "max_batch_size", 1, MAX_BATCH_SIZE)
         validation.number(self.batch_wait_s, "batch_wait_s", 0.0, 10.0)
         validation.integer(self.max_queued_requests, "max_queued_requests", 1)
@@ -91,12 +105,19 @@ class ServeSettings:
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mib * 2**20)
 
-    def placement(self, gpus: int) -> tuple[int, float]:
-        """``(replicas, GPUs per replica)`` on a machine with ``gpus`` GPUs: by default one replica per GPU."""
+    def placement(self, gpus: int, cpus: int | None = None) -> Placement:
+        """The replicas where ``gpus`` GPUs and, on one machine, ``cpus`` CPUs (``None``: a cluster's) are to be had:
+        by default one replica per GPU; one CPU stays for the HTTP proxy and the ingress."""
         per_replica = self.gpus_per_replica if self.gpus_per_replica is not None else (1.0 if gpus else 0.0)
         if self.replicas is not None:
-            return self.replicas, per_replica
-        return (max(1, int(gpus // per_replica)) if per_replica else 1), per_replica
+            replicas = self.replicas
+        else:
+            replicas = max(1, int(gpus // per_replica)) if per_replica else 1
+        if self.cpus_per_replica is not None:
+            share = self.cpus_per_replica
+        else:
+            share = 1.0 if cpus is None else float(max(1, (cpus - 1) // replicas))
+        return Placement(replicas, per_replica, share)
 
     def to_args(self) -> dict[str, Any]:
         """Plain values for a Ray Serve application builder (:func:`from_args` reads them back)."""
