@@ -98,8 +98,11 @@ def generate(
         for name, side in (("height", height), ("width", width)):
             validation.image_side(side, name, 0, 1)
         layout = cli_checks.model_layout(model)
-        if validation.choice(vae, "vae", VAES) == "tiny" and tiny_vae is None and not cli_checks.has_tiny_vae(model, layout):
-            raise ValueError(f"vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder: {model} has no tiny VAE")
+        tiny_missing = tiny_vae is None and not cli_checks.has_tiny_vae(model, layout)
+        if validation.choice(vae, "vae", VAES) == "tiny" and tiny_missing:
+            raise ValueError(
+                f"vae: 'tiny' needs --tiny-vae DIR, a local AutoencoderTiny (TAESD-XL) folder: {model} has no tiny VAE"
+            )
         multiple = cli_checks.size_multiple(model, layout)  # the model's size step, from its configs
         for name, side in (("height", height), ("width", width)):
             validation.image_side(side, name, 0, multiple)

@@ -4,6 +4,7 @@ shutdown; and the application builder that ``serve deploy`` of a written config 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import threading
@@ -64,7 +65,7 @@ def start(settings: ServeSettings) -> str:
     path = os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))
     ray.init(
         address="local", include_dashboard=False, num_gpus=gpus,
-        num_cpus=max(cpus, int(placement.replicas * placement.cpus) + 1),
+        num_cpus=max(cpus, math.ceil(placement.replicas * placement.cpus) + 1),
         runtime_env={"env_vars": {"PYTHONPATH": path}}, logging_level=logging.WARNING,
     )  # fmt: skip
     try:
