@@ -24,9 +24,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from compile_probe import DEVICE, PRESET, network_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from compile_probe import DEVICE, PRESET, network_call
 from lcmla_sdk import Personalizer
 from lcmla_sdk.bench_timing import graph_ms
 

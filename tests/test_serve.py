@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import socket
 import threading
 import time
@@ -19,16 +20,19 @@ pytest.importorskip("ray.serve", reason="needs the [serve] extra")
 requests = pytest.importorskip("requests")
 
 import ray  # noqa: E402
+from ray import serve  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from lcmla_sdk.cli import app as cli  # noqa: E402
 from lcmla_sdk.identity import Identity  # noqa: E402
 from lcmla_sdk.images import pixel_sha256  # noqa: E402
-from lcmla_sdk.serve import ServeSettings  # noqa: E402
-from lcmla_sdk.serve import launch  # noqa: E402
+from lcmla_sdk.serve import (
+    ServeSettings,  # noqa: E402
+    launch,  # noqa: E402
+)
 from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
-from lcmla_sdk.serve.store import identity_id  # noqa: E402
 from lcmla_sdk.serve.settings import Placement  # noqa: E402
+from lcmla_sdk.serve.store import identity_id  # noqa: E402
 
 FAST = {"mode": "fast", "steps": 2}
 # One tiny identity's K/V for 2 (3) fast steps at 128^2 is 2.6 (3.9) MB: each replica's cache holds one.
@@ -96,6 +100,12 @@ def replica_ids() -> list:
 
     names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
     return [ReplicaID.from_full_id_str(n) for n in names if n.startswith("SERVE_REPLICA::") and "#Generator#" in n]
+
+
+def running_replicas() -> int:
+    """Model replicas up and taking requests (a replacement is listed by name while it still loads)."""
+    deployment = serve.status().applications["lcmla"].deployments["Generator"]
+    return sum(count for state, count in deployment.replica_states.items() if str(state).endswith("RUNNING"))
 
 
 def preferred_replica(id_: str) -> str:
@@ -188,6 +198,35 @@ def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
     for index, answer in enumerate(answers):
         direct = tiny.generate(stored[index % 2], f"portrait {index}", seed=100 + index, **FAST)[0]
         assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct)
+
+
+def server_sent_events(response: requests.Response) -> list[tuple[str, dict]]:
+    events, name = [], None
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line[len("event: "):]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[len("data: "):])))
+    return events
+
+
+def test_progress_as_server_sent_events(service, tiny, face):
+    id_ = service.identity(face)
+    body = {"identity": id_, "prompt": "a photo", "seed": 11, "mode": "fast", "steps": 3}
+    stream = {"headers": {"Accept": "text/event-stream"}, "stream": True}
+    response = service.post("/v1/generate", json=body, **stream)
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    events = server_sent_events(response)
+    assert [name for name, _ in events] == ["progress"] * 4 + ["result"]
+    assert [data for _, data in events[:4]] == [{"done": done, "steps": steps} for done, steps in ((0, 0), (1, 3), (2, 3), (3, 3))]
+    stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
+    assert_same_image(base64.b64decode(events[-1][1]["images"][0]["data"]), tiny.generate(stored, "a photo", seed=11, mode="fast", steps=3)[0])
+
+    # Refused before admission: a plain JSON answer with its status; refused in the pass: an error event naming the field.
+    unknown = service.post("/v1/generate", json={**body, "identity": "0" * 32}, **stream)
+    assert unknown.status_code == 404 and unknown.json()["field"] == "identity"
+    bad = server_sent_events(service.post("/v1/generate", json={**body, "steps": 0}, **stream))
+    assert bad[-1][0] == "error" and bad[-1][1]["field"] == "steps" and bad[-1][1]["status"] == 400
 
 
 def candidate_faces(face: Image.Image):
@@ -301,8 +340,10 @@ def test_full_queue_is_503_and_slow_request_times_out(service, face):
     assert slow.status_code == 504 and slow.json()["field"] == "timeout"
 
 
-def test_replica_killed_mid_request_is_retried(service, tiny, face):
-    id_ = service.identity(face, crop="face")
+@pytest.mark.parametrize("streamed", [False, True], ids=["json", "events"])
+def test_replica_killed_mid_request_is_retried(service, tiny, face, streamed):
+    # A person of its own for each case: no replica holds its K/V yet, so the pass is long enough to be killed in.
+    id_ = service.identity(ImageOps.mirror(face) if streamed else face, crop="face")
     owner = preferred_replica(id_)
     folder = Path(service.settings.store)
     files = sorted(p.name for p in folder.iterdir())
@@ -310,12 +351,21 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face):
     body = {"identity": id_, "prompt": "a photo", "num_images": 8, "seed": 7, "kv_cache": True, "mode": "fast",
             "steps": 3}  # fmt: skip
     answer: dict = {}
-    thread = threading.Thread(target=lambda: answer.update(service.generate(**body)))
+
+    def send() -> None:
+        if streamed:  # killed after its first progress events: the answer is the last event
+            events = server_sent_events(service.post("/v1/generate", json=body, headers={"Accept": "text/event-stream"}, stream=True))
+            answer.update(events[-1][1])
+        else:
+            response = service.post("/v1/generate", json=body)
+            answer.update(response.json() if response.status_code == 200 else {"failed": response.text})
+
+    thread = threading.Thread(target=send)
     thread.start()
     time.sleep(1.0)
     ray.kill(ray.get_actor(owner, namespace="serve"), no_restart=True)
     thread.join(60)
-    assert answer["attempts"] == 2 and answer["replica"] != owner
+    assert answer.get("attempts") == 2 and answer["replica"] != owner, answer.get("failed")
     stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
     direct = tiny.generate(stored, "a photo", num_images=8, seed=7, kv_cache=True, mode="fast", steps=3)
     for image, expected in zip(answer["images"], direct):
@@ -324,7 +374,7 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face):
     for path in folder.iterdir():
         Identity.load(path, tiny.fingerprint)
     deadline = time.monotonic() + 30
-    while len(replica_ids()) < 2 or owner in {r.to_full_id_str() for r in replica_ids()}:
+    while running_replicas() < 2 or owner in {r.to_full_id_str() for r in replica_ids()}:
         assert time.monotonic() < deadline, "the killed replica was not replaced"
         time.sleep(0.5)
 

@@ -11,13 +11,15 @@ import asyncio
 import base64
 import binascii
 import io
+import json
 import time
+from dataclasses import asdict
 from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -30,13 +32,14 @@ from ..guidance import DEFAULT_GUIDANCE
 from ..identity import Identity
 from ..images import load_rgb, pixel_sha256
 from .failures import Failure, failure
-from .model import Job, Outcome
+from .model import Job, Outcome, Progress
 from .settings import ServeSettings, store_path
-from .store import IdentityStore, UnknownIdentity, check_id, identity_id
+from .store import IdentityStore, UnknownIdentity, identity_id
 
 RETRY_AFTER_S = 1
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 ACCEPTED = {f"image/{name}": name for name in FORMATS}
+EVENT_STREAM = "text/event-stream"
 
 
 class ApiError(Exception):
@@ -103,6 +106,10 @@ def describe(id_: str, identity: Identity) -> dict[str, Any]:
 def _headers(outcome: Outcome, attempts: int) -> dict[str, str]:
     return {"X-Seed": str(outcome.seeds[0]), "X-Replica": outcome.replica, "X-Attempts": str(attempts),
             "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower()}  # fmt: skip
+
+
+def _event(name: str, data: dict[str, Any]) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
 
 
 def encode_image(pixels: np.ndarray, image_format: str) -> bytes:
@@ -179,7 +186,8 @@ class Ingress:
     @app.post("/v1/generate")
     async def generate(self, body: GenerateBody, request: Request) -> Response:
         """Images of a stored identity (or of inline photos); JSON with base64 images, or with ``Accept: image/png``
-        (jpeg, webp) the bare image of a one-image request."""
+        (jpeg, webp) the bare image of a one-image request, or with ``Accept: text/event-stream`` progress as
+        server-sent events followed by the JSON answer."""
         accept = request.headers.get("accept", "").split(",")[0].strip()
         image_format = ACCEPTED.get(accept, body.format)
         job = Job(body.model_dump(exclude=set(FACE_FIELDS)), body.identity, None, body.crop, body.face_resize,
@@ -194,6 +202,8 @@ class Ingress:
             job.photos = [self._decode_base64(photo) for photo in body.photos]
             await asyncio.to_thread(self._pixel_hashes, job.photos)
         job.deadline = time.time() + self.settings.request_timeout_s
+        if accept == EVENT_STREAM:
+            return await self._stream(job, image_format)
         began = time.perf_counter()
         outcome, attempts = await self._call(lambda: self.generator.generate.remote(job), count_attempts=True)
         if outcome.failure is not None:
@@ -205,6 +215,45 @@ class Ingress:
         if accept in ACCEPTED:
             return Response(images[0], media_type=accept, headers=_headers(outcome, attempts))
         return JSONResponse(_response(outcome, images, image_format, attempts, total_ms))
+
+    async def _stream(self, job: Job, image_format: str) -> StreamingResponse:
+        """Events ``progress`` ``{"done", "steps"}`` (0 of 0 once admitted, then after every step of the pass), then
+        ``result`` (the JSON answer) or ``error`` (``{"error", "field", "status"}``). What is refused before the
+        request is admitted (503 full queue, 404, 400) is a plain JSON answer, as without the stream."""
+        began = time.perf_counter()
+
+        async def admitted():
+            stream = self.generator.options(stream=True).generate_stream.remote(job)
+            return stream, await stream.__anext__()  # Progress(0, 0), or the full queue's BackPressureError
+
+        (stream, first), attempts = await self._call(admitted, count_attempts=True)
+
+        async def events():
+            nonlocal attempts
+            outcome = None
+            yield _event("progress", asdict(first))
+            try:
+                while outcome is None:
+                    item = await asyncio.wait_for(stream.__anext__(), max(0.0, job.deadline - time.time()) + 1.0)
+                    if isinstance(item, Progress):
+                        yield _event("progress", asdict(item))
+                    elif isinstance(item, Outcome):
+                        outcome = item
+            except asyncio.TimeoutError:
+                outcome = Outcome(failure=Failure(504, "timeout", f"timeout: timed out after {self.settings.request_timeout_s:g} s"))
+            except RayActorError:  # the replica died in the pass: once more elsewhere, without progress
+                try:
+                    outcome, _ = await self._call(lambda: self.generator.generate.remote(job), count_attempts=True)
+                    attempts = 2
+                except ApiError as error:
+                    outcome = Outcome(failure=error.failure)
+            if outcome.failure is not None:
+                yield _event("error", {**outcome.failure.body(), "status": outcome.failure.status})
+                return
+            images = await asyncio.to_thread(lambda: [encode_image(image, image_format) for image in outcome.images])
+            yield _event("result", _response(outcome, images, image_format, attempts, (time.perf_counter() - began) * 1000))
+
+        return StreamingResponse(events(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
     # ------------------------------------------------------------------ helpers
     async def _call(self, send, timeout: float | None = None, retry_after: bool = False, count_attempts: bool = False):

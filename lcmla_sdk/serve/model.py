@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,8 @@ class Job:
     affinity: str | None = None  # read by routing.IdentityAffinityRouter
     received: float = field(default_factory=time.time)
     deadline: float = float("inf")  # time.time() after which no one waits for the images
+    # Set on the replica for a streamed request: called from the pass's thread with (steps done, steps) after each step.
+    report: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass
@@ -63,6 +66,14 @@ class Outcome:
     queue_ms: float = 0.0
     generate_ms: float = 0.0
     failure: Failure | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """A streamed request's pass has run ``done`` of its ``steps`` steps (0 of 0: admitted, waiting for a pass)."""
+
+    done: int
+    steps: int
 
 
 class PastDeadline(Exception):
@@ -90,6 +101,8 @@ class Generator:
         self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
         self.generate.set_max_batch_size(settings.max_batch_size)
         self.generate.set_batch_wait_timeout_s(settings.batch_wait_s)
+        self._batched_stream.set_max_batch_size(settings.max_batch_size)
+        self._batched_stream.set_batch_wait_timeout_s(settings.batch_wait_s)
         self.turns = PassTurns(self._run_batch, settings.max_batch_size, skip=self._late)
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
@@ -117,6 +130,35 @@ class Generator:
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
     async def generate(self, jobs: list[Job]) -> list[Outcome]:
         return await self.turns.submit(jobs)
+
+    async def generate_stream(self, job: Job) -> AsyncIterator[Progress | Outcome]:
+        """:meth:`generate` with progress (``handle.options(stream=True)``): ``Progress(0, 0)`` once admitted, a
+        :class:`Progress` after every step of its pass, then its :class:`Outcome`."""
+        async for item in self._batched_stream(job):  # a handle streams only from a method that is a generator
+            if item is not None:
+                yield item
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
+    async def _batched_stream(self, jobs: list[Job]) -> AsyncIterator[list[Progress | Outcome | None]]:
+        # Ray's batched streams take one item per request at each yield; None: nothing new for that request.
+        loop, updates = asyncio.get_running_loop(), asyncio.Queue()
+        for index, job in enumerate(jobs):
+            job.report = lambda done, steps, index=index: loop.call_soon_threadsafe(
+                updates.put_nowait, (index, Progress(done, steps)))  # fmt: skip
+        outcomes = asyncio.ensure_future(self.turns.submit(jobs))
+        yield [Progress(0, 0)] * len(jobs)
+        while not outcomes.done():
+            update = asyncio.ensure_future(updates.get())
+            await asyncio.wait({update, outcomes}, return_when=asyncio.FIRST_COMPLETED)
+            if not update.done():
+                update.cancel()
+                continue
+            index, progress = update.result()
+            yield [progress if i == index else None for i in range(len(jobs))]
+        while not updates.empty():  # the last steps' reports, queued before the pass's end was
+            index, progress = updates.get_nowait()
+            yield [progress if i == index else None for i in range(len(jobs))]
+        yield outcomes.result()
 
     def _late(self, job: Job) -> Outcome | None:
         """A job whose deadline passed while it waited for a pass: its client has been answered 504 already."""
@@ -169,14 +211,17 @@ class Generator:
         made, evicted = self.kv_cache.made, self.kv_cache.evicted
         deadline = max(prepared.job.deadline for _, prepared in members)
 
-        def stop_when_late(*_) -> None:
+        def after_step(index: int, *_) -> None:
             if time.time() > deadline:
                 raise PastDeadline("stopped: the client's request timed out")
+            for _, prepared in members:
+                if prepared.job.report is not None:
+                    prepared.job.report(index + 1, request.steps)
 
         begin = time.perf_counter()
         images = self.model.generate(
             [r[0] for r in rows], [r[1] for r in rows], negative_prompt=None if request.negative_prompt is None else
-            [r[2] for r in rows], num_images=1, seed=[r[3] for r in rows], output="np", callback=stop_when_late,
+            [r[2] for r in rows], num_images=1, seed=[r[3] for r in rows], output="np", callback=after_step,
             **{name: getattr(request, name) for name in PASS_FIELDS},
         )  # fmt: skip
         elapsed = (time.perf_counter() - begin) * 1000
