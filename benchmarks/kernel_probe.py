@@ -1,12 +1,15 @@
-"""Probe: what cuDNN's choices give the sampling step's networks and the decode, eager and compiled (issue 19).
+"""Probe: what cuDNN's choices and fused projections give the sampling step's networks and the decode (issue 19).
 
-Two runtime choices, each tried on the same loaded model in one process, every network alone in a CUDA graph at
-batch 1, 1024^2 (the shapes of ``compile_probe.py``):
+Each tried on the same loaded model in one process, every network alone in a CUDA graph at batch 1, 1024^2 (the
+shapes of ``compile_probe.py``):
 
 * ``cudnn_benchmark``: cuDNN times its convolution algorithms on first use of a shape instead of picking one by
   heuristics (``torch.backends.cudnn.benchmark``);
 * ``cudnn_attention``: scaled-dot-product attention by cuDNN's kernel instead of FlashAttention-2 (only cuDNN's is
-  allowed, so a shape it refuses raises instead of falling back unseen).
+  allowed, so a shape it refuses raises instead of falling back unseen);
+* ``fused_projections`` (eager): each self-attention's Q, K and V (in the K/V-encoder also the K/V it hands the
+  denoiser) from one GEMM over the concatenated weights instead of three (five), as diffusers'
+  ``fuse_qkv_projections`` does; a probe-only stand-in here (``--fused-only`` runs just these rows).
 
 Also where the eager denoiser's GPU time goes (profiler kernel names grouped). Prints a table, writes JSON.
 
@@ -24,10 +27,14 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from compile_probe import DEVICE, PRESET, network_call
+from diffusers.models.attention_processor import Attention
+from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lcmla_sdk import Personalizer
+from lcmla_sdk.attention import AppendedKVAttnProcessor
 from lcmla_sdk.bench_timing import graph_ms
 
 KERNEL_GROUPS = (("attention", ("flash", "fmha", "attention", "sdpa")), ("gemm", ("gemm", "xmma", "cutlass", "cublas")),
@@ -43,6 +50,50 @@ def choices(benchmark: bool, cudnn_attention: bool):
             yield
     finally:
         torch.backends.cudnn.benchmark = before
+
+
+class _SharedProjection(nn.Module):
+    """Several bias-free projections of one input as one GEMM: the first slot called with a new input computes them
+    all, the others return their slice of it (the processor calls them one after another on the same tensor)."""
+
+    def __init__(self, layers: list[nn.Linear]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.cat([layer.weight for layer in layers]), requires_grad=False)
+        self.sizes = [layer.weight.shape[0] for layer in layers]
+        self.last: tuple = (None, ())
+
+    def part(self, x: torch.Tensor, index: int) -> torch.Tensor:
+        if self.last[0] is not x:
+            self.last = (x, F.linear(x, self.weight).split(self.sizes, dim=-1))
+        return self.last[1][index]
+
+
+class _Slot(nn.Module):
+    def __init__(self, shared: _SharedProjection, index: int) -> None:
+        super().__init__()
+        self.shared, self.index = shared, index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.shared.part(x, self.index)
+
+
+@contextlib.contextmanager
+def fused_projections(module: nn.Module, with_handed_kv: bool):
+    """Every self-attention of ``module`` with its projections fused (restored after)."""
+    swapped = []
+    for attn in module.modules():
+        if isinstance(attn, Attention) and isinstance(attn.processor, AppendedKVAttnProcessor):
+            owners = [(attn, "to_q"), (attn, "to_k"), (attn, "to_v")]
+            owners += [(attn.processor, "to_k_kv"), (attn.processor, "to_v_kv")] if with_handed_kv else []
+            shared = _SharedProjection([getattr(owner, name) for owner, name in owners])
+            for index, (owner, name) in enumerate(owners):
+                swapped.append((owner, name, getattr(owner, name)))
+                setattr(owner, name, _Slot(shared, index))
+    try:
+        yield
+    finally:
+        for owner, name, layer in swapped:
+            setattr(owner, name, layer)
 
 
 def first(out) -> torch.Tensor:
@@ -85,6 +136,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--networks", default="lcm,kv,vae")
     parser.add_argument("--compile", default="lcm,vae", help="networks also compiled (Inductor, default mode); '' none")
+    parser.add_argument("--fused-only", action="store_true", help="only the plain and fused-projection eager rows")
     args = parser.parse_args()
     model = Personalizer.from_pretrained(PRESET, device=DEVICE, faces=None)  # a CPU dry run: see compile_probe.py
     device, results = model.device, {"device": str(model.device), "torch": torch.__version__, "rows": []}
@@ -100,9 +152,16 @@ def main() -> None:
         for network in args.networks.split(","):
             module, call_args = network_call(model, network, 1, False)
             reference = first(module(*call_args))
+            if network != "vae":
+                save({"network": network, "way": "eager", **timed(device, module, call_args, False, False, reference)})
+                with fused_projections(module, with_handed_kv=network == "kv"):
+                    save({"network": network, "way": "eager", "fused_projections": True,
+                          **timed(device, module, call_args, False, False, reference)})  # fmt: skip
+            if args.fused_only:
+                continue
             if network == "lcm" and device.type == "cuda":
                 save({"network": network, "way": "eager kernel ms", **kernel_shares(module, call_args)})
-            for benchmark, attention in ((False, False), (True, False), (False, True), (True, True)):
+            for benchmark, attention in ((True, False), (False, True), (True, True)):
                 if network == "vae" and attention:
                     continue  # the decode's one attention layer is at 128^2 tokens / 64: not worth a row
                 save({"network": network, "way": "eager", "cudnn_benchmark": benchmark, "cudnn_attention": attention,
