@@ -46,6 +46,10 @@ def contract_server(model):
             self.end_headers()
             self.wfile.write(data)
 
+        def event(self, name, data):
+            self.wfile.write(f"event: {name}\ndata: {json.dumps(data)}\n\n".encode())
+            self.wfile.flush()
+
         def do_GET(self):
             id_ = self.path.rsplit("/", 1)[-1]
             if id_ not in identities:
@@ -66,14 +70,21 @@ def contract_server(model):
                 if body["identity"] not in identities:
                     return self.reply(404, {"error": f"identity: no identity {body['identity']}", "field": "identity"})
                 identity = identities[body.pop("identity")]
-                images = model.generate(identity, **body)
+                streamed = self.headers.get("Accept") == "text/event-stream"
+                if streamed:  # progress as server-sent events: headers now, an event after every step, the answer
+                    self.send_response(200)
+                    self.send_header("Content-Type", "text/event-stream")
+                    self.end_headers()
+                steps = body.get("steps")
+                images = model.generate(identity, **body, callback=lambda i, *_: streamed and self.event("progress", {"done": i + 1, "steps": steps}))
                 seeds = [body["seed"] + i for i in range(len(images))]
                 encoded = []
                 for image in images:
                     buffer = io.BytesIO()
                     image.save(buffer, format="PNG")
                     encoded.append(base64.b64encode(buffer.getvalue()).decode())
-                self.reply(200, {"images": [{"seed": s, "format": "png", "data": d} for s, d in zip(seeds, encoded)]})
+                answer = {"images": [{"seed": s, "format": "png", "data": d} for s, d in zip(seeds, encoded)]}
+                self.event("result", answer) if streamed else self.reply(200, answer)
             except ValueError as error:
                 self.reply(422 if "face" in str(error) else 400, {"error": str(error), "field": str(error).split(":")[0]})
 
@@ -136,7 +147,7 @@ def test_the_remote_client_over_http_gives_the_local_images(server, tiny):
     steps = []
     made = remote.generate(person, SETTINGS, lambda done, total: steps.append((done, total)))
     expected = local.generate(local.encode([photo]), SETTINGS, lambda done, total: None)
-    assert [seed for _, seed in made] == [5, 6] and steps == [(1, 1)]
+    assert [seed for _, seed in made] == [5, 6] and steps == [(done, SETTINGS.steps) for done in range(1, SETTINGS.steps + 1)]
     for (got, _), (want, _) in zip(made, expected):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     with pytest.raises(ServiceError, match="no face found"):

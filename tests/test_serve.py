@@ -102,10 +102,11 @@ def replica_ids() -> list:
     return [ReplicaID.from_full_id_str(n) for n in names if n.startswith("SERVE_REPLICA::") and "#Generator#" in n]
 
 
-def running_replicas() -> int:
-    """Model replicas up and taking requests (a replacement is listed by name while it still loads)."""
+def replica_states() -> dict[str, int]:
+    """The controller's count of model replicas by state (``{"RUNNING": 2}`` when both serve and none is changing;
+    a killed replica stays counted as running for a few seconds, while its replacement starts)."""
     deployment = serve.status().applications["lcmla"].deployments["Generator"]
-    return sum(count for state, count in deployment.replica_states.items() if str(state).endswith("RUNNING"))
+    return {str(state).rsplit(".", 1)[-1]: count for state, count in deployment.replica_states.items() if count}
 
 
 def preferred_replica(id_: str) -> str:
@@ -271,8 +272,8 @@ def test_the_web_apps_remote_mode_works_against_the_real_service(service, tiny, 
     assert person.boxes and person.boxes[0] is not None
     steps = []
     settings = Settings(["a painting"], None, FAST["mode"], FAST.get("steps"), 7, 2, FAST.get("height"), FAST.get("width"))
-    made = remote.generate(person, settings, lambda done, total: steps.append(done))
-    assert [seed for _, seed in made] == [7, 8] and steps
+    made = remote.generate(person, settings, lambda done, total: steps.append((done, total)))
+    assert [seed for _, seed in made] == [7, 8] and steps == [(1, 2), (2, 2)]  # the service's progress events
     stored = Identity.load(service.settings.store + f"/{person.ref}.safetensors", tiny.fingerprint)
     direct = tiny.generate(stored, "a painting", num_images=2, seed=[7, 8], **FAST)
     for (image, _), expected in zip(made, direct):
@@ -362,6 +363,8 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face, streamed):
 
     thread = threading.Thread(target=send)
     thread.start()
+    named = lambda: [r.to_full_id_str() for r in replica_ids()]  # noqa: E731
+    before = set(named())
     time.sleep(1.0)
     ray.kill(ray.get_actor(owner, namespace="serve"), no_restart=True)
     thread.join(60)
@@ -373,9 +376,9 @@ def test_replica_killed_mid_request_is_retried(service, tiny, face, streamed):
     assert sorted(p.name for p in folder.iterdir()) == files  # nothing lost, no temporary left
     for path in folder.iterdir():
         Identity.load(path, tiny.fingerprint)
-    deadline = time.monotonic() + 30
-    while running_replicas() < 2 or owner in {r.to_full_id_str() for r in replica_ids()}:
-        assert time.monotonic() < deadline, "the killed replica was not replaced"
+    deadline = time.monotonic() + 60
+    while not (replica_states() == {"RUNNING": 2} and set(named()) - before and owner not in named()):
+        assert time.monotonic() < deadline, f"the killed replica was not replaced: {replica_states()}, {named()}"
         time.sleep(0.5)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,8 +111,7 @@ class RemoteBackend:
             "num_images": settings.num_images, "seed": settings.seed, "mode": settings.mode, "steps": settings.steps,
             "height": settings.height, "width": settings.width,
         }  # fmt: skip
-        body = self._post("/v1/generate", json={k: v for k, v in payload.items() if v is not None})
-        progress(1, 1)
+        body = self._stream("/v1/generate", progress, json={k: v for k, v in payload.items() if v is not None})
         return [(Image.open(io.BytesIO(base64.b64decode(item["data"]))).convert("RGB"), item["seed"])
                 for item in body["images"]]  # fmt: skip
 
@@ -125,6 +125,36 @@ class RemoteBackend:
             response = self.client.request(method, path, **kwargs)
         except httpx.HTTPError as error:
             raise ServiceError(f"server: {self.where} did not answer ({error})") from None
+        return self._checked(response, method, path)
+
+    def _stream(self, path: str, progress: Progress, **kwargs: Any) -> dict[str, Any]:
+        """POST asking for progress as server-sent events: ``progress`` events go to ``progress``, the ``result``
+        event is the answer; an ``error`` event or an error status raises :class:`ServiceError` with its message."""
+        import httpx
+
+        try:
+            with self.client.stream("POST", path, headers={"Accept": "text/event-stream"}, **kwargs) as response:
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    response.read()
+                    return self._checked(response, "POST", path)  # refused before the stream, or no stream offered
+                name = None
+                for line in response.iter_lines():
+                    if line.startswith("event: "):
+                        name = line[len("event: ") :]
+                    elif line.startswith("data: "):
+                        data = json.loads(line[len("data: ") :])
+                        if name == "result":
+                            return data
+                        if name == "error":
+                            raise ServiceError(data.get("error") or f"server: POST {path} failed ({data})")
+                        if name == "progress" and data.get("steps"):
+                            progress(data["done"], data["steps"])
+        except httpx.HTTPError as error:
+            raise ServiceError(f"server: {self.where} did not answer ({error})") from None
+        raise ServiceError(f"server: {self.where} ended the stream of POST {path} without an answer")
+
+    @staticmethod
+    def _checked(response: Any, method: str, path: str) -> dict[str, Any]:
         try:
             body = response.json()
         except ValueError:

@@ -12,6 +12,7 @@ import base64
 import binascii
 import io
 import json
+import logging
 import time
 from dataclasses import asdict
 from typing import Any, Literal
@@ -36,7 +37,10 @@ from .model import Job, Outcome, Progress
 from .settings import ServeSettings, store_path
 from .store import IdentityStore, UnknownIdentity, identity_id
 
+log = logging.getLogger("ray.serve")
 RETRY_AFTER_S = 1
+MAX_ATTEMPTS = 2  # a request whose replica dies is sent once more
+DIED = Failure(503, "request", "request: the model replica died twice; retry later")
 FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 ACCEPTED = {f"image/{name}": name for name in FORMATS}
 EVENT_STREAM = "text/event-stream"
@@ -136,6 +140,7 @@ class Ingress:
     def __init__(self, generator: DeploymentHandle, args: dict[str, Any]) -> None:
         self.settings = ServeSettings.from_args(args)
         self.generator = generator
+        self.streaming = generator.options(stream=True)  # the model's generate streams progress, then the answer
         self.store = IdentityStore(store_path(self.settings))
         self.fingerprint: str | None = None
 
@@ -205,7 +210,7 @@ class Ingress:
         if accept == EVENT_STREAM:
             return await self._stream(job, image_format)
         began = time.perf_counter()
-        outcome, attempts = await self._call(lambda: self.generator.generate.remote(job), count_attempts=True)
+        outcome, attempts = await self._call(lambda: self._outcome(job), count_attempts=True)
         if outcome.failure is not None:
             raise ApiError(outcome.failure)
         if accept in ACCEPTED and len(outcome.images) != 1:
@@ -223,30 +228,39 @@ class Ingress:
         began = time.perf_counter()
 
         async def admitted():
-            stream = self.generator.options(stream=True).generate_stream.remote(job)
+            stream = self.streaming.generate.remote(job)
             return stream, await stream.__anext__()  # Progress(0, 0), or the full queue's BackPressureError
 
         (stream, first), attempts = await self._call(admitted, count_attempts=True)
 
         async def events():
             nonlocal attempts
-            outcome = None
             yield _event("progress", asdict(first))
             try:
+                outcome = None
                 while outcome is None:
                     item = await asyncio.wait_for(stream.__anext__(), max(0.0, job.deadline - time.time()) + 1.0)
                     if isinstance(item, Progress):
                         yield _event("progress", asdict(item))
-                    elif isinstance(item, Outcome):
+                    else:
                         outcome = item
             except asyncio.TimeoutError:
                 outcome = Outcome(failure=Failure(504, "timeout", f"timeout: timed out after {self.settings.request_timeout_s:g} s"))
-            except RayActorError:  # the replica died in the pass: once more elsewhere, without progress
+            except RayActorError:  # the replica died in the pass: once more elsewhere (if not already), without progress
                 try:
-                    outcome, _ = await self._call(lambda: self.generator.generate.remote(job), count_attempts=True)
-                    attempts = 2
+                    if attempts == MAX_ATTEMPTS:
+                        raise ApiError(DIED)
+                    left = max(0.01, job.deadline - time.time())
+                    outcome, again = await self._call(lambda: self._outcome(job), timeout=left, count_attempts=True,
+                                                      attempts=MAX_ATTEMPTS - attempts)  # fmt: skip
+                    attempts += again
                 except ApiError as error:
                     outcome = Outcome(failure=error.failure)
+            except Exception as error:  # a server error: the stream still ends with an event saying so
+                log.exception("a streamed request failed")
+                outcome = Outcome(failure=Failure(500, "request", f"server error: {type(error).__name__}: {error}"))
+            finally:
+                stream.cancel()  # the client may have gone: its replica stops streaming to no one
             if outcome.failure is not None:
                 yield _event("error", {**outcome.failure.body(), "status": outcome.failure.status})
                 return
@@ -255,11 +269,24 @@ class Ingress:
 
         return StreamingResponse(events(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
+    async def _outcome(self, job: Job) -> Outcome:
+        """The replica's answer to ``job``, its progress skipped."""
+        stream = self.streaming.generate.remote(job)
+        try:
+            async for item in stream:
+                if isinstance(item, Outcome):
+                    return item
+        finally:
+            stream.cancel()  # after a timeout, say
+        raise RuntimeError("the model replica's stream ended without an answer")
+
     # ------------------------------------------------------------------ helpers
-    async def _call(self, send, timeout: float | None = None, retry_after: bool = False, count_attempts: bool = False):
-        """Send to the model deployment: a dead replica's request once more; full queue -> 503; late -> 504."""
+    async def _call(self, send, timeout: float | None = None, retry_after: bool = False, count_attempts: bool = False,
+                    attempts: int = MAX_ATTEMPTS):  # fmt: skip
+        """Send to the model deployment: a dead replica's request once more (up to ``attempts`` in all); full queue
+        -> 503; late -> 504."""
         deadline = time.monotonic() + (timeout or self.settings.request_timeout_s)
-        for attempt in (1, 2):
+        for attempt in range(1, attempts + 1):
             try:
                 result = await asyncio.wait_for(_awaited(send()), max(0.0, deadline - time.monotonic()))
                 return (result, attempt) if count_attempts else result
@@ -271,9 +298,8 @@ class Ingress:
                 status, message = (503, "not ready") if retry_after else (504, f"timed out after {self.settings.request_timeout_s:g} s")
                 raise ApiError(Failure(status, "timeout", f"timeout: {message}"), headers) from None
             except RayActorError:
-                if attempt == 2:
-                    raise ApiError(Failure(503, "request", "request: the model replica died twice; retry later"),
-                                   {"Retry-After": str(RETRY_AFTER_S)}) from None  # fmt: skip
+                if attempt == attempts:
+                    raise ApiError(DIED, {"Retry-After": str(RETRY_AFTER_S)}) from None
 
     async def _fingerprint(self) -> str:
         if self.fingerprint is None:

@@ -13,6 +13,7 @@ or replaced loses its K/V here before the next pass and at every health check.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import threading
 import time
@@ -32,6 +33,8 @@ from .failures import Failure, failure
 from .settings import MAX_BATCH_SIZE, ServeSettings, store_path
 from .store import IdentityStore
 from .turns import PassTurns
+
+log = logging.getLogger("ray.serve")
 
 RESIDENT_IDENTITIES = 256  # identities kept loaded per replica (their K/V are bounded by kv_cache_gib)
 # What makes two requests' rows share a pass: the Request fields besides prompts, negatives, seeds and output.
@@ -99,10 +102,8 @@ class Generator:
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.resident: OrderedDict[str, tuple[Identity, tuple[int, int]]] = OrderedDict()  # id -> (identity, file stamp)
         self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
-        self.generate.set_max_batch_size(settings.max_batch_size)
-        self.generate.set_batch_wait_timeout_s(settings.batch_wait_s)
-        self._batched_stream.set_max_batch_size(settings.max_batch_size)
-        self._batched_stream.set_batch_wait_timeout_s(settings.batch_wait_s)
+        self._batched.set_max_batch_size(settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.batch_wait_s)
         self.turns = PassTurns(self._run_batch, settings.max_batch_size, skip=self._late)
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
@@ -124,41 +125,54 @@ class Generator:
         except ValueError as error:
             return failure(error)
 
+    async def generate(self, job: Job) -> AsyncIterator[Progress | Outcome]:
+        """One request's images, streamed (``handle.options(stream=True)``): ``Progress(0, 0)`` once a batch has
+        taken it, a :class:`Progress` after every step of its pass, then its :class:`Outcome`."""
+        async for item in self._batched(job):  # a handle streams only from a method that is itself a generator
+            if item is not None:
+                yield item
+            if isinstance(item, Outcome):
+                return
+
     # Every batch Ray forms goes on at once (there are never more than the replica's ongoing requests): the passes
     # take turns in self.turns, which merges the batches waiting. Ray warns at start that max_batch_size times
     # max_concurrent_batches exceeds max_ongoing_requests; the latter is the bound that holds.
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
-    async def generate(self, jobs: list[Job]) -> list[Outcome]:
-        return await self.turns.submit(jobs)
-
-    async def generate_stream(self, job: Job) -> AsyncIterator[Progress | Outcome]:
-        """:meth:`generate` with progress (``handle.options(stream=True)``): ``Progress(0, 0)`` once admitted, a
-        :class:`Progress` after every step of its pass, then its :class:`Outcome`."""
-        async for item in self._batched_stream(job):  # a handle streams only from a method that is a generator
-            if item is not None:
-                yield item
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02, max_concurrent_batches=2 * MAX_BATCH_SIZE)
-    async def _batched_stream(self, jobs: list[Job]) -> AsyncIterator[list[Progress | Outcome | None]]:
-        # Ray's batched streams take one item per request at each yield; None: nothing new for that request.
+    async def _batched(self, jobs: list[Job]) -> AsyncIterator[list[Any]]:
+        # Ray's batched streams take one item per request at each yield: None, nothing new for it; StopIteration, it
+        # has ended. Each request ends with its own pass: a batch the turns split does not wait for its last pass.
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         for index, job in enumerate(jobs):
             job.report = lambda done, steps, index=index: loop.call_soon_threadsafe(
                 updates.put_nowait, (index, Progress(done, steps)))  # fmt: skip
-        outcomes = asyncio.ensure_future(self.turns.submit(jobs))
+        pending = {asyncio.ensure_future(self.turns.submit([job])): index for index, job in enumerate(jobs)}
+        ended: set[int] = set()
+
+        def row(items: dict[int, Any]) -> list[Any]:
+            return [StopIteration if i in ended else items.get(i) for i in range(len(jobs))]
+
         yield [Progress(0, 0)] * len(jobs)
-        while not outcomes.done():
+        while pending:
             update = asyncio.ensure_future(updates.get())
-            await asyncio.wait({update, outcomes}, return_when=asyncio.FIRST_COMPLETED)
-            if not update.done():
-                update.cancel()
-                continue
-            index, progress = update.result()
-            yield [progress if i == index else None for i in range(len(jobs))]
-        while not updates.empty():  # the last steps' reports, queued before the pass's end was
-            index, progress = updates.get_nowait()
-            yield [progress if i == index else None for i in range(len(jobs))]
-        yield outcomes.result()
+            done, _ = await asyncio.wait({update, *pending}, return_when=asyncio.FIRST_COMPLETED)
+            if update.done():
+                yield row(dict([update.result()]))
+            else:
+                update.cancel()  # an item it was woken for stays in the queue
+            finished = [task for task in done if task in pending]
+            if finished:
+                while not updates.empty():  # the last steps' reports were queued before the pass's end was
+                    yield row(dict([updates.get_nowait()]))
+                outcomes = {pending.pop(task): self._outcome_of(task) for task in finished}
+                yield row(outcomes)
+                ended.update(outcomes)
+
+    def _outcome_of(self, task: asyncio.Task) -> Outcome:
+        try:
+            return task.result()[0]
+        except Exception as error:  # a server error in the pass: a JSON 500 for its requests, not a broken stream
+            log.exception("a pass failed")
+            return Outcome(replica=self.replica, failure=Failure(500, "request", f"server error: {type(error).__name__}: {error}"))
 
     def _late(self, job: Job) -> Outcome | None:
         """A job whose deadline passed while it waited for a pass: its client has been answered 504 already."""
