@@ -152,8 +152,8 @@ def main() -> None:
         for network in args.networks.split(","):
             module, call_args = network_call(model, network, 1, False)
             reference = first(module(*call_args))
-            if network != "vae":
-                save({"network": network, "way": "eager", **timed(device, module, call_args, False, False, reference)})
+            save({"network": network, "way": "eager", **timed(device, module, call_args, False, False, reference)})
+            if network != "vae":  # the decode has no appended-K/V self-attention
                 with fused_projections(module, with_handed_kv=network == "kv"):
                     save({"network": network, "way": "eager", "fused_projections": True,
                           **timed(device, module, call_args, False, False, reference)})  # fmt: skip

@@ -26,10 +26,7 @@ from typer.testing import CliRunner  # noqa: E402
 from lcmla_sdk.cli import app as cli  # noqa: E402
 from lcmla_sdk.identity import Identity  # noqa: E402
 from lcmla_sdk.images import pixel_sha256  # noqa: E402
-from lcmla_sdk.serve import (
-    ServeSettings,  # noqa: E402
-    launch,  # noqa: E402
-)
+from lcmla_sdk.serve import ServeSettings, launch  # noqa: E402
 from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
 from lcmla_sdk.serve.settings import Placement  # noqa: E402
 from lcmla_sdk.serve.store import identity_id  # noqa: E402
