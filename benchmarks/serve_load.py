@@ -63,8 +63,9 @@ def in_process(model: Personalizer, identity: Identity, mode: str, steps: int, s
 
 
 async def open_loop(url: str, ids: list[str], mode: str, steps: int, size: int, rate: float, seconds: float,
-                    image_format: str) -> dict:
-    """Requests at exponential intervals of mean 1/rate for ``seconds``; each answer's latency, pass size, status.
+                    image_format: str, bare: bool = False) -> dict:
+    """Requests at exponential intervals of mean 1/rate for ``seconds``; each answer's latency, pass size, status;
+    ``bare``: each answered with the bare image (``Accept: image/...``) instead of JSON with base64.
     ``images_s`` counts every answer over the whole run, drain included; ``steady_images_s`` only the answers that
     came while requests were still being sent, after the first third (passes start small and grow as a backlog
     forms, and shrink again once sending stops)."""
@@ -76,14 +77,20 @@ async def open_loop(url: str, ids: list[str], mode: str, steps: int, size: int, 
         async def one(index: int) -> None:
             body = {"identity": ids[index % len(ids)], "prompt": PROMPT, "seed": index, "mode": mode, "steps": steps,
                     "height": size, "width": size, "format": image_format}  # fmt: skip
+            headers = {"Accept": f"image/{image_format}"} if bare else {}
             begin = time.perf_counter()
-            async with session.post(f"{url}/v1/generate", json=body) as response:
-                answer = await response.json()
+            async with session.post(f"{url}/v1/generate", json=body, headers=headers) as response:
+                answer = await (response.read() if bare and response.status == 200 else response.json())
             end = time.perf_counter()
-            images = answer.get("batch", {}).get("pass_images", 0) if response.status == 200 else 0
-            results.append((response.status, end - begin, images, end))
-            if response.status == 200:
-                timings.append({**answer["timings"], "client_ms": (end - begin) * 1000})
+            if response.status != 200:
+                results.append((response.status, end - begin, 0, end))
+                return
+            if bare:
+                server = dict(part.split(";dur=") for part in response.headers["Server-Timing"].split(", "))
+                answer = {"batch": {"pass_images": int(response.headers["X-Pass-Images"])},
+                          "timings": {f"{name}_ms": float(ms) for name, ms in server.items()}}  # fmt: skip
+            results.append((response.status, end - begin, answer["batch"]["pass_images"], end))
+            timings.append({**answer["timings"], "client_ms": (end - begin) * 1000})
 
         tasks, start, index, rng = [], time.perf_counter(), 0, random.Random(0)
         while time.perf_counter() - start < seconds:
@@ -99,7 +106,7 @@ async def open_loop(url: str, ids: list[str], mode: str, steps: int, size: int, 
     steady_from = start + (sent_until - start) / 3
     steady = sum(1 for *_, answered in ok if steady_from <= answered <= sent_until)
     return {
-        "offered_per_s": rate, "format": image_format, "sent": len(results), "completed": len(ok),
+        "offered_per_s": rate, "format": image_format, "bare": bare, "sent": len(results), "completed": len(ok),
         "images_s": len(ok) / elapsed, "steady_images_s": steady / (sent_until - steady_from),
         "p50_ms": quantile(0.5), "p95_ms": quantile(0.95),
         "mean_pass_images": statistics.mean(images for _, _, images, _ in ok) if ok else None,
@@ -125,6 +132,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="sending time per rate")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--format", default="png", choices=("png", "jpeg", "webp"), help="the images' format")
+    parser.add_argument("--bare", action="store_true", help="bare-image answers (Accept: image/...), not JSON")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default=None)
@@ -163,7 +171,7 @@ def main() -> None:
             for count in counts:
                 for load in (float(x) for x in args.loads.split(",")):
                     row = asyncio.run(open_loop(url, ids[:count], mode, steps[mode], size, load * full, args.seconds,
-                                                    args.format))
+                                                    args.format, args.bare))
                     row.update(mode=mode, identities=count, load=load)
                     results["served"].append(row)
                     print(json.dumps(row), flush=True)

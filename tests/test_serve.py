@@ -170,6 +170,9 @@ def test_round_trip_matches_direct_generate(service, tiny, face):
     bare = service.post("/v1/generate", json={"identity": info["id"], "prompt": "a photo", "seed": 5, **FAST},
                         headers={"Accept": "image/png"})  # fmt: skip
     assert bare.headers["content-type"] == "image/png" and bare.headers["x-seed"] == "5"
+    assert bare.headers["x-pass-images"] == "1" and bare.headers["x-batch-requests"] == "1"
+    timing = dict(part.split(";dur=") for part in bare.headers["server-timing"].split(", "))
+    assert list(timing) == ["queue", "generate", "total"] and 0 < float(timing["generate"]) <= float(timing["total"])
     assert_same_image(bare.content, tiny.generate(stored, "a photo", seed=5, **FAST)[0])
     inline = service.generate(photos=[base64.b64encode(png(face)).decode()], prompt="a photo", seed=5, format="webp", **FAST)
     assert Image.open(io.BytesIO(base64.b64decode(inline["images"][0]["data"]))).format == "WEBP"

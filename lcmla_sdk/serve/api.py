@@ -107,9 +107,13 @@ def describe(id_: str, identity: Identity) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _headers(outcome: Outcome, attempts: int) -> dict[str, str]:
+def _headers(outcome: Outcome, attempts: int, total_ms: float) -> dict[str, str]:
+    """The JSON answer's fields beside a bare image; its timings as the standard ``Server-Timing`` header."""
+    timings = {"queue": outcome.queue_ms, "generate": outcome.generate_ms, "total": total_ms}
     return {"X-Seed": str(outcome.seeds[0]), "X-Replica": outcome.replica, "X-Attempts": str(attempts),
-            "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower()}  # fmt: skip
+            "X-KV-Cache-Hit": str(outcome.kv_cache_hit).lower(), "X-Batch-Requests": str(outcome.batch_requests),
+            "X-Pass-Images": str(outcome.pass_images),
+            "Server-Timing": ", ".join(f"{name};dur={ms:.1f}" for name, ms in timings.items())}  # fmt: skip
 
 
 def _event(name: str, data: dict[str, Any]) -> str:
@@ -218,7 +222,7 @@ class Ingress:
         images = await asyncio.to_thread(lambda: [encode_image(image, image_format) for image in outcome.images])
         total_ms = (time.perf_counter() - began) * 1000
         if accept in ACCEPTED:
-            return Response(images[0], media_type=accept, headers=_headers(outcome, attempts))
+            return Response(images[0], media_type=accept, headers=_headers(outcome, attempts, total_ms))
         return JSONResponse(_response(outcome, images, image_format, attempts, total_ms))
 
     async def _stream(self, job: Job, image_format: str) -> StreamingResponse:
