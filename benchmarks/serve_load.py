@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import gc
+import itertools
 import json
 import random
 import socket
@@ -132,7 +133,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0, help="sending time per rate")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--format", default="png", choices=("png", "jpeg", "webp"), help="the images' format")
-    parser.add_argument("--bare", action="store_true", help="bare-image answers (Accept: image/...), not JSON")
+    parser.add_argument("--answers", default="json", help="json (base64 images), bare (Accept: image/...), or both: json,bare")
     parser.add_argument("--batch-wait-ms", type=float, default=20.0)
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--device", default=None)
@@ -169,9 +170,9 @@ def main() -> None:
         for mode in modes:
             full = baseline[mode][f"batch{args.batch}_images_s"]
             for count in counts:
-                for load in (float(x) for x in args.loads.split(",")):
+                for load, answers in itertools.product((float(x) for x in args.loads.split(",")), args.answers.split(",")):
                     row = asyncio.run(open_loop(url, ids[:count], mode, steps[mode], size, load * full, args.seconds,
-                                                    args.format, args.bare))
+                                                args.format, answers == "bare"))  # fmt: skip
                     row.update(mode=mode, identities=count, load=load)
                     results["served"].append(row)
                     print(json.dumps(row), flush=True)
@@ -185,20 +186,23 @@ def main() -> None:
 def table(results: dict) -> str:
     """One row per offered rate; the steady images/s as a share of in-process batch 8, the p50 against batch 1, and
     the p50 split as the server saw it: the wait for a pass, the pass, the rest (the ingress's encoding and the
-    transfers; the client's HTTP is what p50 adds to it)."""
-    lines = ["| mode | identities | offered/s | images/s (steady, of in-process b8) | p50 ms (in-process b1) | p95 ms | "
-             "p50 wait / pass / rest ms | pass images | errors |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    transfers), and the client's time beyond the ingress's (HTTP, JSON)."""
+    lines = ["| mode | identities | answers | offered/s | images/s (steady, of in-process b8) | p50 ms (in-process b1) | "
+             "p95 ms | p50 wait / pass / rest / client ms | pass images | errors |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     show = lambda value: f"{value:.0f}" if value is not None else "-"  # noqa: E731
     for row in results["served"]:
         base = results["in_process"][row["mode"]]
         full = base[f"batch{results['batch']}_images_s"]
         parts = row["p50_parts_ms"] or {}
         rest = parts["total_ms"] - parts["queue_ms"] - parts["generate_ms"] if parts else None
+        client = parts["client_ms"] - parts["total_ms"] if parts else None
+        answers = f"{'bare' if row.get('bare') else 'json'} {row['format']}"
         lines.append(
-            f"| {row['mode']} | {row['identities']} | {row['offered_per_s']:.2f} | {row['images_s']:.2f} "
+            f"| {row['mode']} | {row['identities']} | {answers} | {row['offered_per_s']:.2f} | {row['images_s']:.2f} "
             f"({row['steady_images_s']:.2f}, {row['steady_images_s'] / full:.0%} of {full:.2f}) | {show(row['p50_ms'])} "
             f"({base['batch1_ms']:.0f}) | {show(row['p95_ms'])} | {show(parts.get('queue_ms'))} / "
-            f"{show(parts.get('generate_ms'))} / {show(rest)} | {row['mean_pass_images'] or 0:.1f} | {row['errors'] or ''} |"
+            f"{show(parts.get('generate_ms'))} / {show(rest)} / {show(client)} | {row['mean_pass_images'] or 0:.1f} | {row['errors'] or ''} |"
         )
     return "\n".join(lines)
 
