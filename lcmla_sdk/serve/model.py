@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
@@ -225,7 +226,9 @@ class Generator:
         made, evicted = self.kv_cache.made, self.kv_cache.evicted
         deadline = max(prepared.job.deadline for _, prepared in members)
 
-        def after_step(index: int, *_) -> None:
+        def after_step(index: int, _timestep: int, latents: Any) -> None:
+            if latents.is_cuda:  # the host runs steps ahead of the GPU: report (and check the deadline) once done
+                torch.cuda.current_stream(latents.device).synchronize()
             if time.time() > deadline:
                 raise PastDeadline("stopped: the client's request timed out")
             for _, prepared in members:
