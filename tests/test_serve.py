@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
 import socket
@@ -339,6 +340,27 @@ def test_full_queue_is_503_and_slow_request_times_out(service, face):
 
     slow = service.post("/v1/generate", json={"identity": id_, "prompt": "a", "steps": 60, "height": 256, "width": 256})
     assert slow.status_code == 504 and slow.json()["field"] == "timeout"
+
+
+def test_a_request_whose_client_left_gets_no_pass(service, face):
+    """A client that closes its connection while its request waits for a pass: the replica drops the request, so the
+    next pass takes only the requests still wanted. (All three requests carry the same identity's ``kv_cache``, so
+    they go to the one replica holding it.)"""
+    id_ = service.identity(ImageOps.mirror(face))
+    base = {"identity": id_, "prompt": "a photo", "mode": "fast", "kv_cache": True}
+    busy = service.post("/v1/generate", json={**base, "steps": 3, "num_images": 3, "seed": [1, 2, 3], "height": 512,
+                                              "width": 512}, headers={"Accept": "text/event-stream"}, stream=True)  # fmt: skip
+    lines = busy.iter_lines(decode_unicode=True)
+    next(line for line in lines if line.startswith("data: ") and json.loads(line[6:]).get("done") == 1)
+
+    host, port = service.url.split("//")[1].split(":")
+    leaving = http.client.HTTPConnection(host, int(port), timeout=30)
+    leaving.request("POST", "/v1/generate", json.dumps({**base, "steps": 2, "seed": 7}), {"Content-Type": "application/json"})
+    time.sleep(0.6)  # past the batch wait: its batch waits for the busy pass
+    leaving.close()
+    wanted = service.generate(**base, steps=2, seed=8)
+    assert [line for line in lines if line.startswith("data: ")][-1].startswith('data: {"images"')  # answered too
+    assert wanted["batch"] == {"requests": 1, "pass_images": 1}
 
 
 @pytest.mark.parametrize("streamed", [False, True], ids=["json", "events"])

@@ -57,6 +57,7 @@ class Job:
     deadline: float = float("inf")  # time.time() after which no one waits for the images
     # Set on the replica for a streamed request: called from the pass's thread with (steps done, steps) after each step.
     report: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
+    left: bool = field(default=False, compare=False)  # set on the replica when Ray cancels the request: its client left
 
 
 @dataclass
@@ -105,7 +106,7 @@ class Generator:
         self.resident_lock = threading.Lock()  # batches run on a thread, health checks on the event loop
         self._batched.set_max_batch_size(settings.max_batch_size)
         self._batched.set_batch_wait_timeout_s(settings.batch_wait_s)
-        self.turns = PassTurns(self._run_batch, settings.max_batch_size, skip=self._late)
+        self.turns = PassTurns(self._run_batch, settings.max_batch_size, skip=self._unwanted)
         for shape in settings.warmup:
             self.model.warmup(shape.mode, shape.images, shape.height, shape.width)
         self.warmed = [str(shape) for shape in settings.warmup]
@@ -113,6 +114,8 @@ class Generator:
         self.kv_misses = Counter("lcmla_kv_cache_misses", "Identities whose K/V a pass computed.")
         self.kv_evictions = Counter("lcmla_kv_cache_evictions", "Identity K/V dropped by the cache's bound.")
         self.pass_images = Histogram("lcmla_pass_images", "Images per generate pass.", [1, 2, 4, 8, 16, 32, 64])
+        self.dropped = Counter("lcmla_requests_dropped", "Requests dropped before their pass: their client left "
+                               "(reason=left) or their deadline passed (reason=timeout).", tag_keys=("reason",))  # fmt: skip
 
     def ready(self) -> dict[str, Any]:
         return {"replica": self.replica, "fingerprint": self.model.fingerprint, "warmed": self.warmed}
@@ -129,11 +132,13 @@ class Generator:
     async def generate(self, job: Job) -> AsyncIterator[Progress | Outcome]:
         """One request's images, streamed (``handle.options(stream=True)``): ``Progress(0, 0)`` once a batch has
         taken it, a :class:`Progress` after every step of its pass, then its :class:`Outcome`."""
-        async for item in self._batched(job):  # a handle streams only from a method that is itself a generator
-            if item is not None:
-                yield item
-            if isinstance(item, Outcome):
-                return
+        try:
+            async for item in self._batched(job):  # a handle streams only from a method that is itself a generator
+                if item is not None:
+                    yield item
+        except asyncio.CancelledError:  # Ray cancels a request whose client left, but not the batch it came in
+            job.left = True
+            raise
 
     # Every batch Ray forms goes on at once (there are never more than the replica's ongoing requests): the passes
     # take turns in self.turns, which merges the batches waiting. Ray warns at start that max_batch_size times
@@ -167,6 +172,7 @@ class Generator:
                 outcomes = {pending.pop(task): self._outcome_of(task) for task in finished}
                 yield row(outcomes)
                 ended.update(outcomes)
+                yield row({})  # their streams end now, not at the batch's next item (nor unread at its end)
 
     def _outcome_of(self, task: asyncio.Task) -> Outcome:
         try:
@@ -175,10 +181,15 @@ class Generator:
             log.exception("a pass failed")
             return Outcome(replica=self.replica, failure=Failure(500, "request", f"server error: {type(error).__name__}: {error}"))
 
-    def _late(self, job: Job) -> Outcome | None:
-        """A job whose deadline passed while it waited for a pass: its client has been answered 504 already."""
+    def _unwanted(self, job: Job) -> Outcome | None:
+        """The outcome, without a pass, of a job no one waits for any more: its client left, or its deadline passed
+        while it waited (its client has been answered 504 already)."""
+        if job.left:
+            self.dropped.inc(tags={"reason": "left"})
+            return Outcome(replica=self.replica, failure=Failure(499, "request", "cancelled: the client left"))
         if time.time() <= job.deadline:
             return None
+        self.dropped.inc(tags={"reason": "timeout"})
         return Outcome(replica=self.replica, failure=Failure(504, "timeout", "timeout: waited past the request's deadline"))
 
     # ------------------------------------------------------------------ one pass
