@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -35,7 +34,8 @@ import torch
 from compile_probe import DEVICE, PRESET, network_call
 
 from lcmla_sdk import Personalizer
-from lcmla_sdk.bench_timing import graph_ms
+from lcmla_sdk.bench_timing import graph_ms, measure
+from lcmla_sdk.cuda_graphs import capture
 from lcmla_sdk.sampling import flatten_kv, unflatten_kv
 
 
@@ -53,7 +53,7 @@ class Probe:
         flat, self.layout = flatten_kv(args[7])
         self.kv_buffer = flat.clone()  # what the library's step reads: one flat row of K/V, copied in before a step
         args[7] = unflatten_kv(self.kv_buffer, self.layout)
-        self.step = _graph(lambda: denoiser(*args)) if self.cuda else (lambda: denoiser(*args))
+        self.step = capture(lambda _: denoiser(*args), None).replay if self.cuda else (lambda: denoiser(*args))
         self.side = torch.cuda.Stream() if self.cuda else None
         self.kv_args: dict[int, tuple] = {}
 
@@ -109,31 +109,8 @@ class Probe:
         return {"serial_ms": graph_ms(device, serial, 20), "beside_ms": graph_ms(device, beside, 20) if self.cuda else None}
 
 
-def _graph(work):
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        work()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        work()
-    return graph.replay
-
-
 def timed(device: torch.device, work, iters: int) -> float:
-    for _ in range(2):
-        work()
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        begin = time.perf_counter()
-        work()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - begin) * 1000)
-    return round(statistics.median(times), 2)
+    return round(measure(device, work, iters)[1], 2)
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ printed), or in ``$LCMLA_TEST_ARTIFACTS`` when set.
 """
 
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from http_helpers import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 if not Path(CHROMIUM).is_file():
@@ -24,12 +24,6 @@ ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-f
         "--disable-background-networking", "--disable-component-update", "--disable-sync"]  # fmt: skip
 TIMEOUT_MS = 30_000
 SAMPLE_FACE = Path(__file__).parents[1] / "lcmla_sdk" / "assets" / "sample_face.jpg"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -7,20 +7,19 @@ import base64
 import http.client
 import io
 import json
-import socket
 import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import psutil
 import pytest
+import requests
 from PIL import Image, ImageOps
 
 pytest.importorskip("ray.serve", reason="needs the [serve] extra")
-requests = pytest.importorskip("requests")
 
 import ray  # noqa: E402
+from http_helpers import Service, assert_same_image, free_port, png, server_sent_events  # noqa: E402
 from ray import serve  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
@@ -35,48 +34,6 @@ from lcmla_sdk.serve.store import identity_id  # noqa: E402
 FAST = {"mode": "fast", "steps": 2}
 # One tiny identity's K/V for 2 (3) fast steps at 128^2 is 2.6 (3.9) MB: each replica's cache holds one.
 KV_CACHE_GIB = 5e6 / 2**30
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def pixels(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
-
-
-def assert_same_image(data: bytes, direct: Image.Image) -> None:
-    difference = np.abs(pixels(data) - np.asarray(direct, dtype=np.int16)).max()
-    assert difference <= 1, f"served image differs from the direct call by up to {difference}"
-
-
-class Service:
-    def __init__(self, settings: ServeSettings) -> None:
-        self.settings, self.url = settings, settings.url
-
-    def post(self, path: str, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, timeout=120, **kwargs)
-
-    def get(self, path: str, **kwargs) -> requests.Response:
-        return requests.get(self.url + path, timeout=30, **kwargs)
-
-    def identity(self, image: Image.Image, **form) -> str:
-        response = self.post("/v1/identities", files=[("photos", ("face.png", png(image), "image/png"))], data=form)
-        assert response.status_code in (200, 201), response.text
-        return response.json()["id"]
-
-    def generate(self, **body) -> dict:
-        response = self.post("/v1/generate", json=body)
-        assert response.status_code == 200, response.text
-        return response.json()
 
 
 @pytest.fixture(scope="module")
@@ -200,16 +157,6 @@ def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
     for index, answer in enumerate(answers):
         direct = tiny.generate(stored[index % 2], f"portrait {index}", seed=100 + index, **FAST)[0]
         assert_same_image(base64.b64decode(answer["images"][0]["data"]), direct)
-
-
-def server_sent_events(response: requests.Response) -> list[tuple[str, dict]]:
-    events, name = [], None
-    for line in response.iter_lines(decode_unicode=True):
-        if line.startswith("event: "):
-            name = line[len("event: "):]
-        elif line.startswith("data: "):
-            events.append((name, json.loads(line[len("data: "):])))
-    return events
 
 
 def test_progress_as_server_sent_events(service, tiny, face):
