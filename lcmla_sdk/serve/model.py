@@ -93,9 +93,19 @@ class Prepared:
     key: tuple
 
 
+class UnreadEndsOfCancelledRequests(logging.Filter):
+    """Drops asyncio's "Future exception was never retrieved" for a ``StopAsyncIteration``: Ray's batching sets it on
+    the next item of a request that was cancelled (its client left, or the ingress's timeout), which no one reads."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, StopAsyncIteration) and record.getMessage().startswith("Future exception was never retrieved"))
+
+
 @serve.deployment(name="Generator", health_check_period_s=5.0)
 class Generator:
     def __init__(self, args: dict[str, Any]) -> None:
+        logging.getLogger("asyncio").addFilter(UnreadEndsOfCancelledRequests())  # one replica per process
         settings = ServeSettings.from_args(args)
         self.model = Personalizer.from_pretrained(settings.model, device=settings.device, faces=settings.faces)
         self.kv_cache = self.model.identity_kv_cache
@@ -184,13 +194,13 @@ class Generator:
     def _unwanted(self, job: Job) -> Outcome | None:
         """The outcome, without a pass, of a job no one waits for any more: its client left, or its deadline passed
         while it waited (its client has been answered 504 already)."""
+        if time.time() > job.deadline:  # first: the ingress's timeout cancels the request too, making it "left"
+            self.dropped.inc(tags={"reason": "timeout"})
+            return Outcome(replica=self.replica, failure=Failure(504, "timeout", "timeout: waited past the request's deadline"))
         if job.left:
             self.dropped.inc(tags={"reason": "left"})
             return Outcome(replica=self.replica, failure=Failure(499, "request", "cancelled: the client left"))
-        if time.time() <= job.deadline:
-            return None
-        self.dropped.inc(tags={"reason": "timeout"})
-        return Outcome(replica=self.replica, failure=Failure(504, "timeout", "timeout: waited past the request's deadline"))
+        return None
 
     # ------------------------------------------------------------------ one pass
     def _run_batch(self, jobs: list[Job]) -> list[Outcome]:
@@ -207,7 +217,8 @@ class Generator:
             groups.setdefault(prepared.key, []).append((index, prepared))
         for members in groups.values():
             for index, outcome in self._run_group(members):
-                outcome.batch_requests, outcome.queue_ms = len(jobs), (started - jobs[index].received) * 1000
+                outcome.batch_requests = len(jobs)
+                outcome.queue_ms = max(0.0, started - jobs[index].received) * 1000  # two hosts' clocks, on a cluster
                 outcomes[index] = outcome
         return [outcomes[index] for index in range(len(jobs))]
 
