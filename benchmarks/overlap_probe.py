@@ -87,7 +87,6 @@ class Probe:
                 self.kv_buffer.copy_(flat[row : row + 1])
                 self.step()
 
-
     def pair(self, kv_rows: int, denoiser, denoiser_rows: int) -> dict:
         """Milliseconds of a ``kv_rows`` K/V pass and a ``denoiser_rows`` denoiser call in one graph, one after the
         other and side by side."""

@@ -200,7 +200,7 @@ class Ingress:
         accept = request.headers.get("accept", "").split(",")[0].strip()
         image_format = ACCEPTED.get(accept, body.format)
         job = Job(body.model_dump(exclude=set(FACE_FIELDS)), body.identity, None, body.crop, body.face_resize,
-                  affinity=body.identity if body.kv_cache else None)  # fmt: skip
+                  affinity=body.identity if body.kv_cache else None, progress=accept == EVENT_STREAM)  # fmt: skip
         if (body.identity is None) == (body.photos is None):
             raise ApiError(Failure(400, "identity", "identity: give either an identity id or photos"))
         if body.identity is not None and not self._guard(lambda: self.store.exists(body.identity)):
@@ -274,7 +274,7 @@ class Ingress:
         return StreamingResponse(events(), media_type=EVENT_STREAM, headers={"Cache-Control": "no-cache"})
 
     async def _outcome(self, job: Job) -> Outcome:
-        """The replica's answer to ``job``, its progress skipped."""
+        """The replica's answer to ``job`` (the progress of a streamed job sent again after its replica died, skipped)."""
         stream = self.streaming.generate.remote(job)
         try:
             async for item in stream:

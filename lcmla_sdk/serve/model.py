@@ -55,7 +55,8 @@ class Job:
     affinity: str | None = None  # read by routing.IdentityAffinityRouter
     received: float = field(default_factory=time.time)
     deadline: float = float("inf")  # time.time() after which no one waits for the images
-    # Set on the replica for a streamed request: called from the pass's thread with (steps done, steps) after each step.
+    progress: bool = False  # whether its client follows the pass's progress (server-sent events)
+    # Set on the replica when ``progress``: called from the pass's thread with (steps done, steps) after each step.
     report: Callable[[int, int], None] | None = field(default=None, compare=False, repr=False)
     left: bool = field(default=False, compare=False)  # set on the replica when Ray cancels the request: its client left
 
@@ -140,8 +141,9 @@ class Generator:
             return failure(error)
 
     async def generate(self, job: Job) -> AsyncIterator[Progress | Outcome]:
-        """One request's images, streamed (``handle.options(stream=True)``): ``Progress(0, 0)`` once a batch has
-        taken it, a :class:`Progress` after every step of its pass, then its :class:`Outcome`."""
+        """One request's images, streamed (``handle.options(stream=True)``): for a job that asks for ``progress``,
+        ``Progress(0, 0)`` once a batch has taken it and a :class:`Progress` after every step of its pass; then its
+        :class:`Outcome`."""
         try:
             async for item in self._batched(job):  # a handle streams only from a method that is itself a generator
                 if item is not None:
@@ -159,15 +161,16 @@ class Generator:
         # has ended. Each request ends with its own pass: a batch the turns split does not wait for its last pass.
         loop, updates = asyncio.get_running_loop(), asyncio.Queue()
         for index, job in enumerate(jobs):
-            job.report = lambda done, steps, index=index: loop.call_soon_threadsafe(
-                updates.put_nowait, (index, Progress(done, steps)))  # fmt: skip
+            if job.progress:  # no one reads the others' progress: it does not travel
+                job.report = lambda done, steps, index=index: loop.call_soon_threadsafe(
+                    updates.put_nowait, (index, Progress(done, steps)))  # fmt: skip
         pending = {asyncio.ensure_future(self.turns.submit([job])): index for index, job in enumerate(jobs)}
         ended: set[int] = set()
 
         def row(items: dict[int, Any]) -> list[Any]:
             return [StopIteration if i in ended else items.get(i) for i in range(len(jobs))]
 
-        yield [Progress(0, 0)] * len(jobs)
+        yield [Progress(0, 0) if job.progress else None for job in jobs]
         while pending:
             update = asyncio.ensure_future(updates.get())
             done, _ = await asyncio.wait({update, *pending}, return_when=asyncio.FIRST_COMPLETED)
