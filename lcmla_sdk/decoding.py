@@ -7,10 +7,14 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, AutoencoderTiny
+from diffusers.models.attention_processor import Attention
 
+from .attention import WideHeadAttnProcessor
 from .compiling import AheadOfTime, CompiledNetwork, VaeDecode, load_caches, saved_caches
 from .errors import ModelFilesError
 from .images import to_pil, to_uint8
+from .lora import materialize
+from .upsampling import install_phase_upsampling
 
 VAES = ("full", "tiny")
 OUTPUTS = ("pil", "np", "pt", "latent")
@@ -24,11 +28,24 @@ def load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
     return AutoencoderTiny.from_pretrained(str(path), local_files_only=True)
 
 
+def decode_network(vae: AutoencoderKL) -> VaeDecode:
+    """The full VAE's decode as the library runs it, eager or compiled: on a copy of the VAE's modules (weights shared,
+    ``vae.decode`` itself untouched), its upsamplers compute by phases (:mod:`lcmla_sdk.upsampling`) and its attention
+    by :class:`~lcmla_sdk.attention.WideHeadAttnProcessor`. The same images up to rounding."""
+    own = materialize(vae, ())
+    install_phase_upsampling(own.decoder)
+    for module in own.decoder.modules():
+        if isinstance(module, Attention):
+            module.set_processor(WideHeadAttnProcessor())
+    return VaeDecode(own)
+
+
 class Decoder:
     """``vae`` (scaled latents divided by its scaling factor) or ``tiny_vae`` (TAESD decodes the scaled latents)."""
 
     def __init__(self, vae: AutoencoderKL, tiny_vae: AutoencoderTiny | None) -> None:
         self.vae, self.tiny_vae = vae, tiny_vae
+        self.network = decode_network(vae)
         self.compiled = False  # the full VAE's decode runs compiled (compile() turns it on; off: eager again)
         self._compiled_decode: CompiledNetwork | None = None
 
@@ -39,7 +56,7 @@ class Decoder:
         if which == "tiny":
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
         else:
-            decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self._eager
+            decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self.network
             images = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
         if output == "pt":
             return (images.float().clamp(-1, 1) + 1) / 2
@@ -59,7 +76,7 @@ class Decoder:
         path = Path(cache).expanduser() if cache is not None else None
         if path is not None and path.is_file():
             load_caches(path.read_bytes())
-        decode = CompiledNetwork(VaeDecode(self.vae), "decode", ahead)
+        decode = CompiledNetwork(self.network, "decode", ahead)
         begin = time.perf_counter()
         with torch.inference_mode():
             for batch in (1, 2) if warm else ():
@@ -73,6 +90,3 @@ class Decoder:
             temporary.replace(path)
         self._compiled_decode, self.compiled = decode, True
         return seconds
-
-    def _eager(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode(latents).sample

@@ -1,10 +1,14 @@
 import json
 from importlib import resources
 
+import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.upsampling import Upsample2D
 
-from lcmla_sdk.attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor
+from lcmla_sdk.attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor, WideHeadAttnProcessor
+from lcmla_sdk.decoding import decode_network
+from lcmla_sdk.upsampling import PhaseUpsample2D, install_phase_upsampling
 from lcmla_sdk.wiring import kv_block_names
 
 
@@ -34,3 +38,50 @@ def test_tiny_preset_keeps_the_sdxl_layer_pattern(tiny):
         assert isinstance(block.attn1.processor, AppendedKVAttnProcessor)
         assert block.attn1.processor.layer_index == index
         assert isinstance(block.attn2.processor, IPAdapterAttnProcessor)
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (8, 8)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsampling_by_phases_equals_nearest_upsampling_then_the_convolution(size, bias):
+    torch.manual_seed(0)
+    upsample = Upsample2D(6, use_conv=True, out_channels=5, bias=bias)
+    x = torch.randn(2, 6, *size)
+    phases = PhaseUpsample2D(upsample)
+    assert phases.conv is upsample.conv  # the same weights, under the same state-dict key
+    torch.testing.assert_close(phases(x), upsample(x), rtol=0, atol=1e-5)
+    odd = (2 * size[0] + 1, 2 * size[1])  # a size other than twice the input: diffusers' own way
+    torch.testing.assert_close(phases(x, odd), upsample(x, odd), rtol=0, atol=0)
+
+
+def test_only_nearest_upsampling_with_a_plain_3x3_convolution_is_rewritten():
+    module = torch.nn.ModuleDict({"plain": Upsample2D(4, use_conv=True), "no_conv": Upsample2D(4),
+                                  "transposed": Upsample2D(4, use_conv_transpose=True),
+                                  "wide": Upsample2D(4, use_conv=True, kernel_size=5, padding=2)})  # fmt: skip
+    assert install_phase_upsampling(module) == 1
+    assert [type(m).__name__ for m in module.values()] == ["PhaseUpsample2D", "Upsample2D", "Upsample2D", "Upsample2D"]
+    with pytest.raises(ValueError, match="only a nearest 2x upsampling"):
+        PhaseUpsample2D(module["transposed"])
+
+
+def test_the_decode_network_equals_the_vaes_own_decode_and_leaves_the_vae_untouched(tiny, monkeypatch):
+    vae = tiny.vae
+    network = decode_network(vae)
+    kinds = {type(m).__name__ for m in network.modules()}
+    assert "PhaseUpsample2D" in kinds and "Upsample2D" not in kinds
+    assert {type(m).__name__ for m in vae.modules()} >= {"Upsample2D"}  # diffusers' decode as it was
+    assert type(vae.decoder.mid_block.attentions[0].processor) is not WideHeadAttnProcessor
+    assert {p.data_ptr() for p in network.parameters()} == {p.data_ptr() for p in vae.parameters()}
+    latents = torch.randn(2, vae.config.latent_channels, 9, 11, generator=torch.Generator().manual_seed(1),
+                          dtype=vae.dtype)  # fmt: skip
+    with torch.inference_mode():
+        expected = vae.decode(latents).sample
+        torch.testing.assert_close(network(latents), expected, rtol=0, atol=1e-4)
+        monkeypatch.setattr(WideHeadAttnProcessor, "MAX_SCORES", 37)  # many chunks of query rows
+        torch.testing.assert_close(network(latents), expected, rtol=0, atol=1e-4)
+
+
+def test_wide_head_attention_refuses_what_it_does_not_compute(tiny):
+    attention = decode_network(tiny.vae).vae.decoder.mid_block.attentions[0]
+    x = torch.randn(1, attention.to_q.in_features, 3, 3, dtype=tiny.vae.dtype)
+    with pytest.raises(ValueError, match="plain self-attention over a feature map"):
+        attention(x.flatten(2).transpose(1, 2))

@@ -1,0 +1,75 @@
+"""Nearest 2x upsampling then a 3x3 convolution, computed without the upsampled tensor.
+
+After a nearest 2x upsampling, the 3x3 window of every output pixel covers only 2x2 distinct input pixels, so each
+of the four output phases (row and column parity) is a 2x2 convolution of the input itself, with the 3x3 kernel's
+taps summed onto those pixels. The four phase kernels run as one convolution with four times the output channels,
+whose output is interleaved into the full-size result: 16 multiply-adds per input pixel and output channel instead
+of 36, and no 4x-larger tensor written and read. The VAE decoder's three upsamplers are 28% of its work at 1024^2.
+Same numbers in real arithmetic; the summed taps are rounded once, in fp32, to the weights' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.models.upsampling import Upsample2D
+from torch import nn
+
+
+def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
+    """``(out, in, 3, 3)`` -> ``(4 * out, in, 2, 2)``: the kernels of the phases (0, 0), (0, 1), (1, 0), (1, 1)."""
+    w = weight.float()
+
+    def fold(taps: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        first, middle, last = taps.unbind(dim)
+        # even outputs read the pixels before and at theirs; odd ones the pixels at and after theirs
+        return torch.stack([first, middle + last], dim), torch.stack([first + middle, last], dim)
+
+    return torch.cat([column for row in fold(w, 2) for column in fold(row, 3)]).to(weight.dtype)
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1, stride-1 ``conv``."""
+    channels, (height, width) = conv.out_channels, x.shape[-2:]
+    bias = conv.bias.repeat(4) if conv.bias is not None else None
+    # output row p of a 2x2 kernel with padding 1 reads input rows p - 1 and p
+    phases = F.conv2d(x, phase_kernels(conv.weight), bias, padding=1).unflatten(1, (2, 2, channels))
+    rows = [torch.stack([phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], -1) for a in (0, 1)]
+    return torch.stack(rows, -3).reshape(x.shape[0], channels, 2 * height, 2 * width)
+
+
+def _rewritable(module: nn.Module) -> bool:
+    conv = getattr(module, "conv", None)
+    return (isinstance(module, Upsample2D) and module.use_conv and module.interpolate and module.norm is None
+            and not module.use_conv_transpose and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)  # fmt: skip
+
+
+class PhaseUpsample2D(nn.Module):
+    """diffusers' ``Upsample2D`` (nearest 2x, then its 3x3 ``conv``) by :func:`upsample_conv`; the same ``conv``
+    module, so its weights and state-dict keys are the original's. A requested ``output_size`` other than twice the
+    input falls back to diffusers' way."""
+
+    def __init__(self, upsample: Upsample2D) -> None:
+        super().__init__()
+        if not _rewritable(upsample):
+            raise ValueError("PhaseUpsample2D: only a nearest 2x upsampling followed by a plain 3x3 convolution")
+        self.channels, self.conv = upsample.channels, upsample.conv
+
+    def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
+        if output_size is not None and tuple(output_size) != tuple(2 * side for side in hidden_states.shape[-2:]):
+            return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
+        return upsample_conv(hidden_states, self.conv)
+
+
+def install_phase_upsampling(module: nn.Module) -> int:
+    """Replace each rewritable ``Upsample2D`` inside ``module`` by a :class:`PhaseUpsample2D`; returns how many.
+    Only for a module tree of its own (a copy from :func:`lcmla_sdk.lora.materialize`): the modules are swapped in
+    their parents."""
+    swapped = 0
+    for parent in list(module.modules()):
+        for name, child in list(parent.named_children()):
+            if _rewritable(child):
+                parent._modules[name] = PhaseUpsample2D(child)
+                swapped += 1
+    return swapped
