@@ -138,10 +138,20 @@ class WideHeadAttnProcessor:
     Fused attention kernels take heads up to 256 wide, so for the VAE's 512-wide head PyTorch falls back to its
     memory-efficient kernel, which ran at a quarter of the GEMMs' speed (4.5 of the 37.7 ms of the compiled decode
     at 1024^2 on an H100). ``torch.baddbmm`` rather than ``matmul``, so Inductor does not fold the products back into
-    that kernel. The scores of one chunk stay under :attr:`MAX_SCORES` elements (512 MiB in fp16).
+    that kernel. A chunk holds at most :attr:`MAX_SCORES` scores per image and head (128 MiB in fp16); the chunks
+    depend on the number of pixels only, so a compiled decode's symbolic batch size stays symbolic.
     """
 
-    MAX_SCORES = 2**28
+    MAX_SCORES = 2**26
+
+    @classmethod
+    def chunk_rows(cls, tokens: int) -> int:
+        return max(1, min(tokens, cls.MAX_SCORES // tokens))
+
+    @classmethod
+    def peak_bytes(cls, rows: int, tokens: int, itemsize: int) -> int:
+        """The scores and probabilities of one chunk, for ``rows`` images x heads over ``tokens`` pixels."""
+        return 2 * rows * cls.chunk_rows(tokens) * tokens * itemsize
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                  attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
@@ -153,14 +163,10 @@ class WideHeadAttnProcessor:
         x = (attn.group_norm(x) if attn.group_norm is not None else x).transpose(1, 2)
         head_dim = attn.to_q.out_features // attn.heads
         q, k, v = (_split_heads(layer(x), attn.heads).flatten(0, 1) for layer in (attn.to_q, attn.to_k, attn.to_v))
-        rows = max(1, self.MAX_SCORES // k.shape[1])
-        parts = []
-        for item in range(q.shape[0]):
-            keys, values = k[item : item + 1], v[item : item + 1]
-            for start in range(0, q.shape[1], rows):
-                scores = torch.baddbmm(q.new_empty(()), q[item : item + 1, start : start + rows], keys.transpose(1, 2),
-                                       beta=0, alpha=head_dim**-0.5)  # fmt: skip
-                parts.append(torch.bmm(scores.softmax(-1), values))
+        rows, keys = self.chunk_rows(height * width), k.transpose(1, 2)
+        parts = [torch.bmm(torch.baddbmm(q.new_empty(()), q[:, start : start + rows], keys, beta=0,
+                                         alpha=head_dim**-0.5).softmax(-1), v)
+                 for start in range(0, height * width, rows)]  # fmt: skip
         out = _merge_heads(torch.cat(parts, 1).view(batch, attn.heads, -1, head_dim))
         out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(batch, channels, height, width)
         if attn.residual_connection:

@@ -225,10 +225,15 @@ def generation_bytes(model: Any, images: int, height: int, width: int, mode: str
 
 
 def vae_bytes(model: Any, images: int, height: int, width: int) -> int:
-    """Estimated peak activation bytes of the VAE on ``images`` images of ``height`` x ``width`` pixels."""
-    channels = model.vae.config.block_out_channels
-    per_pixel = VAE_ACTIVATIONS * channels[min(1, len(channels) - 1)] * model.vae.dtype.itemsize
-    return (images + 1) * height * width * per_pixel
+    """Estimated peak activation bytes of the VAE on ``images`` images of ``height`` x ``width`` pixels, with the
+    attention scores of its decode's chunks (:class:`~lcmla_sdk.attention.WideHeadAttnProcessor`)."""
+    from .attention import WideHeadAttnProcessor  # here: this module stays importable without diffusers
+
+    channels, itemsize = model.vae.config.block_out_channels, model.vae.dtype.itemsize
+    per_pixel = VAE_ACTIVATIONS * channels[min(1, len(channels) - 1)] * itemsize
+    scale = 2 ** (len(channels) - 1)  # the VAE's downsampling
+    tokens = (height // scale) * (width // scale)
+    return (images + 1) * height * width * per_pixel + WideHeadAttnProcessor.peak_bytes(images, tokens, itemsize)
 
 
 def _unet_pixel_bytes(model: Any) -> int:

@@ -59,7 +59,7 @@ def recording_model():
         graphs[ATTRIBUTES[name]] = network_class(_RecordingRunner(spec, seen), entry, model.dtype)
     model.rebuild_networks(**graphs)
     hooked = {"text_encoder": model.text_encoders[0], "text_encoder_2": model.text_encoders[1],
-              "vae_encoder": model.vae.encoder, "vae_decoder": model.vae.decoder}  # fmt: skip
+              "vae_encoder": model.vae.encoder, "vae_decoder": model.decoder.network.vae.decoder}  # fmt: skip
     for name, module in hooked.items():
         # Each of these graphs has one input: what the module's forward takes first.
         def record(module, args, name=name):
