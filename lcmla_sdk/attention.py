@@ -139,7 +139,9 @@ class WideHeadAttnProcessor:
     memory-efficient kernel, which ran at a quarter of the GEMMs' speed (4.5 of the 37.7 ms of the compiled decode
     at 1024^2 on an H100). ``torch.baddbmm`` rather than ``matmul``, so Inductor does not fold the products back into
     that kernel. A chunk holds at most :attr:`MAX_SCORES` scores per image and head (128 MiB in fp16); the chunks
-    depend on the number of pixels only, so a compiled decode's symbolic batch size stays symbolic.
+    depend on the number of pixels only, so a compiled decode's symbolic batch size stays symbolic. The scores are
+    rounded to the input's dtype, as in diffusers' former ``AttnProcessor``; bf16's 8-bit mantissa is too coarse for
+    them, so bf16 keeps PyTorch's kernel.
     """
 
     MAX_SCORES = 2**26
@@ -163,11 +165,14 @@ class WideHeadAttnProcessor:
         x = (attn.group_norm(x) if attn.group_norm is not None else x).transpose(1, 2)
         head_dim = attn.to_q.out_features // attn.heads
         q, k, v = (_split_heads(layer(x), attn.heads).flatten(0, 1) for layer in (attn.to_q, attn.to_k, attn.to_v))
-        rows, keys = self.chunk_rows(height * width), k.transpose(1, 2)
-        parts = [torch.bmm(torch.baddbmm(q.new_empty(()), q[:, start : start + rows], keys, beta=0,
-                                         alpha=head_dim**-0.5).softmax(-1), v)
-                 for start in range(0, height * width, rows)]  # fmt: skip
-        out = _merge_heads(torch.cat(parts, 1).view(batch, attn.heads, -1, head_dim))
+        if q.dtype == torch.bfloat16:
+            out = F.scaled_dot_product_attention(q, k, v)
+        else:
+            rows, keys = self.chunk_rows(height * width), k.transpose(1, 2)
+            out = torch.cat([torch.bmm(torch.baddbmm(q.new_empty(()), q[:, start : start + rows], keys, beta=0,
+                                                     alpha=head_dim**-0.5).softmax(-1), v)
+                             for start in range(0, height * width, rows)], 1)  # fmt: skip
+        out = _merge_heads(out.view(batch, attn.heads, -1, head_dim))
         out = attn.to_out[1](attn.to_out[0](out)).transpose(1, 2).reshape(batch, channels, height, width)
         if attn.residual_connection:
             out = out + hidden_states

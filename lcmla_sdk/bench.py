@@ -120,7 +120,9 @@ class AuthorsWay:
                 nokv = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, None, freeu)
                 eps = three_branch(*nokv.chunk(2), *full.chunk(2), DEFAULT_GUIDANCE)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
-        return model.decode(latents, "pt")
+        vae = model.vae  # their decode: diffusers' own, not the library's decode network
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+        return (images.float().clamp(-1, 1) + 1) / 2
 
 
 class DiffusersWay:

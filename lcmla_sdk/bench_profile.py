@@ -103,7 +103,9 @@ def network_rows(model: Personalizer, x: Inputs) -> dict[str, float]:
         activate_adapters(model.unet, ())
     big = torch.randn(1, 4, side, side, device=device)
     vae = model.vae
-    rows["VAE decode fp16"] = measure(device, lambda: vae.decode(big.to(vae.dtype)).sample, 3)[1]
+    rows["VAE decode fp16 (diffusers' layers)"] = measure(device, lambda: vae.decode(big.to(vae.dtype)).sample, 3)[1]
+    rows["VAE decode fp16 (the library's decode network)"] = measure(
+        device, lambda: model.decoder.network(big.to(vae.dtype)), 3)[1]  # fmt: skip
     rows["VAE decode fp32"] = measure(device, lambda: vae.float().decode(big).sample, 3)[1]
     vae.to(dtype)
     if model.decoder.tiny_vae is not None:

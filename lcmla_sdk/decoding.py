@@ -31,7 +31,8 @@ def load_tiny_vae(folder: str | Path) -> AutoencoderTiny:
 def decode_network(vae: AutoencoderKL) -> VaeDecode:
     """The full VAE's decode as the library runs it, eager or compiled: on a copy of the VAE's modules (weights shared,
     ``vae.decode`` itself untouched), its upsamplers compute by phases (:mod:`lcmla_sdk.upsampling`) and its attention
-    by :class:`~lcmla_sdk.attention.WideHeadAttnProcessor`. The same images up to rounding."""
+    by :class:`~lcmla_sdk.attention.WideHeadAttnProcessor`. The same images up to rounding. The copy is made now:
+    modules or processors set on ``vae`` later are not seen (its weights are, changed in place)."""
     own = materialize(vae, ())
     install_phase_upsampling(own.decoder)
     for module in own.decoder.modules():
@@ -55,6 +56,8 @@ class Decoder:
             return latents
         if which == "tiny":
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
+        elif self.vae.use_tiling or self.vae.use_slicing:  # asked for on the VAE (vae.enable_tiling()): its own way
+            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         else:
             decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self.network
             images = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)

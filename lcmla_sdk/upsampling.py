@@ -1,11 +1,12 @@
-"""Nearest 2x upsampling then a 3x3 convolution, computed without the upsampled tensor.
+"""Nearest 2x upsampling then a 3x3 convolution, computed without upsampling.
 
 After a nearest 2x upsampling, the 3x3 window of every output pixel covers only 2x2 distinct input pixels, so each
 of the four output phases (row and column parity) is a 2x2 convolution of the input itself, with the 3x3 kernel's
 taps summed onto those pixels. The four phase kernels run as one convolution with four times the output channels,
 whose output is interleaved into the full-size result: 16 multiply-adds per input pixel and output channel instead
-of 36, and no 4x-larger tensor written and read. The VAE decoder's three upsamplers are 28% of its work at 1024^2.
-Same numbers in real arithmetic; the summed taps are rounded once, in fp32, to the weights' dtype.
+of 36 (the VAE decoder's three upsamplers are 28% of its work at 1024^2), and no upsampled copy of the input. The
+phases take as much memory as the convolution's output did; compiled, Inductor reads them straight into the next
+layer. Same numbers in real arithmetic; the summed taps are rounded once, from fp32, to the weights' dtype.
 """
 
 from __future__ import annotations
@@ -41,24 +42,26 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
 def _rewritable(module: nn.Module) -> bool:
     conv = getattr(module, "conv", None)
     return (isinstance(module, Upsample2D) and module.use_conv and module.interpolate and module.norm is None
-            and not module.use_conv_transpose and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
-            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1)  # fmt: skip
+            and not module.use_conv_transpose and type(conv) is nn.Conv2d and conv.kernel_size == (3, 3)
+            and conv.padding == (1, 1) and conv.padding_mode == "zeros" and conv.stride == (1, 1)
+            and conv.dilation == (1, 1) and conv.groups == 1)  # fmt: skip
 
 
 class PhaseUpsample2D(nn.Module):
     """diffusers' ``Upsample2D`` (nearest 2x, then its 3x3 ``conv``) by :func:`upsample_conv`; the same ``conv``
     module, so its weights and state-dict keys are the original's. A requested ``output_size`` other than twice the
-    input falls back to diffusers' way."""
+    input is left to the original module."""
 
     def __init__(self, upsample: Upsample2D) -> None:
         super().__init__()
         if not _rewritable(upsample):
             raise ValueError("PhaseUpsample2D: only a nearest 2x upsampling followed by a plain 3x3 convolution")
         self.channels, self.conv = upsample.channels, upsample.conv
+        self.__dict__["original"] = upsample  # not a submodule: its conv is registered once, as ``conv``
 
     def forward(self, hidden_states: torch.Tensor, output_size=None, *args, **kwargs) -> torch.Tensor:
         if output_size is not None and tuple(output_size) != tuple(2 * side for side in hidden_states.shape[-2:]):
-            return self.conv(F.interpolate(hidden_states, size=output_size, mode="nearest"))
+            return self.original(hidden_states, output_size)
         return upsample_conv(hidden_states, self.conv)
 
 

@@ -163,3 +163,12 @@ def test_graphed_text_encoders_equal_the_eager_ones(model):
             torch.testing.assert_close(a, b, rtol=0, atol=2e-3)
     graphs = model.prompt_encoder.graphed.graphs
     assert 1 in graphs and 2 in graphs  # captured, not fallen back
+
+
+def test_the_decode_network_equals_the_vaes_own_decode_in_fp16(model):
+    generator = torch.Generator("cuda").manual_seed(0)
+    latents = torch.randn(2, 4, 32, 48, device="cuda", dtype=model.vae.dtype, generator=generator)
+    with torch.inference_mode():
+        expected = model.vae.decode(latents).sample.float()
+        got = model.decoder.network(latents).float()
+    assert (got - expected).abs().max().item() <= 2e-2 * expected.abs().max().item()

@@ -4,10 +4,11 @@ from importlib import resources
 import pytest
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from diffusers.models.upsampling import Upsample2D
 
 from lcmla_sdk.attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor, WideHeadAttnProcessor
-from lcmla_sdk.decoding import decode_network
+from lcmla_sdk.decoding import Decoder, decode_network
 from lcmla_sdk.upsampling import PhaseUpsample2D, install_phase_upsampling
 from lcmla_sdk.wiring import kv_block_names
 
@@ -51,6 +52,8 @@ def test_upsampling_by_phases_equals_nearest_upsampling_then_the_convolution(siz
     torch.testing.assert_close(phases(x), upsample(x), rtol=0, atol=1e-5)
     odd = (2 * size[0] + 1, 2 * size[1])  # a size other than twice the input: diffusers' own way
     torch.testing.assert_close(phases(x, odd), upsample(x, odd), rtol=0, atol=0)
+    twice = (2 * size[0], 2 * size[1])  # asked for explicitly: by phases
+    torch.testing.assert_close(phases(x, twice), upsample(x, twice), rtol=0, atol=1e-5)
 
 
 def test_only_nearest_upsampling_with_a_plain_3x3_convolution_is_rewritten():
@@ -76,7 +79,7 @@ def test_the_decode_network_equals_the_vaes_own_decode_and_leaves_the_vae_untouc
     with torch.inference_mode():
         expected = vae.decode(latents).sample
         torch.testing.assert_close(network(latents), expected, rtol=0, atol=1e-4)
-        monkeypatch.setattr(WideHeadAttnProcessor, "MAX_SCORES", 37)  # many chunks of query rows
+        monkeypatch.setattr(WideHeadAttnProcessor, "MAX_SCORES", 4 * 99)  # chunks of 4 query rows, the last of 3
         torch.testing.assert_close(network(latents), expected, rtol=0, atol=1e-4)
 
 
@@ -85,3 +88,25 @@ def test_wide_head_attention_refuses_what_it_does_not_compute(tiny):
     x = torch.randn(1, attention.to_q.in_features, 3, 3, dtype=tiny.vae.dtype)
     with pytest.raises(ValueError, match="plain self-attention over a feature map"):
         attention(x.flatten(2).transpose(1, 2))
+
+
+@pytest.mark.parametrize("heads, group_norm, residual, rescale", [(1, True, True, 1.0), (4, False, False, 2.0),
+                                                                  (2, True, False, 0.5)])  # fmt: skip
+def test_wide_head_attention_equals_diffusers_attention(heads, group_norm, residual, rescale, monkeypatch):
+    torch.manual_seed(0)
+    attention = Attention(16, heads=heads, dim_head=16 // heads, norm_num_groups=4 if group_norm else None,
+                          residual_connection=residual, rescale_output_factor=rescale, bias=True)  # fmt: skip
+    x = torch.randn(2, 16, 5, 7)
+    expected = AttnProcessor2_0()(attention, x)
+    monkeypatch.setattr(WideHeadAttnProcessor, "MAX_SCORES", 35 * 6)  # chunks of 6 query rows
+    torch.testing.assert_close(WideHeadAttnProcessor()(attention, x), expected, rtol=0, atol=1e-5)
+
+
+def test_tiling_or_slicing_asked_of_the_vae_decode_its_own_way(tiny, monkeypatch):
+    decoder = Decoder(tiny.vae, None)
+    monkeypatch.setattr(decoder, "network", lambda latents: pytest.fail("the decode network ignored vae.use_slicing"))
+    monkeypatch.setattr(tiny.vae, "use_slicing", True)
+    latents = torch.randn(2, 4, 8, 8, dtype=tiny.vae.dtype)
+    with torch.inference_mode():
+        expected = tiny.vae.decode(latents / tiny.vae.config.scaling_factor).sample
+        torch.testing.assert_close(decoder(latents, "pt"), (expected.float().clamp(-1, 1) + 1) / 2, rtol=0, atol=0)
