@@ -119,6 +119,10 @@ def test_warmup_captures_ahead_of_the_first_call(face):
     assert len(model.step_graphs) == 1
     model.generate(identity, "a face", mode="fast", seed=0, output="latent")
     assert len(model.step_graphs) == 1
+    model.warmup(mode="quality", num_images=1)  # one step: the same graph as a call of many
+    assert len(model.step_graphs) == 2
+    model.generate(identity, "a face", mode="quality", steps=4, seed=0, output="latent")
+    assert len(model.step_graphs) == 2
 
 
 def test_rebuilt_networks_drop_stale_graphs(face):
