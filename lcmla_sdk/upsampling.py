@@ -35,8 +35,14 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     bias = conv.bias.repeat(4) if conv.bias is not None else None
     # output row p of a 2x2 kernel with padding 1 reads input rows p - 1 and p
     phases = F.conv2d(x, phase_kernels(conv.weight), bias, padding=1).unflatten(1, (2, 2, channels))
-    rows = [torch.stack([phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)], -1) for a in (0, 1)]
-    return torch.stack(rows, -3).reshape(x.shape[0], channels, 2 * height, 2 * width)
+    views = [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)]
+    if torch.compiler.is_compiling():  # Inductor fuses this gather into the next layer's reads (measured this way)
+        return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
+    out = phases.new_empty(x.shape[0], channels, 2 * height, 2 * width)  # eager: each phase written in place, so no
+    grid = out.view(x.shape[0], channels, height, 2, width, 2)  # stacked copy is held beside the phases
+    for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
+        grid[:, :, :, a, :, b] = views[a][b]
+    return out
 
 
 def _rewritable(module: nn.Module) -> bool:

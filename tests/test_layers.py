@@ -43,7 +43,9 @@ def test_tiny_preset_keeps_the_sdxl_layer_pattern(tiny):
 
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (8, 8)])
 @pytest.mark.parametrize("bias", [True, False])
-def test_upsampling_by_phases_equals_nearest_upsampling_then_the_convolution(size, bias):
+@pytest.mark.parametrize("compiling", [False, True], ids=["eager", "compiling"])
+def test_upsampling_by_phases_equals_nearest_upsampling_then_the_convolution(size, bias, compiling, monkeypatch):
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)  # both ways of interleaving the phases
     torch.manual_seed(0)
     upsample = Upsample2D(6, use_conv=True, out_channels=5, bias=bias)
     x = torch.randn(2, 6, *size)
