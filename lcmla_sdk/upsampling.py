@@ -38,8 +38,12 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     views = [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)]
     if torch.compiler.is_compiling():  # Inductor fuses this gather into the next layer's reads (measured this way)
         return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
-    out = phases.new_empty(x.shape[0], channels, 2 * height, 2 * width)  # eager: each phase written in place, so no
-    grid = out.view(x.shape[0], channels, height, 2, width, 2)  # stacked copy is held beside the phases
+    # eager: each phase written in place, so no stacked copy is held beside the phases; in the input's memory format,
+    # which the layers after keep (diffusers' upsampling keeps it too)
+    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    out = torch.empty(x.shape[0], channels, 2 * height, 2 * width, dtype=phases.dtype, device=x.device,
+                      memory_format=layout)  # fmt: skip
+    grid = out.view(x.shape[0], channels, height, 2, width, 2)
     for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
         grid[:, :, :, a, :, b] = views[a][b]
     return out
