@@ -102,7 +102,7 @@ class LCMLookaheadPipeline(DiffusionPipeline):
             elif arg is not None:
                 device = arg
         old = self.personalizer
-        device = torch.device(device) if device is not None else old.device
+        device = validation.device(device) if device is not None else old.device
         dtype = dtype or old.dtype
         if (device, dtype) == (old.device, old.dtype):
             return self
@@ -246,6 +246,7 @@ def _in_diffusers_names(error: ValueError) -> ValueError:
     """The same error, its message starting with this pipeline's name of the argument instead of generate's."""
     message = str(error)
     name, colon, rest = message.partition(":")
-    if not colon or name not in DIFFUSERS_NAMES or len(error.args) != 1:
+    names = name.split("/")  # several arguments checked together: "num_images/height/width: ..."
+    if not colon or not set(names) & set(DIFFUSERS_NAMES) or len(error.args) != 1:
         return error
-    return type(error)(f"{DIFFUSERS_NAMES[name]}:{rest}")
+    return type(error)("/".join(DIFFUSERS_NAMES.get(n, n) for n in names) + f":{rest}")

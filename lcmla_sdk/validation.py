@@ -120,7 +120,8 @@ def seeds(seed: Any, count: int) -> list[int | torch.Generator] | None:
         values = [s if isinstance(s, torch.Generator) else integer(s, "seed", 0, MAX_SEED, f"seed {i}: ")
                   for i, s in enumerate(seed)]  # fmt: skip
         if len(values) != count:
-            raise ValueError(f"seed: {len(values)} seeds given for {count} images (prompts x num_images)")
+            given, images = (f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((len(values), "seed"), (count, "image")))
+            raise ValueError(f"seed: {given} given for {images} (prompts x num_images)")
         return values
     first = integer(seed, "seed", 0, MAX_SEED)
     if first + count - 1 > MAX_SEED:

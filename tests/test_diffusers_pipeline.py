@@ -100,8 +100,10 @@ def test_errors_name_diffusers_arguments(pipe, face, identity):
         pipe("a", identity=identity, num_inference_steps=0, **SIZE)
     with pytest.raises(ValueError, match="^num_images_per_prompt"):
         pipe("a", identity=identity, num_images_per_prompt=0, **FAST)
-    with pytest.raises(ValueError, match="^generator: 1 seeds given for 2"):
+    with pytest.raises(ValueError, match="^generator: 1 seed given for 2 images"):
         pipe("a", identity=identity, generator=[torch.Generator()], num_images_per_prompt=2, **FAST)
+    with pytest.raises(ValueError, match=r"^num_images_per_prompt/height/width \(1000000 images.*GiB"):
+        pipe("a", identity=identity, num_images_per_prompt=10**6, **FAST)
     with pytest.raises(ValueError, match="^output_type"):
         pipe("a", identity=identity, output_type="jpeg", **FAST)
     with pytest.raises(ValueError, match="^height"):
@@ -143,6 +145,10 @@ def test_diffusers_habits_from_pretrained_save_to_progress_bar(face, identity, t
     assert "lcmla" in progress and "2/2" in progress
     assert np.abs(low - before).mean() < 0.05  # the same model, in bf16
     assert pipe.to("cpu", torch.bfloat16) is pipe
+    if not torch.cuda.is_available():  # refused with the loading arguments' message, the pipeline as it was
+        with pytest.raises(ValueError, match="^device: 'cuda' asked for, but no CUDA device is available"):
+            pipe.to("cuda")
+        assert pipe.device.type == "cpu"
 
 
 def test_identity_file_and_several_photos(pipe, tiny, face, identity, tmp_path, astronaut):

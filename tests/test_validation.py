@@ -39,7 +39,7 @@ BAD_GENERATE = [
     ({"seed": 2**64 - 1, "num_images": 2}, "seed: 18446744073709551615 + 1 for the last image is beyond"),
     ({"seed": 1.5}, "seed: expected an integer, got 1.5 (float)"),
     ({"seed": [1, "2"], "num_images": 2}, "seed: seed 1: expected an integer, got '2' (str)"),
-    ({"seed": [1, 2]}, "seed: 2 seeds given for 1 images"),
+    ({"seed": [1, 2]}, "seed: 2 seeds given for 1 image "),
     ({"mode": "turbo"}, "mode: 'turbo' is not one of ('quality', 'fast')"),
     ({"mode": ["fast"]}, "mode: ['fast'] is not one of"),
     ({"steps": 1000}, "steps: quality mode: 1000 is out of range (1 .. 150)"),

@@ -36,7 +36,7 @@ class StepBar:
 
 
 def generate(
-    prompt: list[str] = typer.Option(..., "--prompt", "-p", help="Prompt; repeat for several."),
+    prompt: list[str] = typer.Option(..., "--prompt", "-p", metavar="TEXT", help="Prompt; repeat for several."),
     model: str = typer.Option("tiny", help="Model directory, or an embedded preset name ('tiny', 'sdxl')."),
     face: Optional[str] = typer.Option(None, help="Face image, or 'sample' (the face shipped with lcmla; the default)."),
     identity: Optional[Path] = typer.Option(None, help="Identity file from `lcmla identity create` (skips face work)."),
@@ -49,7 +49,8 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Seed of the first image; the next ones use seed+1, ..."),
     mode: str = typer.Option("quality", help=MODE_HELP),
     steps: Optional[int] = typer.Option(None, help="Number of steps (default: by mode)."),
-    guidance: tuple[float, float, float] = typer.Option(DEFAULT_GUIDANCE, help="Weights no_kv full kv."),
+    guidance: tuple[float, float, float] = typer.Option(DEFAULT_GUIDANCE, metavar="NO_KV FULL KV",
+                                                        help="Guidance weights, three numbers apart."),  # fmt: skip
     height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
     no_kv: bool = typer.Option(
@@ -57,7 +58,8 @@ def generate(
     ),
     adapter_scale: float = typer.Option(1.0, help="IP-Adapter strength."),
     kv_cache: bool = typer.Option(False, "--kv-cache", help="Reuse the identity's K/V (fixed reference noise)."),
-    freeu: tuple[float, float, float, float] = typer.Option(AUTHORS_FREEU, help="FreeU b1 b2 s1 s2."),
+    freeu: tuple[float, float, float, float] = typer.Option(AUTHORS_FREEU, metavar="B1 B2 S1 S2",
+                                                            help="FreeU's four values, apart."),  # fmt: skip
     no_freeu: bool = typer.Option(False, "--no-freeu", help="Turn FreeU off."),
     vae: str = typer.Option("full", help="'full' or 'tiny' (the model's own tiny VAE, or --tiny-vae)."),
     tiny_vae: Optional[Path] = typer.Option(None, help="Local AutoencoderTiny (TAESD-XL) folder."),
@@ -156,8 +158,7 @@ def identity_create(
     """Encode FACE photo(s) with MODEL into an identity file for `lcmla generate --identity`."""
     from .. import cli_checks, validation
     from ..faces import ON_MULTIPLE
-    from ..images import FACE_RESIZES
-    from ..images import CROPS
+    from ..images import CROPS, FACE_RESIZES
     from ..pipeline import Personalizer
 
     try:
