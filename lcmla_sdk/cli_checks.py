@@ -12,6 +12,7 @@ from PIL import Image
 
 from . import validation
 from .assets import sample_face_path
+from .errors import ModelFilesError
 from .faces import AUTO, FaceBackend
 from .images import load_rgb
 from .model_dir import ModelLayout, validate
@@ -24,7 +25,11 @@ NUMBERED = re.compile(r"\d+")
 def model_layout(model: str) -> ModelLayout | None:
     """The model directory's layout, checked (files, keys, shapes; hashes are left to loading), or ``None`` for an
     embedded preset."""
-    return None if model in PRESETS else validate(model, verify=False)
+    if model in PRESETS:
+        return None
+    if not Path(model).expanduser().is_dir():
+        raise ModelFilesError(f"model: {model!r} is neither a model directory nor an embedded preset {PRESETS}")
+    return validate(model, verify=False)
 
 
 def size_multiple(model: str, layout: ModelLayout | None) -> int:

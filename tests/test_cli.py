@@ -124,6 +124,10 @@ def test_errors_are_one_line_unless_debug(tmp_path):
     taken.write_bytes(b"")
     result = CliRunner().invoke(app, ["generate", "--model", "no-such-model", "--prompt", "a", "--out", str(taken)])
     assert result.exit_code == 2 and result.stderr.splitlines() == [f"error: out: {taken} is a file, not a folder"]
+    result = CliRunner().invoke(app, ["generate", "--model", "tinyy", "--prompt", "a", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == ["error: model: 'tinyy' is neither a model directory nor an embedded preset "
+                                          "('tiny', 'sdxl')"]  # fmt: skip
 
 
 # ------------------------------------------------------------------ reliability (issue 12)
