@@ -87,6 +87,12 @@ class Identity:
     def num_references(self) -> int:
         return self.latent_mean.shape[0]
 
+    def __repr__(self) -> str:  # a summary: the dataclass's would print every tensor's values
+        shapes = ", ".join(f"{name}={tuple(getattr(self, name).shape)}" for name in ("cond_tokens", "latent_mean"))
+        return (f"Identity(references={self.num_references}, {shapes}, device={self.latent_mean.device}, "
+                f"crop={self.crop!r}, face_resize={self.face_resize!r}, face_backend={self.face_backend!r}, "
+                f"model_fingerprint={self.model_fingerprint[:12]!r})")  # fmt: skip
+
     @property
     def embedding(self) -> torch.Tensor | None:
         """One face-recognition embedding for the person: the normalised mean over the references."""

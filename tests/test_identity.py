@@ -92,3 +92,11 @@ def test_a_blank_identity_has_the_shapes_of_a_real_one(tiny, face):
         assert getattr(blank, name).shape == getattr(real, name).shape, name
     assert not blank.cond_tokens.any() and (blank.latent_std == 1).all()
     assert tiny.generate(blank, "", mode="fast", output="latent").shape[0] == 1
+
+
+def test_an_identity_prints_as_a_short_summary(tiny):
+    from lcmla_sdk.warmup import blank_identity
+
+    text = repr(blank_identity(tiny, 2))
+    assert text.startswith("Identity(references=2, cond_tokens=(1, 16,") and "latent_mean=(2, 4," in text
+    assert len(text) < 300 and "tensor(" not in text

@@ -116,7 +116,10 @@ def generate(
             )  # fmt: skip
         if identity:
             face_input.check_model(personalizer.fingerprint)
-        if warmup:
+        if warmup and not (personalizer.device.type == "cuda" and personalizer.cuda_graphs):
+            console.print("warm-up: nothing to capture (CUDA graphs are for a CUDA device; the loop runs eagerly here)",
+                          highlight=False)  # fmt: skip
+        elif warmup:
             with console.status("Capturing the sampling step..."):
                 begin = time.perf_counter()
                 personalizer.warmup(mode, len(prompt) * num_images, height, width, use_kv=False if no_kv else None,
