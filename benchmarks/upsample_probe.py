@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from compile_probe import DEVICE, PRESET, network_call
+from kernel_probe import first
 
 from lcmla_sdk import Personalizer
 from lcmla_sdk.bench_timing import graph_ms
@@ -40,10 +41,6 @@ def phased(module: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     else:
         copy = Denoiser(materialize(module.unet, ()))
     return copy, install_phase_upsampling(copy)
-
-
-def first(out) -> torch.Tensor:
-    return (out[0] if isinstance(out, tuple) else out).float()
 
 
 def kernel_table(module, args, top: int = 14) -> list[dict]:

@@ -156,7 +156,8 @@ class WideHeadAttnProcessor:
         return 2 * rows * cls.chunk_rows(tokens) * tokens * itemsize
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:  # fmt: skip
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None,
+                 ) -> torch.Tensor:  # fmt: skip
         if (encoder_hidden_states is not None or attention_mask is not None or hidden_states.ndim != 4
                 or attn.spatial_norm is not None or attn.norm_q is not None or attn.norm_k is not None):  # fmt: skip
             raise ValueError("WideHeadAttnProcessor: plain self-attention over a feature map only (the VAE's)")

@@ -39,6 +39,7 @@ from .bench_profile import PROMPT, Inputs, kv_cache_effect, network_rows, step_s
 from .bench_timing import gib, measure, sync
 from .freeu import AUTHORS_FREEU, stage_values
 from .guidance import DEFAULT_GUIDANCE, three_branch
+from .images import to_unit
 from .networks import Denoiser, KVEncoder
 from .pipeline import Personalizer
 from .request import MODES
@@ -120,9 +121,8 @@ class AuthorsWay:
                 nokv = self.decoder(latent_in, t_rows, text, pooled, ids, tokens, scale, None, freeu)
                 eps = three_branch(*nokv.chunk(2), *full.chunk(2), DEFAULT_GUIDANCE)
             latents = scheduler.step(eps, t, latents, generator=generator).prev_sample
-        vae = model.vae  # their decode: diffusers' own, not the library's decode network
-        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
-        return (images.float().clamp(-1, 1) + 1) / 2
+        # their decode: diffusers' own, not the library's decode network
+        return to_unit(model.vae.decode(model.decoder.scaled(latents)).sample)
 
 
 class DiffusersWay:

@@ -12,7 +12,7 @@ from diffusers.models.attention_processor import Attention
 from .attention import WideHeadAttnProcessor
 from .compiling import AheadOfTime, CompiledNetwork, VaeDecode, load_caches, saved_caches
 from .errors import ModelFilesError
-from .images import to_pil, to_uint8
+from .images import to_pil, to_uint8, to_unit
 from .lora import materialize
 from .upsampling import install_phase_upsampling
 
@@ -56,14 +56,20 @@ class Decoder:
             return latents
         if which == "tiny":
             images = self.tiny_vae.decode(latents.to(self.tiny_vae.dtype)).sample
-        elif self.vae.use_tiling or self.vae.use_slicing:  # asked for on the VAE (vae.enable_tiling()): its own way
-            images = self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor).sample
         else:
-            decode = self._compiled_decode if self.compiled and self._compiled_decode is not None else self.network
-            images = decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor)
+            images = self._full_decode()(self.scaled(latents))
         if output == "pt":
-            return (images.float().clamp(-1, 1) + 1) / 2
+            return to_unit(images)
         return list(to_uint8(images)) if output == "np" else to_pil(images)
+
+    def scaled(self, latents: torch.Tensor) -> torch.Tensor:
+        """What the full VAE decodes: the scaled latents divided by its scaling factor, in its dtype."""
+        return latents.to(self.vae.dtype) / self.vae.config.scaling_factor
+
+    def _full_decode(self):
+        if self.vae.use_tiling or self.vae.use_slicing:  # asked for on the VAE (vae.enable_tiling()): its own way
+            return lambda scaled: self.vae.decode(scaled).sample
+        return self._compiled_decode if self.compiled and self._compiled_decode is not None else self.network
 
     def compile(self, latent_side: int, cache: str | Path | None = None, warm: bool = True,
                 ahead: AheadOfTime | None = None) -> float:  # fmt: skip

@@ -163,6 +163,11 @@ def vae_pixels(image: Image.Image, size: int) -> torch.Tensor:
     return (_to_tensor(_square_crop(image, size, Image.Resampling.LANCZOS)) * 2.0 - 1.0).unsqueeze(0)
 
 
+def to_unit(images: torch.Tensor) -> torch.Tensor:
+    """Decoded images in [-1, 1] -> float32 in [0, 1] (``output="pt"``)."""
+    return (images.float().clamp(-1, 1) + 1) / 2
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """``(N, 3, H, W)`` or ``(3, H, W)`` in [-1, 1] -> ``(N, H, W, 3)`` or ``(H, W, 3)`` uint8 (channels last)."""
     array = ((images.detach().float().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)

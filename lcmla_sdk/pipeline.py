@@ -68,7 +68,7 @@ class Personalizer:
         self.text_encoders = (components.text_encoder, components.text_encoder_2)
         self.prompt_encoder = PromptEncoder(self.tokenizers, self.text_encoders, self.encoder_prompt)
         self.decoder = Decoder(self.vae, components.tiny_vae)
-        self.vae_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.vae_scale = validation.vae_scale(self.vae.config)
         self.size_multiple = validation.size_multiple(self.unet.config, self.vae.config)
         self.default_size = self.unet.config.sample_size * self.vae_scale
         self.clip_size: int = components.image_encoder.config.image_size
@@ -262,13 +262,13 @@ class Personalizer:
 
     def warmup(self, mode: str = "fast", num_images: int = 1, height: int | None = None, width: int | None = None,
                references: int = 1, use_kv: bool | None = None, kv_cache: bool = False, steps: int | None = None,
-               compile: bool = False, progress: bool = True) -> None:  # fmt: skip
+               compile: bool = False, progress: bool = True) -> bool:  # fmt: skip
         """Prepare one shape (images per call, size, references, K/V options) ahead of the first real call, by
         generating once from a blank identity: capture its sampling step where the loop is graphed (a CUDA device,
         ``cuda_graphs=True``) and, with ``compile=True``, compile the networks (:meth:`compile_networks`) and the
-        VAE decode first, under a progress display (``progress``). Without either it returns at once."""
-        warm_up(self, self._graphed, references, compile, progress, mode=mode, num_images=num_images, steps=steps,
-                height=height, width=width, use_kv=use_kv, kv_cache=kv_cache)  # fmt: skip
+        VAE decode first, under a progress display (``progress``). Without either it returns ``False`` at once."""
+        return warm_up(self, self._graphed, references, compile, progress, mode=mode, num_images=num_images,
+                       steps=steps, height=height, width=width, use_kv=use_kv, kv_cache=kv_cache)  # fmt: skip
 
     def compile_decoder(self, cache: str | Path | None = None) -> float:
         """Compile the VAE decode (:meth:`lcmla_sdk.decoding.Decoder.compile`); return the seconds it took."""

@@ -120,7 +120,7 @@ def seeds(seed: Any, count: int) -> list[int | torch.Generator] | None:
         values = [s if isinstance(s, torch.Generator) else integer(s, "seed", 0, MAX_SEED, f"seed {i}: ")
                   for i, s in enumerate(seed)]  # fmt: skip
         if len(values) != count:
-            given, images = (f"{n} {word}{'s' if n != 1 else ''}" for n, word in ((len(values), "seed"), (count, "image")))
+            given, images = f"{len(values)} seed{'s' * (len(values) != 1)}", f"{count} image{'s' * (count != 1)}"
             raise ValueError(f"seed: {given} given for {images} (prompts x num_images)")
         return values
     first = integer(seed, "seed", 0, MAX_SEED)
@@ -149,10 +149,15 @@ def freeu(value: Any) -> tuple[float, float, float, float] | None:
     return tuple(number(v, "freeu", 0.0, MAX_WEIGHT) for v in value)
 
 
+def vae_scale(vae_config: Any) -> int:
+    """Image pixels per latent pixel along a side: the VAE's downsampling."""
+    return 2 ** (len(vae_config["block_out_channels"]) - 1)
+
+
 def size_multiple(unet_config: Any, vae_config: Any) -> int:
     """What image sides must be multiples of, from the UNet's and the VAE's configs: the latents (the VAE's
     downsampling) must survive every UNet downsampling."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1) * 2 ** (len(unet_config["block_out_channels"]) - 1)
+    return vae_scale(vae_config) * 2 ** (len(unet_config["block_out_channels"]) - 1)
 
 
 def image_side(value: Any, name: str, default: int, multiple: int) -> int:
@@ -232,7 +237,7 @@ def vae_bytes(model: Any, images: int, height: int, width: int) -> int:
 
     channels, itemsize = model.vae.config.block_out_channels, model.vae.dtype.itemsize
     per_pixel = VAE_ACTIVATIONS * channels[min(1, len(channels) - 1)] * itemsize
-    scale = 2 ** (len(channels) - 1)  # the VAE's downsampling
+    scale = vae_scale(model.vae.config)
     tokens = (height // scale) * (width // scale)
     return (images + 1) * height * width * per_pixel + WideHeadAttnProcessor.peak_bytes(images, tokens, itemsize)
 

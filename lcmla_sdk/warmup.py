@@ -19,16 +19,17 @@ def blank_identity(model: Any, references: int) -> Identity:
     return Identity.blank(references, tokens, cross, *latent, model.fingerprint)
 
 
-def warm_up(model: Any, graphed: bool, references: int, compile: bool, progress: bool, **call: Any) -> None:
+def warm_up(model: Any, graphed: bool, references: int, compile: bool, progress: bool, **call: Any) -> bool:
     """Generate once with ``model`` from a blank identity of ``references`` photos and the ``generate`` keywords
     ``call`` (``mode``, ``num_images``, ``steps``, size, K/V options), which captures the shape's sampling step where
     the loop is ``graphed``; with ``compile``, compile the networks and the VAE decode first, under a progress
-    display (``progress``). Neither graphed nor compiling: nothing to do. The K/V this leaves cached are dropped."""
+    display (``progress``). Neither graphed nor compiling: nothing to do (``False``; else ``True``). The K/V this
+    leaves cached are dropped."""
     if compile:
         model.compile_networks()
     elif not graphed:
         say_once("warmup: nothing to capture (the sampling loop runs eagerly here)", logging.INFO)
-        return
+        return False
     if call["mode"] == "quality" and not call["kv_cache"] and call.get("steps") is None:
         # Without the K/V cache quality mode's K/V-encoder runs inside the step, whatever the step count (a pass ahead
         # needs 2 steps or more: kv_cache.ahead_pays), so one step captures the graph that 50 would, 50 times sooner.
@@ -42,3 +43,4 @@ def warm_up(model: Any, graphed: bool, references: int, compile: bool, progress:
             model.generate(identity, "", seed=0, output="latent", **call)
     if call["kv_cache"]:
         model.identity_kv_cache.clear()
+    return True

@@ -116,15 +116,14 @@ def generate(
             )  # fmt: skip
         if identity:
             face_input.check_model(personalizer.fingerprint)
-        if warmup and not (personalizer.device.type == "cuda" and personalizer.cuda_graphs):
-            console.print("warm-up: nothing to capture (CUDA graphs are for a CUDA device; the loop runs eagerly here)",
-                          highlight=False)  # fmt: skip
-        elif warmup:
+        if warmup:
             with console.status("Capturing the sampling step..."):
                 begin = time.perf_counter()
-                personalizer.warmup(mode, len(prompt) * num_images, height, width, use_kv=False if no_kv else None,
-                                    kv_cache=kv_cache, steps=steps)  # fmt: skip
-            console.print(f"warm-up: {time.perf_counter() - begin:.1f} s", highlight=False)
+                captured = personalizer.warmup(mode, len(prompt) * num_images, height, width, kv_cache=kv_cache,
+                                               use_kv=False if no_kv else None, steps=steps)  # fmt: skip
+            console.print(f"warm-up: {time.perf_counter() - begin:.1f} s" if captured else
+                          "warm-up: nothing to capture (CUDA graphs are for a CUDA device; the loop runs eagerly here)",
+                          highlight=False)  # fmt: skip
         bar = StepBar(steps if steps is not None else MODES[mode])
         try:
             images = personalizer.generate(
