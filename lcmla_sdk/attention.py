@@ -60,6 +60,10 @@ class AppendedKVAttnProcessor(nn.Module):
         self.to_k_kv = nn.Linear(hidden_size, hidden_size, bias=False)
         self.to_v_kv = nn.Linear(hidden_size, hidden_size, bias=False)
 
+    def emit(self, hidden_states: torch.Tensor, sink: MutableMapping[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put this layer's K/V for the denoiser (from the block's norm1 output) into ``sink``."""
+        sink[self.layer_index] = (self.to_k_kv(hidden_states), self.to_v_kv(hidden_states))
+
     def __call__(
         self,
         attn: Attention,
@@ -75,7 +79,7 @@ class AppendedKVAttnProcessor(nn.Module):
     ) -> torch.Tensor:
         _check_plain_sdxl_attention(attn, attention_mask)
         if kv_sink is not None:
-            kv_sink[self.layer_index] = (self.to_k_kv(hidden_states), self.to_v_kv(hidden_states))
+            self.emit(hidden_states, kv_sink)
         query = attn.to_q(hidden_states)
         key = attn.to_k(hidden_states)
         value = attn.to_v(hidden_states)

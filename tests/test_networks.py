@@ -1,6 +1,5 @@
 import pytest
 import torch
-
 from conftest import unet_inputs
 from peft.tuners.tuners_utils import BaseTunerLayer
 
@@ -43,17 +42,28 @@ def test_kv_encoder_returns_140_tensors_in_consumption_order_with_face_token_sha
 
 
 @torch.no_grad()
-def test_kv_encoder_stops_after_the_last_kv_block(tiny):
+def test_kv_encoder_stops_at_the_last_kv_projection_with_the_full_runs_kv(tiny):
     calls = []
     unet = tiny.kv_encoder.unet
-    hooks = [unet.up_blocks[2].register_forward_hook(lambda *a: calls.append(1))]
-    hooks.append(unet.conv_out.register_forward_hook(lambda *a: calls.append(1)))
+    last = unet.up_blocks[1].attentions[-1]
+    never = (unet.up_blocks[2], unet.conv_out, unet.up_blocks[1].upsamplers[0], last.transformer_blocks[-1].attn2,
+             last.transformer_blocks[-1].ff, last.proj_out)  # fmt: skip
+    hooks = [module.register_forward_hook(lambda *a: calls.append(1)) for module in never]
+    inputs = unet_inputs(tiny, batch=2)
     try:
-        tiny.kv_encoder(*unet_inputs(tiny))
+        kv = tiny.kv_encoder(*inputs)
     finally:
         for hook in hooks:
             hook.remove()
     assert calls == []
+    # the whole UNet run emits every layer's K/V on its way: the same values, bit for bit
+    latent, t, text, pooled, ids = inputs
+    sink = {}
+    unet(latent, t, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, cross_attention_kwargs={"kv_sink": sink})
+    full = [tensor for index in range(len(sink)) for tensor in sink[index]]
+    assert len(full) == len(kv) == 140
+    for mine, theirs in zip(kv, full):
+        assert torch.equal(mine, theirs)
 
 
 @torch.no_grad()
