@@ -38,9 +38,11 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
     views = [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)]
     if torch.compiler.is_compiling():  # Inductor fuses this gather into the next layer's reads (measured this way)
         return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
-    # eager: each phase written in place, so no stacked copy is held beside the phases; in the input's memory format,
-    # which the layers after keep (diffusers' upsampling keeps it too)
-    layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+    # eager: each phase written in place, so no stacked copy is held beside the phases. The layout the layers after
+    # ran fastest in (benchmarks/eager_upsample_probe.py): on an H100 contiguous (the decode 85.6 ms at 1024^2, 114.2 in
+    # the channels-last strides the VAE's attention leaves, which diffusers keeps: 90.2); on the CPU the input's.
+    keep = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if keep else torch.contiguous_format
     out = torch.empty(x.shape[0], channels, 2 * height, 2 * width, dtype=phases.dtype, device=x.device,
                       memory_format=layout)  # fmt: skip
     grid = out.view(x.shape[0], channels, height, 2, width, 2)
