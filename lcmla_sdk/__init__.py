@@ -27,7 +27,7 @@ if TYPE_CHECKING:
     from .networks import Denoiser, ImageAdapter, KVEncoder
     from .pipeline import Personalizer
 
-__version__ = "0.1.1"
+__version__ = "0.1.2"
 # Public name -> the module that defines it, imported when the name is first read.
 _LAZY = {
     "Denoiser": "networks", "ImageAdapter": "networks", "KVEncoder": "networks", "Guidance": "guidance",
