@@ -16,7 +16,10 @@ from collections.abc import Sequence
 
 import torch
 from diffusers import UNet2DConditionModel
+from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
+from diffusers.models.transformers.transformer_2d import Transformer2DModel
+from diffusers.models.unets.unet_2d_blocks import CrossAttnUpBlock2D
 from torch import nn
 from transformers import CLIPVisionModelWithProjection
 
@@ -130,27 +133,35 @@ class KVEncoder(nn.Module):
             )
 
     def _ends_in(self, block: nn.Module) -> bool:
-        """Whether the last K/V layer is the self-attention of the last transformer block of ``block``, in a form
-        :func:`_up_block_until_last_kv` runs exactly (plain SDXL blocks; else the whole block runs)."""
-        transformers = getattr(block, "attentions", None)
-        if not transformers or len(transformers) != len(block.resnets):
+        """Whether the last K/V layer is the self-attention of the last transformer block of ``block`` and
+        :func:`_up_block_until_last_kv` computes what diffusers' modules would up to it: diffusers' own classes,
+        FreeU off, no hooks on the modules whose forward it replaces, no gradient checkpointing (else the whole
+        block runs)."""
+        freeu = all(getattr(block, name, None) for name in ("s1", "s2", "b1", "b2"))  # diffusers' enable_freeu
+        if type(block) is not CrossAttnUpBlock2D or freeu:
             return False
-        last = transformers[-1]
-        inner = last.transformer_blocks[-1] if getattr(last, "is_input_continuous", False) else None
-        processor = getattr(getattr(inner, "attn1", None), "processor", None)
-        return (getattr(processor, "layer_index", None) == self.num_layers - 1 and hasattr(processor, "emit")
-                and inner.norm_type == "layer_norm" and inner.pos_embed is None and not inner.only_cross_attention
-                and not (torch.is_grad_enabled() and block.gradient_checkpointing))  # fmt: skip
+        last = block.attentions[-1]
+        if type(last) is not Transformer2DModel or not last.is_input_continuous:
+            return False
+        inner = last.transformer_blocks[-1]
+        processor = inner.attn1.processor
+        replaced = (block, last, inner, inner.attn1)
+        checkpointing = torch.is_grad_enabled() and any(m.gradient_checkpointing for m in (block, *block.attentions))
+        return (type(inner) is BasicTransformerBlock and getattr(processor, "layer_index", None) == self.num_layers - 1
+                and hasattr(processor, "emit") and inner.norm_type == "layer_norm" and inner.pos_embed is None
+                and not inner.only_cross_attention and not checkpointing
+                and not any(m._forward_hooks or m._forward_pre_hooks or getattr(m, "_diffusers_hook", None)
+                            for m in replaced))  # fmt: skip
 
 
 def _up_block_until_last_kv(block, sample, residuals, emb, text, sink) -> None:
-    """diffusers' ``CrossAttnUpBlock2D`` (no FreeU: the encoder never takes it) until its last transformer block's
-    norm1, whose output gives the last K/V; the rest of that block and the upsampler are not needed."""
+    """diffusers' ``CrossAttnUpBlock2D`` (FreeU off) until its last transformer block's norm1, whose output gives the
+    last K/V; the rest of that block and the upsampler are not needed."""
     kwargs = {"kv_sink": sink}
     for resnet, transformer in zip(block.resnets, block.attentions):
         sample, residuals = resnet(torch.cat([sample, residuals[-1]], dim=1), emb), residuals[:-1]
         if transformer is not block.attentions[-1]:
-            sample = transformer(sample, encoder_hidden_states=text, cross_attention_kwargs=kwargs, return_dict=False)[0]
+            sample = transformer(sample, text, cross_attention_kwargs=kwargs, return_dict=False)[0]
     hidden, _ = transformer._operate_on_continuous_inputs(sample)
     for inner in transformer.transformer_blocks[:-1]:
         hidden = inner(hidden, encoder_hidden_states=text, cross_attention_kwargs=kwargs)

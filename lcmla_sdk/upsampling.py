@@ -40,8 +40,9 @@ def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
         return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
     # eager: each phase written in place, so no stacked copy is held beside the phases. The layout the layers after
     # ran fastest in (benchmarks/eager_upsample_probe.py): on an H100 contiguous (the decode 85.6 ms at 1024^2, 114.2 in
-    # the channels-last strides the VAE's attention leaves, which diffusers keeps: 90.2); on the CPU the input's.
-    keep = x.device.type == "cpu" and x.is_contiguous(memory_format=torch.channels_last)
+    # the channels-last strides the VAE's attention leaves, which diffusers keeps: 90.2); elsewhere (the CPU: faster
+    # there) the input's, as diffusers' upsampling keeps it.
+    keep = x.device.type != "cuda" and x.is_contiguous(memory_format=torch.channels_last)
     layout = torch.channels_last if keep else torch.contiguous_format
     out = torch.empty(x.shape[0], channels, 2 * height, 2 * width, dtype=phases.dtype, device=x.device,
                       memory_format=layout)  # fmt: skip

@@ -58,7 +58,7 @@ def test_upsampling_by_phases_equals_nearest_upsampling_then_the_convolution(siz
     torch.testing.assert_close(phases(x, twice), upsample(x, twice), rtol=0, atol=1e-5)
     channels_last = x.contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(phases(channels_last), upsample(x), rtol=0, atol=1e-5)
-    if not compiling:  # eager, on the CPU, keeps the layout, as diffusers' upsampling does
+    if not compiling:  # eager, off CUDA, keeps the layout, as diffusers' upsampling does
         assert phases(channels_last).is_contiguous(memory_format=torch.channels_last)
 
 

@@ -41,13 +41,28 @@ def test_kv_encoder_returns_140_tensors_in_consumption_order_with_face_token_sha
             assert tensor.shape == (3, TOKENS[stage], WIDTHS[stage]), name
 
 
+def _kv_of_the_whole_unet(unet, inputs, capture=None):
+    """Every layer's K/V as the whole UNet emits them on its way, and what ``capture`` (a module) was called on."""
+    latent, t, text, pooled, ids = inputs
+    sink, seen = {}, []
+    hook = capture.register_forward_pre_hook(lambda module, args: seen.append(args[0])) if capture else None
+    try:
+        added = {"text_embeds": pooled, "time_ids": ids}
+        unet(latent, t, text, added_cond_kwargs=added, cross_attention_kwargs={"kv_sink": sink})
+    finally:
+        if hook:
+            hook.remove()
+    return [tensor for index in range(len(sink)) for tensor in sink[index]], seen
+
+
 @torch.no_grad()
 def test_kv_encoder_stops_at_the_last_kv_projection_with_the_full_runs_kv(tiny):
     calls = []
     unet = tiny.kv_encoder.unet
-    last = unet.up_blocks[1].attentions[-1]
-    never = (unet.up_blocks[2], unet.conv_out, unet.up_blocks[1].upsamplers[0], last.transformer_blocks[-1].attn2,
-             last.transformer_blocks[-1].ff, last.proj_out)  # fmt: skip
+    stage = unet.up_blocks[1]
+    last = stage.attentions[-1].transformer_blocks[-1]
+    never = (unet.up_blocks[2], unet.conv_out, stage.upsamplers[0], last.attn1.to_q, last.attn2, last.ff,
+             stage.attentions[-1].proj_out)  # fmt: skip
     hooks = [module.register_forward_hook(lambda *a: calls.append(1)) for module in never]
     inputs = unet_inputs(tiny, batch=2)
     try:
@@ -56,12 +71,25 @@ def test_kv_encoder_stops_at_the_last_kv_projection_with_the_full_runs_kv(tiny):
         for hook in hooks:
             hook.remove()
     assert calls == []
-    # the whole UNet run emits every layer's K/V on its way: the same values, bit for bit
-    latent, t, text, pooled, ids = inputs
-    sink = {}
-    unet(latent, t, text, added_cond_kwargs={"text_embeds": pooled, "time_ids": ids}, cross_attention_kwargs={"kv_sink": sink})
-    full = [tensor for index in range(len(sink)) for tensor in sink[index]]
+    full, (norm1_output,) = _kv_of_the_whole_unet(unet, inputs, capture=last.attn1)
     assert len(full) == len(kv) == 140
+    for mine, theirs in zip(kv, full):
+        assert torch.equal(mine, theirs)
+    # the last layer's K/V are its K/V projections of the block's norm1 output
+    assert torch.equal(kv[-2], last.attn1.processor.to_k_kv(norm1_output))
+    assert torch.equal(kv[-1], last.attn1.processor.to_v_kv(norm1_output))
+
+
+@torch.no_grad()
+def test_kv_encoder_runs_the_whole_stage_where_diffusers_freeu_is_on(tiny):
+    unet = tiny.kv_encoder.unet
+    inputs = unet_inputs(tiny, batch=1)
+    unet.enable_freeu(s1=0.9, s2=0.2, b1=1.2, b2=1.4)
+    try:
+        kv, (full, _) = tiny.kv_encoder(*inputs), _kv_of_the_whole_unet(unet, inputs)
+    finally:
+        unet.disable_freeu()
+    assert not torch.equal(kv[-1], tiny.kv_encoder(*inputs)[-1])  # FreeU changed the last stage's K/V
     for mine, theirs in zip(kv, full):
         assert torch.equal(mine, theirs)
 
