@@ -26,38 +26,19 @@ from lcmla_sdk.decoding import decode_network
 library_way = upsampling.upsample_conv
 
 
-def phases_of(x, conv):
-    channels, (height, width) = conv.out_channels, x.shape[-2:]
-    bias = conv.bias.repeat(4) if conv.bias is not None else None
-    phases = torch.nn.functional.conv2d(x, upsampling.phase_kernels(conv.weight), bias, padding=1)
-    phases = phases.unflatten(1, (2, 2, channels))
-    return [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)], channels, height, width
+def in_place(layout):
+    return lambda x, conv: upsampling.interleave_into(upsampling.phase_views(x, conv), layout)
 
 
 def stacked(x, conv):
-    views, channels, height, width = phases_of(x, conv)
-    return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
-
-
-def in_place(layout):
-    def run(x, conv):
-        views, channels, height, width = phases_of(x, conv)
-        fmt = layout(x)
-        out = torch.empty(x.shape[0], channels, 2 * height, 2 * width, dtype=x.dtype, device=x.device, memory_format=fmt)
-        grid = out.view(x.shape[0], channels, height, 2, width, 2)
-        for a in (0, 1):
-            for b in (0, 1):
-                grid[:, :, :, a, :, b] = views[a][b]
-        return out
-
-    return run
+    return upsampling.interleave_stacked(upsampling.phase_views(x, conv))
 
 
 VARIANTS = {
     "library": library_way,
     "stacked": stacked,
-    "in_place_contiguous": in_place(lambda x: torch.contiguous_format),
-    "in_place_channels_last": in_place(lambda x: torch.channels_last),
+    "in_place_contiguous": in_place(torch.contiguous_format),
+    "in_place_channels_last": in_place(torch.channels_last),
     "contiguous_input_stacked": lambda x, conv: stacked(x.contiguous(), conv),
 }
 
@@ -95,8 +76,9 @@ def main() -> None:
     for r in results:
         print(f"| {r['rows']} | {r['way']} | {r['ms']:.2f} | {r['peak_gib']:.2f} | {r['max_abs_diff']:.2e} |")
     if args.out:
-        args.out.write_text(json.dumps({"info": {"device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu", "torch": torch.__version__},
-                                        "rows": results}, indent=1))  # fmt: skip
+        device = torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+        info = {"device": device, "torch": torch.__version__}
+        args.out.write_text(json.dumps({"info": info, "rows": results}, indent=1))
 
 
 if __name__ == "__main__":

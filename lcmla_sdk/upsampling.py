@@ -29,27 +29,44 @@ def phase_kernels(weight: torch.Tensor) -> torch.Tensor:
     return torch.cat([column for row in fold(w, 2) for column in fold(row, 3)]).to(weight.dtype)
 
 
-def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
-    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1, stride-1 ``conv``."""
+def phase_views(x: torch.Tensor, conv: nn.Conv2d) -> list[list[torch.Tensor]]:
+    """``views[a][b]``: the output pixels ``(2i + a, 2j + b)`` of ``conv(interpolate(x, scale_factor=2))``, each
+    ``(N, C, H, W)``, views of one convolution's output."""
     channels, (height, width) = conv.out_channels, x.shape[-2:]
     bias = conv.bias.repeat(4) if conv.bias is not None else None
     # output row p of a 2x2 kernel with padding 1 reads input rows p - 1 and p
     phases = F.conv2d(x, phase_kernels(conv.weight), bias, padding=1).unflatten(1, (2, 2, channels))
-    views = [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)]
-    if torch.compiler.is_compiling():  # Inductor fuses this gather into the next layer's reads (measured this way)
-        return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(-1, channels, 2 * height, 2 * width)
-    # eager: each phase written in place, so no stacked copy is held beside the phases. The layout the layers after
-    # ran fastest in (benchmarks/eager_upsample_probe.py): on an H100 contiguous (the decode 85.6 ms at 1024^2, 114.2 in
-    # the channels-last strides the VAE's attention leaves, which diffusers keeps: 90.2); elsewhere (the CPU: faster
-    # there) the input's, as diffusers' upsampling keeps it.
-    keep = x.device.type != "cuda" and x.is_contiguous(memory_format=torch.channels_last)
-    layout = torch.channels_last if keep else torch.contiguous_format
-    out = torch.empty(x.shape[0], channels, 2 * height, 2 * width, dtype=phases.dtype, device=x.device,
+    return [[phases[:, a, b, :, a : a + height, b : b + width] for b in (0, 1)] for a in (0, 1)]
+
+
+def interleave_stacked(views: list[list[torch.Tensor]]) -> torch.Tensor:
+    """The full-size output of :func:`phase_views` as one stack (what Inductor fuses into the next layer's reads)."""
+    batch, channels, height, width = views[0][0].shape
+    return torch.stack([torch.stack(row, -1) for row in views], -3).reshape(batch, channels, 2 * height, 2 * width)
+
+
+def interleave_into(views: list[list[torch.Tensor]], layout: torch.memory_format) -> torch.Tensor:
+    """The full-size output of :func:`phase_views`, each phase written into place (no stacked copy beside them)."""
+    first = views[0][0]
+    batch, channels, height, width = first.shape
+    out = torch.empty(batch, channels, 2 * height, 2 * width, dtype=first.dtype, device=first.device,
                       memory_format=layout)  # fmt: skip
-    grid = out.view(x.shape[0], channels, height, 2, width, 2)
+    grid = out.view(batch, channels, height, 2, width, 2)
     for a, b in ((0, 0), (0, 1), (1, 0), (1, 1)):
         grid[:, :, :, a, :, b] = views[a][b]
     return out
+
+
+def upsample_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """``conv(interpolate(x, scale_factor=2, mode="nearest"))`` for a 3x3, padding-1, stride-1 ``conv``."""
+    views = phase_views(x, conv)
+    if torch.compiler.is_compiling():  # the form measured compiled
+        return interleave_stacked(views)
+    # eager: the layout the layers after ran fastest in (benchmarks/eager_upsample_probe.py): on an H100 contiguous
+    # (the decode 85.6 ms at 1024^2, 114.2 in the channels-last strides the VAE's attention leaves, which diffusers
+    # keeps: 90.2); elsewhere (the CPU: faster there) the input's, as diffusers' upsampling keeps it.
+    keep = x.device.type != "cuda" and x.is_contiguous(memory_format=torch.channels_last)
+    return interleave_into(views, torch.channels_last if keep else torch.contiguous_format)
 
 
 def _rewritable(module: nn.Module) -> bool:
