@@ -15,6 +15,7 @@ from .freeu import install_freeu
 from .kv_cache import IdentityKVCache, StepKV
 from .lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, has_adapter, materialize
 from .networks import Denoiser, ImageAdapter, KVEncoder
+from .noise import StepNoise
 from .sampling import Networks, StepSpec, sample
 from .schedule import StepTable
 from .wiring import kv_block_names
@@ -95,7 +96,7 @@ class NetworkSet:
             adapter=None,
         )
 
-    def sample(self, spec: StepSpec, values: dict[str, torch.Tensor], table: StepTable, step_noise: torch.Tensor | None,
+    def sample(self, spec: StepSpec, values: dict[str, torch.Tensor], table: StepTable, step_noise: StepNoise | None,
                kv: StepKV | None, graphed: bool, callback: Any) -> torch.Tensor:  # fmt: skip
         """:func:`lcmla_sdk.sampling.sample` over the networks of ``spec``, with ``kv`` computed ahead if given; where
         ``graphed``, its step is captured once per shape and kept in ``step_graphs``."""

@@ -1,14 +1,17 @@
-"""Every random tensor of one generation, drawn ahead on the CPU from each image's own generator.
+"""Every random tensor of one generation, drawn on the CPU from each image's own generator.
 
 The draws follow the order of the authors' loop: initial noise, the reference latent sample, (the reference's own
 noise when its latent's shape differs from the image's), then the scheduler's noise step by step. So a seed gives
-the same image eagerly and from a CUDA graph, alone or in a batch.
+the same image eagerly and from a CUDA graph, alone or in a batch. The first three are drawn before the loop; each
+step's noise when the loop reaches that step (:class:`StepNoise`), so that the host draws it while the GPU runs the
+steps (or the K/V pass) before it: drawn all ahead, those draws held the GPU's first step back by several ms at
+batch 1.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -25,15 +28,43 @@ class Noise:
     latents: torch.Tensor  # (B, 4, h, w): the initial latents
     face_latents: torch.Tensor  # (B x R, 4, fh, fw): each image's sample of its reference latents, scaled
     face_noise: torch.Tensor  # (B x R, 4, fh, fw): what noises them at every step
-    steps: torch.Tensor | None  # (noise_steps, B, 4, h, w): the scheduler's injected noise (LCM)
+    steps: StepNoise | None  # the scheduler's injected noise (LCM), one step at a time
+
+
+def _randn(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
+    return torch.randn(shape, generator=g, device=g.device).cpu()
+
+
+@dataclass
+class StepNoise:
+    """The scheduler's noise of the first ``count`` steps, ``(B, 4, h, w)`` each, drawn in ``dtype`` (as diffusers'
+    schedulers draw it) from each image's generator when asked for, step after step."""
+
+    generators: list[torch.Generator]  # one per image, in row order
+    shape: tuple[int, ...]  # one image's (1, 4, h, w)
+    count: int
+    dtype: torch.dtype
+    device: torch.device
+    drawn: int = 0
+
+    def __call__(self, index: int) -> torch.Tensor:
+        """Step ``index``'s noise on the device; steps are drawn in order, each once (the generators move on)."""
+        if index != self.drawn or index >= self.count:
+            raise IndexError(f"step noise: step {index} asked for after {self.drawn} of {self.count} steps were drawn")
+        self.drawn += 1
+        # Each draw where its generator is: one on the GPU is not waited for (the loop runs on meanwhile).
+        draws = (torch.randn(self.shape, generator=g, device=g.device, dtype=self.dtype) for g in self.generators)
+        return torch.cat([to_device(x, self.device) for x in draws])
 
 
 def join(parts: list[Noise]) -> Noise:
     """The draws of consecutive groups of images as one, in order."""
     if len(parts) == 1:
         return parts[0]
-    steps = None if parts[0].steps is None else torch.cat([p.steps for p in parts], dim=1)
-    return Noise(*(torch.cat([getattr(p, name) for p in parts]) for name in ("latents", "face_latents", "face_noise")), steps)
+    first = parts[0].steps
+    steps = None if first is None else replace(first, generators=[g for p in parts for g in p.steps.generators])
+    joined = (torch.cat([getattr(p, name) for p in parts]) for name in ("latents", "face_latents", "face_noise"))
+    return Noise(*joined, steps)
 
 
 def fixed_face_noise(face: Identity) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,32 +87,22 @@ def draw(
 ) -> Noise:  # fmt: skip
     """:class:`Noise` for one image per seed; ``latent_shape`` is one image's ``(1, 4, h, w)``. A seed is a CPU
     generator's seed, or a ``torch.Generator`` drawn from as it stands (on its own device; one generator given for
-    several images is drawn from in turn). The scheduler's noise is drawn in ``dtype``, as diffusers' schedulers
-    draw it."""
+    several images is drawn from in turn). The scheduler's noise is drawn later, step by step (:class:`StepNoise`)."""
     generators = [s if isinstance(s, torch.Generator) else torch.Generator("cpu").manual_seed(s) for s in seeds]
-
-    def randn(shape, g: torch.Generator, **kwargs) -> torch.Tensor:
-        return torch.randn(shape, generator=g, device=g.device, **kwargs).cpu()
-
-    noise = torch.cat([randn(latent_shape, g) for g in generators])
-    eps = torch.cat([randn(face.latent_mean.shape, g) for g in generators])
+    noise = torch.cat([_randn(latent_shape, g) for g in generators])
+    eps = torch.cat([_randn(face.latent_mean.shape, g) for g in generators])
     # The authors noise the reference with the generation's initial noise.
     if face.latent_mean.shape[1:] == noise.shape[1:]:
         reference_noise = noise.repeat_interleave(face.num_references, 0)
     else:
-        reference_noise = torch.cat([randn(face.latent_mean.shape, g) for g in generators])
-    steps = None
-    if noise_steps:
-        steps = torch.stack([
-            torch.cat([randn(latent_shape, g, dtype=dtype) for g in generators])
-            for _ in range(noise_steps)
-        ])  # fmt: skip
+        reference_noise = torch.cat([_randn(face.latent_mean.shape, g) for g in generators])
+    steps = StepNoise(generators, latent_shape, noise_steps, dtype, device) if noise_steps else None
     if face_noise == "fixed":
         fixed_eps, fixed_noise = fixed_face_noise(face)
         eps, reference_noise = (x.repeat(len(generators), 1, 1, 1) for x in (fixed_eps, fixed_noise))
     return Noise(
         to_device(noise, device, dtype), to_device(face_latents(face, eps, scaling_factor), device, dtype),
-        to_device(reference_noise, device, dtype), to_device(steps, device, dtype) if steps is not None else None,
+        to_device(reference_noise, device, dtype), steps,
     )
 
 

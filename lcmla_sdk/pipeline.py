@@ -24,7 +24,7 @@ from .model_dir import loading, saving
 from .model_dir.format import ModelLayout
 from .network_set import NetworkSet
 from .networks import ImageAdapter
-from .noise import draw_per_prompt
+from .noise import StepNoise, draw_per_prompt
 from .presets import Components
 from .request import Request
 from .sampling import StepInputs, StepSpec, step_values
@@ -233,7 +233,7 @@ class Personalizer:
         return self.prompt_encoder(prompts, negatives, self._graphed)
 
     def denoise(self, request: Request, identities: list[Identity], inputs: StepInputs, table: StepTable,
-                step_noise: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+                step_noise: StepNoise | None) -> torch.Tensor:  # fmt: skip
         """The sampling loop (:func:`lcmla_sdk.sampling.sample`) from ``inputs.latents``, with every step's K/V
         computed ahead (:mod:`lcmla_sdk.kv_cache`) when they are cached per identity or one pass covers them."""
         spec = StepSpec(request.mode, inputs.latents.shape[0], identities[0].num_references, request.use_kv)

@@ -30,6 +30,7 @@ import torch
 
 from .cuda_graphs import GraphCache, capture, say_once
 from .guidance import three_branch
+from .noise import StepNoise
 from .schedule import StepTable, apply_step, noise_reference
 
 Embeddings = tuple[torch.Tensor, torch.Tensor]  # (text, pooled)
@@ -253,7 +254,7 @@ def sample(
     spec: StepSpec,
     values: dict[str, torch.Tensor],
     table: StepTable,
-    step_noise: torch.Tensor | None,
+    step_noise: StepNoise | None,
     kv_per_step: torch.Tensor | None = None,
     graphs: GraphCache | None = None,
     graph_key: Hashable = (),
@@ -261,7 +262,7 @@ def sample(
 ) -> torch.Tensor:
     """Run every step of ``table`` from ``values["latents"]``; return the final latents (a tensor of its own).
 
-    ``step_noise``: ``(table.noise_steps, B, 4, h, w)``, drawn ahead from each image's generator. ``kv_per_step``:
+    ``step_noise``: the noise of the first ``table.noise_steps`` steps, drawn as each step comes. ``kv_per_step``:
     ``(steps, rows, elements)`` flat K/V per step (:func:`flatten_kv`), computed ahead (:mod:`lcmla_sdk.kv_cache`).
     With ``graphs``, the step is captured once per shape and ``graph_key`` (what else it depends on) and replayed;
     otherwise, or where its capture fails, it runs eagerly on fresh buffers.
@@ -287,7 +288,7 @@ def _loop(step, buffers, values, table, step_noise, kv_per_step, callback) -> to
         buffers["coefficients"].copy_(table.coefficients[index])
         buffers["timestep"].copy_(table.timesteps[index : index + 1])
         if step_noise is not None and index < table.noise_steps:
-            buffers["noise"].copy_(step_noise[index])
+            buffers["noise"].copy_(step_noise(index))
         else:
             buffers["noise"].zero_()
         if kv_per_step is not None:
