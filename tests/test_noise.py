@@ -10,7 +10,8 @@ def _expected(seed: int, face_shape: tuple[int, ...], steps: int) -> dict[str, t
     """One image's draws in the authors' order, all from one generator: initial noise, the reference's sample, the
     reference's own noise (its latent is of another size here), then each step's noise in fp16."""
     g = torch.Generator().manual_seed(seed)
-    latents, eps, reference = torch.randn(SHAPE, generator=g), torch.randn(face_shape, generator=g), torch.randn(face_shape, generator=g)
+    latents = torch.randn(SHAPE, generator=g)
+    eps, reference = torch.randn(face_shape, generator=g), torch.randn(face_shape, generator=g)
     return {"latents": latents, "eps": eps, "reference": reference,
             "steps": [torch.randn(SHAPE, generator=g, dtype=torch.float16) for _ in range(steps)]}  # fmt: skip
 
@@ -47,3 +48,21 @@ def test_images_of_several_identities_draw_each_from_its_own_generator(tiny, fac
     torch.testing.assert_close(joined.latents, torch.cat([p.latents for p in parts]), rtol=0, atol=0)
     for index in range(2):
         torch.testing.assert_close(joined.steps(index), torch.cat([p.steps(index) for p in parts]), rtol=0, atol=0)
+
+
+def test_distinct_generators_drawn_on_threads_give_what_one_loop_over_the_images_gives(tiny, face):
+    identity = tiny.encode_face(face)
+    face_shape = tuple(identity.latent_mean.shape)
+
+    def generators():
+        shared = torch.Generator().manual_seed(11)
+        return [shared, torch.Generator().manual_seed(12), shared, torch.Generator().manual_seed(13)]
+
+    noise = draw(generators(), SHAPE, identity, 2, "paired", 1.0, torch.float32, torch.device("cpu"))
+    loop = generators()  # shape after shape, image after image: the shared generator is drawn from in turn
+    expected = [torch.cat([torch.randn(shape, generator=g) for g in loop]) for shape in (SHAPE, face_shape, face_shape)]
+    torch.testing.assert_close(noise.latents, expected[0], rtol=0, atol=0)
+    torch.testing.assert_close(noise.face_noise, expected[2], rtol=0, atol=0)
+    for index in range(2):
+        step = torch.cat([torch.randn(SHAPE, generator=g) for g in loop])
+        torch.testing.assert_close(noise.steps(index), step, rtol=0, atol=0)
