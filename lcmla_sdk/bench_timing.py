@@ -3,6 +3,7 @@ alone in a CUDA graph, the memory of modules' weights."""
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from collections.abc import Callable
@@ -17,7 +18,18 @@ def sync(device: torch.device) -> None:
 
 
 def measure(device: torch.device, work: Callable[[], Any], iters: int) -> tuple[float, float, float]:
-    """``(first call ms, median ms of the next iters, peak extra GiB over what was allocated before)``."""
+    """``(first call ms, median ms of the next iters, peak extra GiB over what was allocated before)``, with the
+    garbage of earlier work collected and what lives then kept out of the collector's later passes (``gc.freeze``):
+    a full pass over a process that has run other ways (their copies of the UNet) stalls a short call."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return _measure(device, work, iters)
+    finally:
+        gc.unfreeze()
+
+
+def _measure(device: torch.device, work: Callable[[], Any], iters: int) -> tuple[float, float, float]:
     sync(device)
     base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
     if device.type == "cuda":
