@@ -10,6 +10,8 @@ import http.client
 import io
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -92,6 +94,16 @@ def test_settings_and_config_are_checked(tmp_path):
     assert ServeSettings.from_args(application["args"]) == ServeSettings(replicas=3, store="/shared/ids")
     bad = CliRunner().invoke(cli, ["serve", "--max-batch-size", "0", "--write-config", str(out)])
     assert bad.exit_code == 2 and "max_batch_size" in bad.output
+
+
+def test_the_ingress_loads_neither_the_pipeline_nor_diffusers():
+    # Its process only speaks HTTP and holds handles: the model's imports would slow every start of the service.
+    code = (
+        "import sys, lcmla_sdk.serve.api\n"
+        "heavy = sorted(m for m in ('diffusers', 'transformers', 'lcmla_sdk.pipeline') if m in sys.modules)\n"
+        "assert not heavy, heavy\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_replicas_share_the_machine_and_name_their_cpus():

@@ -28,12 +28,11 @@ from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from ..freeu import AUTHORS_FREEU
-from ..guidance import DEFAULT_GUIDANCE
+from ..defaults import AUTHORS_FREEU, DEFAULT_GUIDANCE
 from ..identity import Identity
 from ..images import load_rgb, pixel_sha256
 from .failures import Failure, failure
-from .model import Job, Outcome, Progress
+from .messages import Job, Outcome, Progress
 from .settings import ServeSettings, store_path
 from .store import IdentityStore, UnknownIdentity, identity_id
 

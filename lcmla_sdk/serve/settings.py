@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import validation
-from ..request import MODES
+from ..defaults import MODES
 
 APP_NAME = "lcmla"
 MAX_BATCH_SIZE = 256  # requests in one pass, at most
