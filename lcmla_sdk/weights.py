@@ -20,13 +20,12 @@ from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_ADAPTER_METADATA_KEY
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.embeddings import IPAdapterPlusImageProjection
-from peft.utils import get_peft_model_state_dict
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import ModelFilesError
-from .lora import LCM_ADAPTER, has_adapter
+from .lora import LCM_ADAPTER, adapter_state, has_adapter
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -207,7 +206,7 @@ def save_lcm_lora(unet: UNet2DConditionModel, folder: Path) -> Path:
     the same weights would give another file, and another model fingerprint, in every process.
     """
     config = {k: sorted(v) if isinstance(v, set) else v for k, v in unet.peft_config[LCM_ADAPTER].to_dict().items()}
-    state = get_peft_model_state_dict(unet, adapter_name=LCM_ADAPTER)
+    state = adapter_state(unet, LCM_ADAPTER)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LORA_FILE
     metadata = {LORA_ADAPTER_METADATA_KEY: json.dumps(config, indent=2, sort_keys=True)}

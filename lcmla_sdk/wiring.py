@@ -21,11 +21,11 @@ from diffusers import UNet2DConditionModel
 from diffusers.models.attention import BasicTransformerBlock
 from peft import LoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
-from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+from peft.utils import set_peft_model_state_dict
 from torch import nn
 
 from .attention import AppendedKVAttnProcessor, IPAdapterAttnProcessor
-from .lora import KV_ENCODER_ADAPTER, add_adapter, has_adapter
+from .lora import KV_ENCODER_ADAPTER, adapter_state, add_adapter, has_adapter
 from .weights import check_shapes, shapes
 
 Tensors = dict[str, torch.Tensor]
@@ -194,4 +194,4 @@ def _projections(unet: UNet2DConditionModel, blocks: list[str], kind: str) -> di
 
 
 def _lora_state(unet: UNet2DConditionModel) -> Tensors:
-    return get_peft_model_state_dict(unet, adapter_name=KV_ENCODER_ADAPTER)
+    return adapter_state(unet, KV_ENCODER_ADAPTER)

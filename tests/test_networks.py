@@ -2,8 +2,9 @@ import pytest
 import torch
 from conftest import unet_inputs
 from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
 
-from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER
+from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, adapter_state
 
 WIDTHS = {"down_blocks.1": 64, "down_blocks.2": 128, "mid_block": 128, "up_blocks.0": 128, "up_blocks.1": 64}
 TOKENS = {"down_blocks.1": 64, "down_blocks.2": 16, "mid_block": 16, "up_blocks.0": 16, "up_blocks.1": 64}
@@ -179,3 +180,11 @@ def test_processors_refuse_attention_masks(tiny):
     hidden = torch.randn(1, 4, block.attn1.inner_dim)
     with pytest.raises(ValueError, match="plain SDXL attention"):
         block.attn1(hidden, attention_mask=torch.ones(1, 4, 4))
+
+
+@pytest.mark.parametrize("adapter", [KV_ENCODER_ADAPTER, LCM_ADAPTER])
+def test_an_adapters_saved_weights_are_what_peft_would_save(tiny, adapter):
+    ours, peft_state = adapter_state(tiny.unet, adapter), get_peft_model_state_dict(tiny.unet, adapter_name=adapter)
+    assert list(ours) == list(peft_state) and len(ours) > 100
+    for key, value in peft_state.items():
+        assert torch.equal(ours[key], value), key
