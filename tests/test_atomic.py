@@ -101,15 +101,16 @@ except WriteError as error:
 
 @pytest.fixture(scope="module")
 def other_model() -> Personalizer:
-    """Another model than ``tiny_dir``'s (only saved from): the shallow tiny, as the subprocesses save."""
+    """Another model than ``shallow_tiny_dir``'s (seed 1, not 0; only saved from), as the subprocesses save."""
     return build_shallow_tiny(seed=1)
 
 
 @pytest.mark.parametrize("failure", ["disk full", "kill"])
-def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, other_model, tmp_path, failure):
+def test_a_failed_or_killed_save_leaves_the_old_directory_whole(shallow_tiny_dir, other_model, tmp_path, failure):
     import shutil
 
-    root = shutil.copytree(tiny_dir, tmp_path / "model")
+    # The old directory: any model directory (the shallow tiny's copies and hashes in a fraction of the tiny's time).
+    root = shutil.copytree(shallow_tiny_dir, tmp_path / "model")
     files = {p.relative_to(root): p.read_bytes() for p in root.rglob("*") if p.is_file()}
     fingerprint = model_dir.validate(root).fingerprint()
     limit = 64 * 1024 if failure == "disk full" else resource.RLIM_INFINITY
@@ -128,10 +129,10 @@ def test_a_failed_or_killed_save_leaves_the_old_directory_whole(tiny_dir, other_
     assert model_dir.validate(resaved).fingerprint() != fingerprint and hidden(tmp_path) == []
 
 
-def test_saves_that_would_remove_other_files_are_refused(tiny_dir, tmp_path):
+def test_saves_that_would_remove_other_files_are_refused(shallow_tiny_dir, tmp_path):
     import shutil
 
-    root = shutil.copytree(tiny_dir, tmp_path / "model")
+    root = shutil.copytree(shallow_tiny_dir, tmp_path / "model")  # any model directory
     model = Personalizer.from_pretrained(root, device="cpu")
     with pytest.raises(ValueError, match=f"^path: {root} holds {root / 'image_encoder'}, which a linked save names"):
         model.save_pretrained(root, link_frozen=True)

@@ -283,10 +283,18 @@ def test_cli_convert_bad_input_is_one_line_without_traceback(authors_file, tiny_
     assert not (tmp_path / "model").exists()
 
 
-def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, face):
+@pytest.fixture(scope="module")
+def no_kv_model(no_kv_by_cli) -> Personalizer:
+    """``no_kv_by_cli``'s model directory, loaded once for the tests below (each leaves it as it found it)."""
+    _, out, result = no_kv_by_cli
+    assert result.exit_code == 0, result.output
+    return Personalizer.from_pretrained(out, device="cpu")
+
+
+def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, no_kv_model, face):
     state, out, result = no_kv_by_cli
     assert result.exit_code == 0, result.output
-    model = Personalizer.from_pretrained(out, device="cpu")
+    model = no_kv_model
     ip_weight = state[f"encoder_unet.{BLOCK}.extract_kv2.to_k.weight"].half().float()  # stored float16
     to_k_ip = model.unet.get_submodule(BLOCK).attn2.processor.to_k_ip
     torch.testing.assert_close(to_k_ip.weight, ip_weight, rtol=0, atol=0)
@@ -300,10 +308,10 @@ def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, face):
     assert not torch.allclose(images[0], images[1])  # the converted IP-Adapter weights steer the image
 
 
-def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, face, monkeypatch, tmp_path):
+def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, no_kv_model, face, tmp_path):
     _, out, result = no_kv_by_cli
     assert json.loads((out / "lcmla.json").read_text())["pipeline"]["has_kv_encoder"] is False
-    model = Personalizer.from_pretrained(out, device="cpu")
+    model = no_kv_model  # loaded from out by Personalizer.from_pretrained
     assert model.has_kv_encoder is False
     identity = model.encode_face(face)
     explicit = model.generate(identity, "a face", steps=2, seed=0, use_kv=False, output="latent")
@@ -312,11 +320,14 @@ def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, fa
         raise AssertionError("the K/V-encoder of a no-K/V model ran")
 
     model.rebuild_networks(kv_encoder=untrained)
-    torch.testing.assert_close(model.generate(identity, "a face", steps=2, seed=0, output="latent"), explicit)
-    with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
-        model.generate(identity, "a face", steps=2, use_kv=True)
-    with pytest.raises(ValueError, match="^use_kv: .*'no'"):
-        model.generate(identity, "a face", steps=2, use_kv="no")
+    try:
+        torch.testing.assert_close(model.generate(identity, "a face", steps=2, seed=0, output="latent"), explicit)
+        with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
+            model.generate(identity, "a face", steps=2, use_kv=True)
+        with pytest.raises(ValueError, match="^use_kv: .*'no'"):
+            model.generate(identity, "a face", steps=2, use_kv="no")
+    finally:
+        model.rebuild_networks()  # the shared model's own networks again
     # The mark survives saving, and the CLI generates with the model's default.
     assert Personalizer.from_pretrained(model.save_pretrained(tmp_path / "copy"), device="cpu").has_kv_encoder is False
     generated = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt", "a face", "--steps", "1",

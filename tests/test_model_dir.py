@@ -15,6 +15,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
+from conftest import build_shallow_tiny, shallow_tiny_config
 from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer, model_dir
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder", "resampler")
@@ -78,16 +79,19 @@ def test_fingerprint_is_the_directory_content_not_its_place(dir_model, model_cop
     assert model_dir.validate(model_copy).fingerprint() != fingerprint
 
 
-def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(tiny_dir, dir_model, tmp_path):
-    dir_model.encode_prompt(["a face"], None)  # a model that has been used saves the same files as a fresh one
-    resaved = dir_model.save_pretrained(tmp_path / "resaved")
+def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(shallow_tiny_dir, tmp_path):
+    """(The shallow tiny: what a save writes does not depend on the depth, and it saves in a fraction of the time.)"""
+    loaded = Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")
+    loaded.encode_prompt(["a face"], None)  # a model that has been used saves the same files as a fresh one
+    resaved = loaded.save_pretrained(tmp_path / "resaved")
     layout = model_dir.validate(resaved)
-    manifests = [json.loads((root / "lcmla.json").read_text()) for root in (tiny_dir, resaved)]
+    manifests = [json.loads((root / "lcmla.json").read_text()) for root in (shallow_tiny_dir, resaved)]
     first, second = ({k: v for k, v in manifest.items() if k != "files"} for manifest in manifests)
     assert first == second  # the fingerprinted part of the manifest
     labels = [layout.label(path) for path in layout.files if path.name != "lcmla.json"]
-    assert [label for label in labels if (resaved / label).read_bytes() != (tiny_dir / label).read_bytes()] == []
-    assert layout.fingerprint() == dir_model.fingerprint
+    changed = [label for label in labels if (resaved / label).read_bytes() != (shallow_tiny_dir / label).read_bytes()]
+    assert changed == []
+    assert layout.fingerprint() == loaded.fingerprint
 
 
 SAVE_SHALLOW_TINY = """
@@ -112,9 +116,11 @@ def test_the_same_weights_give_the_same_files_in_every_process(shallow_tiny_dir,
     assert first.fingerprint() == second.fingerprint()
 
 
-def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(tiny_dir, tmp_path, monkeypatch):
+def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(shallow_tiny_dir, tmp_path, monkeypatch):
     """``link_frozen`` (training checkpoints): the base's weight files are named, never hashed again; every file the
-    save writes is hashed, so other trained weights always give another fingerprint."""
+    save writes is hashed, so other trained weights always give another fingerprint (the shallow tiny: as any
+    model directory, in a fraction of the tiny preset's save time)."""
+    tiny_dir = shallow_tiny_dir
     model = Personalizer.from_pretrained(tiny_dir, device="cpu")
     hash_file, hashed = model_dir.saving.sha256_file, []
     for module in (model_dir.format, model_dir.saving):  # where the fingerprint and the index hash files
@@ -134,7 +140,8 @@ def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(tiny_dir, 
 
 
 def test_half_precision_save_and_load(tmp_path):
-    half = Personalizer.from_pretrained("tiny", device="cpu", dtype=torch.float16)
+    # The shallow tiny (the tiny preset's modules and VAE, fewer transformer layers): dtypes do not depend on depth.
+    half = build_shallow_tiny(dtype=torch.float16)
     root = half.save_pretrained(tmp_path / "half")
     records = json.loads((root / "lcmla.json").read_text())["files"]
     assert records["sdxl/unet/diffusion_pytorch_model.safetensors"]["dtype"] == "float16"
@@ -391,13 +398,13 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
         Personalizer.from_pretrained(model_copy, device="cpu")
 
 
-def test_one_load_wires_the_unet_once(tiny_dir, tiny_built_afresh, monkeypatch):
+def test_one_load_wires_the_unet_once(shallow_tiny_dir, tiny_built_afresh, monkeypatch):
     from lcmla_sdk import wiring
 
     wired = []
     install = wiring._install_processors
     monkeypatch.setattr(wiring, "_install_processors", lambda unet: wired.append(unet.device.type) or install(unet))
-    Personalizer.from_pretrained(tiny_dir, device="cpu")
+    Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")  # any model directory
     assert wired == ["cpu"]  # loading wires; validation reads the shapes without wiring, the Personalizer takes it as is
     wired.clear()
     Personalizer.from_pretrained("tiny", device="cpu")
@@ -406,13 +413,14 @@ def test_one_load_wires_the_unet_once(tiny_dir, tiny_built_afresh, monkeypatch):
 
 @pytest.mark.parametrize("kv_encoder", [{"lora_rank": 4, "kv_lora_rank": 4}, {"lora_rank": 4, "kv_lora_rank": 0}, {"lora_rank": 8, "kv_lora_rank": 2}])
 def test_the_shapes_validation_expects_are_those_wiring_adds(kv_encoder):
-    from lcmla_sdk.presets import preset_config
     from lcmla_sdk.weights import shapes
     from lcmla_sdk.wiring import lookahead_shapes, lookahead_weights, wire_unet
 
+    # The shallow tiny UNet: every kind of attention block the tiny preset has, fewer of each (the shapes are
+    # per layer; the check is that of each layer).
     with torch.device("meta"):
-        plain = UNet2DConditionModel.from_config(preset_config("tiny")["unet"])
-        wired = UNet2DConditionModel.from_config(preset_config("tiny")["unet"])
+        plain = UNet2DConditionModel.from_config(shallow_tiny_config()["unet"])
+        wired = UNet2DConditionModel.from_config(shallow_tiny_config()["unet"])
         wire_unet(wired, kv_encoder)
     added = lookahead_weights(wired)
     expected = lookahead_shapes(plain, kv_encoder)

@@ -1,9 +1,9 @@
 """The training loop (CPU): what trains, where gradients go, exact resume, the identity loss.
 
-Tests of what holds for any model (what trains, where gradients go, resuming, checkpoints of a model directory, two
-processes, mixed precision) train the shallow tiny model's directory with the lookahead networks' weights of
-``loss_weights`` (both conftest.py): it loads and steps in a fraction of the tiny preset's time. The identity-loss
-run and the CLI train the tiny preset."""
+Tests of what holds for any model (what trains, where gradients go, resuming, the identity loss, checkpoints of a
+model directory, two processes, mixed precision) train the shallow tiny model's directory with the lookahead networks'
+weights of ``loss_weights`` (both conftest.py): it loads, steps and saves checkpoints in a fraction of the tiny
+preset's time. The CLI trains the tiny preset."""
 
 import json
 
@@ -146,10 +146,11 @@ def test_an_interrupted_and_resumed_run_reproduces_the_uninterrupted_losses(face
     assert all(torch.equal(final[name], expected[name]) for name in expected)
 
 
-def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_weights, tmp_path):
+def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, shallow_tiny_dir, loss_weights, tmp_path):
     steps = 4
     trainer = Trainer(config_from_dict(config_dict(
-        face_set, tmp_path / "run", batch_size=2, max_steps=steps, gradient_checkpointing=False, **loss_weights,
+        face_set, tmp_path / "run", model=str(shallow_tiny_dir), batch_size=2, max_steps=steps,
+        gradient_checkpointing=False, **loss_weights,
         diffusion__weight=0.0,
         lookahead__identity_weight=1.0, optim__lr_encoder=1e-3, optim__lr_adapter=1e-3,
         checkpoint__every=100,
@@ -163,7 +164,7 @@ def test_a_short_run_on_two_identities_lowers_the_identity_loss(face_set, loss_w
     before = identity_losses()
     trainer.train()
     after = identity_losses()
-    assert after.mean() < 0.99 * before.mean()
+    assert after.mean() < 0.99 * before.mean()  # the shallow tiny's: 0.965 of before, each of the 4 steps lower
     assert int((after < before).sum()) >= steps - 1
 
 
