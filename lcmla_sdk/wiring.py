@@ -142,7 +142,7 @@ def lookahead_weights(unet: UNet2DConditionModel) -> LookaheadWeights:
     return LookaheadWeights(
         ip_kv={key: layer.weight.detach() for key, layer in _projections(unet, blocks, "ip").items()},
         kv_projections={key: layer.weight.detach() for key, layer in _projections(unet, blocks, "kv").items()},
-        kv_lora=_lora_state(unet),
+        kv_lora=adapter_state(unet, KV_ENCODER_ADAPTER),
     )
 
 
@@ -191,7 +191,3 @@ def _projections(unet: UNet2DConditionModel, blocks: list[str], kind: str) -> di
         for name in names:
             layers[f"{block}.{name}.weight"] = base_linear(getattr(processor, name))
     return layers
-
-
-def _lora_state(unet: UNet2DConditionModel) -> Tensors:
-    return adapter_state(unet, KV_ENCODER_ADAPTER)
