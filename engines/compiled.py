@@ -8,7 +8,8 @@ Folder layout::
     aot-NETWORK-SIGNATURE.bin    one network's function at one call signature (lcmla_sdk.compiling.AheadOfTime)
 
 :func:`build_compiled` runs one generation of every shape asked in parallel processes (one job per shape), each
-compiling and saving a function for every network call it makes (the K/V pass, the denoiser, the decode);
+compiling and saving a function for every network call it makes (the K/V pass, the denoiser), and one more job that
+compiles the VAE decode at every distinct batch and size (shapes often share one, and the shape jobs are shorter);
 :func:`load_compiled` refuses a folder made for another model, PyTorch, Triton, diffusers or GPU and switches the
 model to compiled networks that load each function on the first call with its signature (seconds, no tracing). A
 call at a shape the folder was not built for compiles lazily (minutes, with a warning). Nothing compiles unless
@@ -112,7 +113,8 @@ def build_compiled(
     """Compile every network for ``shapes`` and write the folder (manifest + functions), atomically.
 
     ``model_name``: what ``Personalizer.from_pretrained`` takes (a model directory or a preset). Each shape is a job
-    of its own (the functions are specialised to their call shapes); up to ``jobs`` build processes run at once.
+    of its own (the functions are specialised to their call shapes), and the decodes one more; up to ``jobs`` build
+    processes run at once.
     """
     from lcmla_sdk.pipeline import Personalizer
 
@@ -125,21 +127,24 @@ def build_compiled(
     del model  # the jobs load their own
     if on.type == "cuda":
         torch.cuda.empty_cache()
+    decodes = sorted({(s.batch, s.height, s.width) for s in shapes})
+    work = [{"shape": asdict(s)} for s in shapes] + [{"decodes": decodes}]
     begin = time.perf_counter()
     with atomic_directory(folder) as staging:
-        running: list[tuple[int, CompiledShape, subprocess.Popen]] = []
-        pending = list(enumerate(shapes))
+        running: list[tuple[int, dict, subprocess.Popen]] = []
+        pending = list(enumerate(work))
         while pending or running:
             while pending and len(running) < jobs:
-                index, shape = pending.pop(0)
-                running.append((index, shape, _start_job(model_name, device, shape, staging, index)))
-            index, shape, process = running.pop(0)
+                index, what = pending.pop(0)
+                job = {"model": model_name, "device": device, "folder": str(staging), **what}
+                running.append((index, what, _start_job(job, staging / f"job-{index}.log")))
+            index, what, process = running.pop(0)
             process.wait()
             job_log = staging / f"job-{index}.log"
             if process.returncode != 0:
-                raise RuntimeError(f"compile job {index} ({asdict(shape)}) failed:\n{job_log.read_text()[-3000:]}")
+                raise RuntimeError(f"compile job {index} ({what}) failed:\n{job_log.read_text()[-3000:]}")
             job_log.unlink()
-            log(f"compiled {asdict(shape)} ({time.perf_counter() - begin:.0f} s)")
+            log(f"compiled {what} ({time.perf_counter() - begin:.0f} s)")
         return write_manifest(staging, fingerprint, on, str(model_name), shapes, time.perf_counter() - begin)
 
 
@@ -157,28 +162,30 @@ def write_manifest(folder: Path, fingerprint: str, device: torch.device, model_n
     return manifest
 
 
-def _start_job(model_name: str, device: str, shape: CompiledShape, folder: Path, index: int) -> subprocess.Popen:
-    job = {"model": model_name, "device": device, "shape": asdict(shape), "folder": str(folder)}
+def _start_job(job: dict[str, Any], log_path: Path) -> subprocess.Popen:
     command = [sys.executable, "-m", "lcmla_sdk.engines.compiled", json.dumps(job)]
-    with open(folder / f"job-{index}.log", "w") as job_log:  # a file, not a pipe: a chatty job never blocks
+    with open(log_path, "w") as job_log:  # a file, not a pipe: a chatty job never blocks
         return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=job_log)
 
 
 def run_job(job: dict[str, Any]) -> None:
-    """One build process: generate once at one shape, compiling and saving each network call's function."""
+    """One build process: with ``shape``, generate once at that shape (to latents: no decode), compiling and saving
+    each network call's function; with ``decodes``, compile and save the decode at each ``(batch, height, width)``."""
     from lcmla_sdk.pipeline import Personalizer
 
     model = Personalizer.from_pretrained(job["model"], device=job["device"], faces=None)
-    shape = CompiledShape(**job["shape"])
     ahead = AheadOfTime(job["folder"], record=True)
-    model.compile_networks(ahead)
+    model.compile_networks(ahead)  # each function compiles on its first call only
     model.decoder.compile(model.default_size // model.vae_scale, warm=False, ahead=ahead)
     with torch.inference_mode():
-        model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
-                     shape.kv_cache, compile=True, progress=False)  # fmt: skip
-        latents = torch.zeros(shape.batch, model.unet.config.in_channels, shape.height // model.vae_scale,
-                              shape.width // model.vae_scale, device=model.device, dtype=model.dtype)  # fmt: skip
-        model.decode(latents, "pt")  # the decode of this shape's images, as a call makes it
+        if "shape" in job:
+            shape = CompiledShape(**job["shape"])
+            model.warmup(shape.mode, shape.batch, shape.height, shape.width, shape.references, shape.use_kv,
+                         shape.kv_cache, compile=True, progress=False)  # fmt: skip
+        for batch, height, width in job.get("decodes", ()):
+            latents = torch.zeros(batch, model.unet.config.in_channels, height // model.vae_scale,
+                                  width // model.vae_scale, device=model.device, dtype=model.dtype)  # fmt: skip
+            model.decode(latents, "pt")  # as a call of that shape makes it
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
