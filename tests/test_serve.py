@@ -47,11 +47,16 @@ def service(tmp_path_factory):
         max_batch_size=4, batch_wait_s=0.3, max_queued_requests=8, request_timeout_s=20.0, kv_cache_gib=KV_CACHE_GIB,
         max_upload_mib=0.5,
     )  # fmt: skip
-    try:
-        launch.start(settings)
-        yield Service(settings)
-    finally:
-        launch.stop()
+    with pytest.MonkeyPatch.context() as env:
+        # Ray idles less on two cores (about 12 -> 9 CPU seconds a minute, measured): no Python worker started ahead
+        # for tasks (the service runs actors only), and Serve's controller loop at 2 Hz instead of 10.
+        env.setenv("RAY_prestart_worker_first_driver", "0")
+        env.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+        try:
+            launch.start(settings)
+            yield Service(settings)
+        finally:
+            launch.stop()
 
 
 def replica_ids() -> list:
