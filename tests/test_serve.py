@@ -23,14 +23,13 @@ pytest.importorskip("ray.serve", reason="needs the [serve] extra")
 
 import ray  # noqa: E402
 from http_helpers import Service, assert_same_image, free_port, png, server_sent_events  # noqa: E402
-from ray import serve  # noqa: E402
+from serve_helpers import ongoing_requests, preferred_replica, replica_ids, replica_states, wait_for  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from lcmla_sdk.cli import app as cli  # noqa: E402
 from lcmla_sdk.identity import Identity  # noqa: E402
 from lcmla_sdk.images import pixel_sha256  # noqa: E402
 from lcmla_sdk.serve import ServeSettings, launch  # noqa: E402
-from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
 from lcmla_sdk.serve.settings import Placement  # noqa: E402
 from lcmla_sdk.serve.store import identity_id  # noqa: E402
 
@@ -57,30 +56,6 @@ def service(tmp_path_factory):
             yield Service(settings)
         finally:
             launch.stop()
-
-
-def replica_ids() -> list:
-    from ray.serve._private.common import ReplicaID
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    return [ReplicaID.from_full_id_str(n) for n in names if n.startswith("SERVE_REPLICA::") and "#Generator#" in n]
-
-
-def replica_states() -> dict[str, int]:
-    """The controller's count of model replicas by state (``{"RUNNING": 2}`` when both serve and none is changing;
-    a killed replica stays counted as running for a few seconds, while its replacement starts)."""
-    deployment = serve.status().applications["lcmla"].deployments["Generator"]
-    return {str(state).rsplit(".", 1)[-1]: count for state, count in deployment.replica_states.items() if count}
-
-
-def preferred_replica(id_: str) -> str:
-    """The replica the affinity router offers ``id_`` first (the router's own ordering over the live replicas)."""
-
-    class Candidate:
-        def __init__(self, replica_id) -> None:
-            self.replica_id = replica_id
-
-    return rendezvous_order(id_, [Candidate(r) for r in replica_ids()])[0].replica_id.to_full_id_str()
 
 
 def test_settings_and_config_are_checked(tmp_path):
@@ -352,18 +327,6 @@ def test_unread_ends_of_cancelled_requests_are_not_logged(caplog):
         logging.getLogger("asyncio").removeFilter(only)
     lost = [r for r in caplog.records if "never retrieved" in r.getMessage()]
     assert [type(r.exc_info[1]) for r in lost] == [ValueError]
-
-
-def ongoing_requests(replica: str) -> int:
-    """The requests ``replica`` holds now (in a pass or waiting for one), as Ray Serve counts them."""
-    return ray.get(ray.get_actor(replica, namespace="serve").get_num_ongoing_requests.remote(), timeout=30)
-
-
-def wait_for(condition, failure: str, timeout_s: float = 60.0, poll_s: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, failure()
-        time.sleep(poll_s)
 
 
 def test_replica_killed_mid_request_is_retried(service, tiny, face):
