@@ -60,11 +60,14 @@ class Service:
         return response.json()
 
 
-def server_sent_events(response: requests.Response) -> list[tuple[str, dict]]:
+def server_sent_events(response: requests.Response, on_event=None) -> list[tuple[str, dict]]:
+    """The stream's events as (name, data); ``on_event(name, data)`` is called as each one arrives."""
     events, name = [], None
     for line in response.iter_lines(decode_unicode=True):
         if line.startswith("event: "):
             name = line[len("event: "):]
         elif line.startswith("data: "):
             events.append((name, json.loads(line[len("data: "):])))
+            if on_event is not None:
+                on_event(*events[-1])
     return events

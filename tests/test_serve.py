@@ -10,8 +10,6 @@ import http.client
 import io
 import json
 import logging
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -25,20 +23,20 @@ pytest.importorskip("ray.serve", reason="needs the [serve] extra")
 
 import ray  # noqa: E402
 from http_helpers import Service, assert_same_image, free_port, png, server_sent_events  # noqa: E402
-from ray import serve  # noqa: E402
+from serve_helpers import ongoing_requests, preferred_replica, replica_ids, replica_states, wait_for  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from lcmla_sdk.cli import app as cli  # noqa: E402
 from lcmla_sdk.identity import Identity  # noqa: E402
 from lcmla_sdk.images import pixel_sha256  # noqa: E402
 from lcmla_sdk.serve import ServeSettings, launch  # noqa: E402
-from lcmla_sdk.serve.routing import rendezvous_order  # noqa: E402
 from lcmla_sdk.serve.settings import Placement  # noqa: E402
 from lcmla_sdk.serve.store import identity_id  # noqa: E402
 
 FAST = {"mode": "fast", "steps": 2}
 # One tiny identity's K/V for 2 (3) fast steps at 128^2 is 2.6 (3.9) MB: each replica's cache holds one.
 KV_CACHE_GIB = 5e6 / 2**30
+EVENT_STREAM = "text/event-stream"
 
 
 @pytest.fixture(scope="module")
@@ -48,35 +46,16 @@ def service(tmp_path_factory):
         max_batch_size=4, batch_wait_s=0.3, max_queued_requests=8, request_timeout_s=20.0, kv_cache_gib=KV_CACHE_GIB,
         max_upload_mib=0.5,
     )  # fmt: skip
-    try:
-        launch.start(settings)
-        yield Service(settings)
-    finally:
-        launch.stop()
-
-
-def replica_ids() -> list:
-    from ray.serve._private.common import ReplicaID
-
-    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
-    return [ReplicaID.from_full_id_str(n) for n in names if n.startswith("SERVE_REPLICA::") and "#Generator#" in n]
-
-
-def replica_states() -> dict[str, int]:
-    """The controller's count of model replicas by state (``{"RUNNING": 2}`` when both serve and none is changing;
-    a killed replica stays counted as running for a few seconds, while its replacement starts)."""
-    deployment = serve.status().applications["lcmla"].deployments["Generator"]
-    return {str(state).rsplit(".", 1)[-1]: count for state, count in deployment.replica_states.items() if count}
-
-
-def preferred_replica(id_: str) -> str:
-    """The replica the affinity router offers ``id_`` first (the router's own ordering over the live replicas)."""
-
-    class Candidate:
-        def __init__(self, replica_id) -> None:
-            self.replica_id = replica_id
-
-    return rendezvous_order(id_, [Candidate(r) for r in replica_ids()])[0].replica_id.to_full_id_str()
+    with pytest.MonkeyPatch.context() as env:
+        # Ray idles less on two cores (about 12 -> 9 CPU seconds a minute, measured): no Python worker started ahead
+        # for tasks (the service runs actors only), and Serve's controller loop at 2 Hz instead of 10.
+        env.setenv("RAY_prestart_worker_first_driver", "0")
+        env.setenv("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
+        try:
+            launch.start(settings)
+            yield Service(settings)
+        finally:
+            launch.stop()
 
 
 def test_settings_and_config_are_checked(tmp_path):
@@ -94,16 +73,6 @@ def test_settings_and_config_are_checked(tmp_path):
     assert ServeSettings.from_args(application["args"]) == ServeSettings(replicas=3, store="/shared/ids")
     bad = CliRunner().invoke(cli, ["serve", "--max-batch-size", "0", "--write-config", str(out)])
     assert bad.exit_code == 2 and "max_batch_size" in bad.output
-
-
-def test_the_ingress_loads_neither_the_pipeline_nor_diffusers():
-    # Its process only speaks HTTP and holds handles: the model's imports would slow every start of the service.
-    code = (
-        "import sys, lcmla_sdk.serve.api\n"
-        "heavy = sorted(m for m in ('diffusers', 'transformers', 'lcmla_sdk.pipeline') if m in sys.modules)\n"
-        "assert not heavy, heavy\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_replicas_share_the_machine_and_name_their_cpus():
@@ -149,6 +118,20 @@ def test_round_trip_matches_direct_generate(service, tiny, face):
     assert_same_image(bare.content, tiny.generate(stored, "a photo", seed=5, **FAST)[0])
     inline = service.generate(photos=[base64.b64encode(png(face)).decode()], prompt="a photo", seed=5, format="webp", **FAST)
     assert Image.open(io.BytesIO(base64.b64decode(inline["images"][0]["data"]))).format == "WEBP"
+
+
+def test_the_ingress_loads_neither_the_pipeline_nor_diffusers(service):
+    # Its process only speaks HTTP and holds handles: the model's imports would slow every start of the service.
+    # Asked of the running ingress's own process (one Ray started for it, holding what serving it imported).
+    def modules(_replica) -> list[str]:
+        import sys
+
+        return sorted(m for m in ("lcmla_sdk.serve.api", "diffusers", "transformers", "lcmla_sdk.pipeline")
+                      if m in sys.modules)  # fmt: skip
+
+    name = next(r["name"] for r in ray.util.list_named_actors(all_namespaces=True) if "#Ingress#" in r["name"])
+    ingress = ray.get_actor(name, namespace="serve")
+    assert ray.get(ingress.__ray_call__.remote(modules), timeout=30) == ["lcmla_sdk.serve.api"]
 
 
 def test_concurrent_clients_are_batched_and_correct(service, tiny, face):
@@ -346,46 +329,55 @@ def test_unread_ends_of_cancelled_requests_are_not_logged(caplog):
     assert [type(r.exc_info[1]) for r in lost] == [ValueError]
 
 
-@pytest.mark.parametrize("streamed", [False, True], ids=["json", "events"])
-def test_replica_killed_mid_request_is_retried(service, tiny, face, streamed):
-    # A person of its own for each case: no replica holds its K/V yet, so the pass is long enough to be killed in.
-    id_ = service.identity(ImageOps.mirror(face) if streamed else face, crop="face")
+def test_replica_killed_mid_request_is_retried(service, tiny, face):
+    """One kill, two requests on the killed replica: a JSON one in its pass, and a streamed one past its first
+    progress event (the mid-stream retry). Both are done again on the other replica; a new replica replaces it."""
+    # A person no replica holds the K/V of yet, so the JSON request's pass is long enough to be killed in: about 2-3 s
+    # of work (8 s and more on a slow, loaded 2-core machine). kv_cache: both requests go to the same replica.
+    id_ = service.identity(face, crop="face")
     owner = preferred_replica(id_)
     folder = Path(service.settings.store)
     files = sorted(p.name for p in folder.iterdir())
-    # About 2-3 s of work (8 s and more on a slow, loaded 2-core machine): killed 1 s in, it is done again on the other
-    # replica within the 20 s request timeout.
-    body = {"identity": id_, "prompt": "a photo", "num_images": 8, "seed": 7, "kv_cache": True, "mode": "fast",
-            "steps": 3}  # fmt: skip
-    answer: dict = {}
+    base = {"identity": id_, "prompt": "a photo", "kv_cache": True, "mode": "fast", "steps": 3}
+    # Retried together on the other replica: 9 images, done within the 20 s request timeout.
+    bodies = {"json": {**base, "num_images": 8, "seed": 7}, "events": {**base, "num_images": 1, "seed": 9}}
+    answers: dict = {}
+    streaming = threading.Event()
 
-    def send() -> None:
-        if streamed:  # killed after its first progress events: the answer is the last event
-            events = server_sent_events(service.post("/v1/generate", json=body, headers={"Accept": "text/event-stream"}, stream=True))
-            answer.update(events[-1][1])
-        else:
-            response = service.post("/v1/generate", json=body)
-            answer.update(response.json() if response.status_code == 200 else {"failed": response.text})
+    def send_json() -> None:
+        response = service.post("/v1/generate", json=bodies["json"])
+        answers["json"] = response.json() if response.status_code == 200 else {"failed": response.text}
 
-    thread = threading.Thread(target=send)
-    thread.start()
+    def send_events() -> None:  # the answer is the last event
+        response = service.post("/v1/generate", json=bodies["events"], headers={"Accept": EVENT_STREAM}, stream=True)
+        answers["events"] = server_sent_events(response, lambda *_: streaming.set())[-1][1]
+
     named = lambda: [r.to_full_id_str() for r in replica_ids()]  # noqa: E731
     before = set(named())
-    time.sleep(1.0)
+    wait_for(lambda: ongoing_requests(owner) == 0, lambda: "the replica still holds an earlier test's requests")
+    threads = [threading.Thread(target=send_json), threading.Thread(target=send_events)]
+    threads[0].start()
+    wait_for(lambda: ongoing_requests(owner) == 1, lambda: "the JSON request did not reach its replica")
+    threads[1].start()  # after the JSON request: it waits for the JSON request's pass, which it cannot finish first
+    wait_for(lambda: streaming.is_set() and ongoing_requests(owner) == 2,
+             lambda: f"the two requests were not on the replica together: {answers}")  # fmt: skip
     ray.kill(ray.get_actor(owner, namespace="serve"), no_restart=True)
-    thread.join(60)
-    assert answer.get("attempts") == 2 and answer["replica"] != owner, answer.get("failed")
+    for thread in threads:
+        thread.join(60)
     stored = Identity.load(service.settings.store + f"/{id_}.safetensors", tiny.fingerprint)
-    direct = tiny.generate(stored, "a photo", num_images=8, seed=7, kv_cache=True, mode="fast", steps=3)
-    for image, expected in zip(answer["images"], direct):
-        assert_same_image(base64.b64decode(image["data"]), expected)
+    for case, body in bodies.items():
+        answer = answers.get(case, {})
+        assert answer.get("attempts") == 2 and answer["replica"] != owner, (case, answer.get("failed", answer))
+        direct = tiny.generate(stored, "a photo", num_images=body["num_images"], seed=body["seed"], kv_cache=True,
+                               mode="fast", steps=3)  # fmt: skip
+        assert len(answer["images"]) == len(direct)
+        for image, expected in zip(answer["images"], direct):
+            assert_same_image(base64.b64decode(image["data"]), expected)
     assert sorted(p.name for p in folder.iterdir()) == files  # nothing lost, no temporary left
     for path in folder.iterdir():
         Identity.load(path, tiny.fingerprint)
-    deadline = time.monotonic() + 60
-    while not (replica_states() == {"RUNNING": 2} and set(named()) - before and owner not in named()):
-        assert time.monotonic() < deadline, f"the killed replica was not replaced: {replica_states()}, {named()}"
-        time.sleep(0.5)
+    wait_for(lambda: replica_states() == {"RUNNING": 2} and set(named()) - before and owner not in named(),
+             lambda: f"the killed replica was not replaced: {replica_states()}, {named()}", poll_s=0.5)  # fmt: skip
 
 
 def test_shutdown_leaves_no_ray_process(service):
