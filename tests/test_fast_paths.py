@@ -12,10 +12,6 @@ from lcmla_sdk.guidance import Guidance, three_branch
 from lcmla_sdk.lora import KV_ENCODER_ADAPTER, LCM_ADAPTER, activate_adapters
 from lcmla_sdk.networks import Denoiser, KVEncoder
 
-# Generation size of tests that compare or count: what they check holds at any size, and 64 px is a quarter of the
-# default's denoiser work (the K/V-encoder's input, the face, keeps its size).
-SMALL = {"height": 64, "width": 64}
-
 
 @torch.no_grad()
 def test_merged_adapters_equal_the_unmerged_peft_path(tiny):
@@ -63,7 +59,7 @@ def test_three_branch_takes_weights_as_a_tensor():
 @pytest.mark.parametrize("mode", ["fast", "quality"])
 def test_cached_kv_loop_equals_the_uncached_loop_with_the_same_fixed_face_noise(tiny, face, mode):
     identity = tiny.encode_face(face)
-    kwargs = {"seed": [3, 4], "mode": mode, "steps": 2 if mode == "quality" else None, "output": "latent", **SMALL}
+    kwargs = {"seed": [3, 4], "mode": mode, "steps": 2 if mode == "quality" else None, "output": "latent"}
     uncached = tiny.generate(identity, "a face", num_images=2, face_noise="fixed", **kwargs)
     cached = tiny.generate(identity, "a face", num_images=2, kv_cache=True, **kwargs)
     torch.testing.assert_close(cached, uncached, rtol=1e-4, atol=1e-4)
@@ -74,8 +70,7 @@ def test_cached_kv_loop_equals_the_uncached_loop_with_the_same_fixed_face_noise(
         # the cache was dropped with the networks: computed again once, then reused
         tiny.generate(identity, "a face", num_images=2, kv_cache=True, **kwargs)
         first = len(calls)
-        tiny.generate(identity, "an oil painting of a face", seed=9, mode=mode, steps=kwargs["steps"], kv_cache=True,
-                      **SMALL)
+        tiny.generate(identity, "an oil painting of a face", seed=9, mode=mode, steps=kwargs["steps"], kv_cache=True)
     finally:
         tiny.rebuild_networks()
     assert first == (2 if mode == "quality" else 4) and len(calls) == first
@@ -87,8 +82,7 @@ def test_cached_kv_loop_equals_the_uncached_loop_with_the_same_fixed_face_noise(
 @pytest.mark.parametrize("kv_cache", [False, True])
 def test_kv_computed_ahead_in_batched_passes_equals_the_kv_computed_in_every_step(tiny, face, kv_cache):
     identity = tiny.encode_face(face)
-    kwargs = {"num_images": 2, "seed": [3, 4], "mode": "fast", "output": "latent", "kv_cache": kv_cache,
-              "face_noise": "fixed", **SMALL}
+    kwargs = {"num_images": 2, "seed": [3, 4], "mode": "fast", "output": "latent", "kv_cache": kv_cache, "face_noise": "fixed"}
     counting = RowCounter(tiny.kv_encoder)
     tiny.rebuild_networks(kv_encoder=counting)
     try:
@@ -131,9 +125,9 @@ def test_kv_cache_and_face_noise_arguments_are_checked(tiny, face):
 
 
 def test_tiny_vae_decodes_the_same_latents_to_images_of_the_same_size(tiny, face):
-    full = tiny.generate(face, "a face", seed=1, mode="fast", output="pt", **SMALL)
-    preview = tiny.generate(face, "a face", seed=1, mode="fast", output="pt", vae="tiny", **SMALL)
-    assert full.shape == preview.shape == (1, 3, 64, 64)
+    full = tiny.generate(face, "a face", seed=1, mode="fast", output="pt")
+    preview = tiny.generate(face, "a face", seed=1, mode="fast", output="pt", vae="tiny")
+    assert full.shape == preview.shape == (1, 3, 128, 128)
     assert 0 <= preview.min() and preview.max() <= 1 and not torch.equal(full, preview)
 
 
@@ -188,9 +182,8 @@ def test_concurrent_generate_calls_give_the_images_of_the_same_calls_made_one_at
         {"mode": "quality", "steps": 2, "seed": 3, "use_kv": False},
         {"mode": "fast", "seed": 4, "kv_cache": True},
     ] * 2
-    alone = [tiny.generate(identity, "a face", output="latent", **SMALL, **c) for c in calls]
-    together = run_together(lambda i: tiny.generate(identity, "a face", output="latent", **SMALL, **calls[i]),
-                            len(calls))
+    alone = [tiny.generate(identity, "a face", output="latent", **c) for c in calls]
+    together = run_together(lambda i: tiny.generate(identity, "a face", output="latent", **calls[i]), len(calls))
     for index, (a, b) in enumerate(zip(alone, together)):
         np.testing.assert_array_equal(a.numpy(), b.numpy(), err_msg=str(calls[index]))
 
@@ -208,7 +201,7 @@ def test_a_call_without_kv_builds_no_kv_encoder(face):
     model = Personalizer.from_pretrained("tiny", device="cpu")
     identity = model.encode_face(face)
     for mode in ("fast", "quality"):
-        model.generate(identity, "a face", mode=mode, steps=1, use_kv=False, output="latent", **SMALL)
+        model.generate(identity, "a face", mode=mode, steps=1, use_kv=False, output="latent")
     assert "kv_encoder" not in model._networks._built
-    model.generate(identity, "a face", mode="fast", steps=1, output="latent", **SMALL)
+    model.generate(identity, "a face", mode="fast", steps=1, output="latent")
     assert "kv_encoder" in model._networks._built
