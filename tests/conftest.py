@@ -132,6 +132,12 @@ def shallow_tiny() -> Personalizer:
 
 
 @pytest.fixture(scope="session")
+def shallow_tiny_half() -> Personalizer:
+    """The shallow tiny model in fp16, only read: the fp16 export and engine tests share it (one worker, one build)."""
+    return build_shallow_tiny(dtype=torch.float16)
+
+
+@pytest.fixture(scope="session")
 def shallow_tiny_dir(shallow_tiny, tmp_path_factory):
     """The shallow tiny model written once as a model directory: it loads in a quarter of the time a process takes
     to build the tiny preset or load it from a directory, for tests of what any model does (training, resuming)."""

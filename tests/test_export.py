@@ -133,9 +133,8 @@ def test_engine_cache_key_covers_graph_shapes_options_backend_version_and_target
     assert len({key, *variants}) == 8
 
 
-def test_fp16_graphs_export_and_match_within_fp16_tolerance(tmp_path):
-    half = build_shallow_tiny(dtype=torch.float16)
-    report = export_model(half, tmp_path, RANGES, ["adapter", "text_encoder_2"], check=True, log=lambda _: None)
+def test_fp16_graphs_export_and_match_within_fp16_tolerance(tmp_path, shallow_tiny_half):
+    report = export_model(shallow_tiny_half, tmp_path, RANGES, ["adapter", "text_encoder_2"], check=True, log=lambda _: None)
     adapter, text = report.manifest.networks["adapter"], report.manifest.networks["text_encoder_2"]
     assert adapter.parity["precision"] == "float16" and adapter.parity["passed"]
     assert all(t.dtype == "float16" for t in adapter.inputs + adapter.outputs)

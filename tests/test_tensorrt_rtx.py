@@ -25,7 +25,7 @@ from lcmla_sdk.export import ShapeRanges, export_model
 from lcmla_sdk.integrity import sha256_file
 from lcmla_sdk.manifest import Manifest, TensorInfo
 
-from conftest import EXPORT_RANGES, build_shallow_tiny
+from conftest import EXPORT_RANGES
 
 trt = pytest.importorskip("tensorrt_rtx_bindings", reason=TensorRTRTX.install_hint)
 
@@ -75,9 +75,8 @@ def test_parsed_networks_have_the_manifests_io_and_a_wrong_manifest_is_named(bui
     assert not (folder / "denoiser" / "wrong.plan").exists()
 
 
-def test_fp16_normalisation_layers_compute_in_fp32_and_the_engines_build(tmp_path):
-    half = build_shallow_tiny(dtype=torch.float16)
-    export_model(half, tmp_path, ShapeRanges(**EXPORT_RANGES), ["adapter"], log=lambda _: None)
+def test_fp16_normalisation_layers_compute_in_fp32_and_the_engines_build(tmp_path, shallow_tiny_half):
+    export_model(shallow_tiny_half, tmp_path, ShapeRanges(**EXPORT_RANGES), ["adapter"], log=lambda _: None)
     network = _parse(tmp_path / "adapter" / "model.onnx")
     layers = lambda: [network.get_layer(i) for i in range(network.num_layers)]  # noqa: E731
     norms = [layer for layer in layers() if layer.type == trt.LayerType.NORMALIZATION]
