@@ -57,12 +57,6 @@ def _tiny_built_once(config, seed=0, dtype=torch.float32, device="cpu"):
 loading.build_random_components = _tiny_built_once
 
 
-@pytest.fixture
-def tiny_built_afresh(monkeypatch):
-    """Loads of the tiny preset build it again, for tests that watch it being built."""
-    monkeypatch.setattr(loading, "build_random_components", _build_random_components)
-
-
 @pytest.fixture(scope="session")
 def tiny() -> Personalizer:
     """One shared tiny model; tests that change weights build their own with ``fresh_tiny``."""
@@ -129,6 +123,24 @@ def build_shallow_tiny(seed: int = 0, dtype: torch.dtype = torch.float32) -> Per
 def shallow_tiny() -> Personalizer:
     """One shared shallow tiny model, only read (as ``tiny``)."""
     return build_shallow_tiny()
+
+
+# A process that saves random weights of an architecture through the model-directory writer alone (argv: folder,
+# config JSON, seed; "kill": killed before the new directory is swapped in; a WriteError is printed). It imports only
+# what saving needs: importing the Personalizer (lcmla_sdk.pipeline) would cost a subprocess about 13 s of CPU.
+SAVE_RANDOM_MODEL = """
+import json, os, signal, sys
+from lcmla_sdk.errors import WriteError
+from lcmla_sdk.model_dir import saving
+from lcmla_sdk.presets import build_random_components
+components = build_random_components(json.loads(sys.argv[2]), seed=int(sys.argv[3]))
+if sys.argv[4:] == ["kill"]:  # everything written beside, killed before the swap
+    saving.write_index = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
+try:
+    saving.save(components, None, sys.argv[1])
+except WriteError as error:
+    print(error)
+"""
 
 
 @pytest.fixture(scope="session")

@@ -10,14 +10,13 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
-from typer.testing import CliRunner
 
 from lcmla_sdk import Identity, LcmlaError, Personalizer, WriteError, atomic, model_dir
-from lcmla_sdk.cli import app
 
-from conftest import build_shallow_tiny, shallow_tiny_config
+from conftest import SAVE_RANDOM_MODEL, build_shallow_tiny, shallow_tiny_config
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE and SIGKILL are POSIX")
 
@@ -39,14 +38,16 @@ def hidden(folder) -> list[str]:
 
 def test_a_full_disk_keeps_the_previous_image(shallow_tiny_dir, tmp_path):
     out = tmp_path / "out"
+    # The previous image: any PNG at the path the CLI writes (noise, so that it does not fit under the limit).
+    image = out / "000.png"
+    out.mkdir()
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(image)
+    before = image.read_bytes()
+    assert len(before) > 4096
     # No face detection and the shallow tiny model (it loads in a quarter of the tiny preset's build time): what is
     # checked is how the image file is written.
     args = ["generate", "--model", str(shallow_tiny_dir), "--steps", "1", "--faces", "none", "--out", str(out)]
-    first = CliRunner().invoke(app, [*args, "--prompt", "a face", "--seed", "1"])
-    assert first.exit_code == 0, first.output
-    image = out / "000.png"
-    before = image.read_bytes()
-    assert len(before) > 4096
 
     run = run_with_file_limit(
         [sys.executable, "-m", "lcmla_sdk.cli", *args, "--prompt", "another face", "--seed", "2", "--device", "cpu",
@@ -72,31 +73,15 @@ except WriteError as error:
 """
 
 
-def test_a_full_disk_keeps_the_previous_identity(tiny, face, tmp_path):
-    path = tiny.encode_face(face).save(tmp_path / "person.safetensors")
+def test_a_full_disk_keeps_the_previous_identity(shallow_tiny, face, tmp_path):
+    path = shallow_tiny.encode_face(face).save(tmp_path / "person.safetensors")
     before = path.read_bytes()
     run = run_with_file_limit([sys.executable, "-c", SAVE_IDENTITY, str(path)], limit=len(before) + 1024)
     assert run.returncode == 0, run.stderr
     assert run.stdout.strip() == f"{path}: cannot write: File too large (the file size limit was reached)"
-    assert path.read_bytes() == before and tiny.load_identity(path).sources == tiny.encode_face(face).sources
+    assert path.read_bytes() == before
+    assert shallow_tiny.load_identity(path).sources == shallow_tiny.encode_face(face).sources
     assert hidden(tmp_path) == []
-
-
-# What Personalizer.save_pretrained runs, without building the rest of a Personalizer. What it saves does not matter,
-# only how: the shallow tiny model (conftest.py), which builds in a third of the tiny preset's time.
-SAVE_MODEL = """
-import json, os, signal, sys
-from lcmla_sdk.errors import WriteError
-from lcmla_sdk.model_dir import saving
-from lcmla_sdk.presets import build_random_components
-components = build_random_components(json.loads(sys.argv[3]), seed=1)  # other weights than the directory's
-if sys.argv[2] == "kill":  # everything written beside, killed before the swap
-    saving.write_index = lambda *args: os.kill(os.getpid(), signal.SIGKILL)
-try:
-    saving.save(components, None, sys.argv[1])
-except WriteError as error:
-    print(error)
-"""
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +100,10 @@ def test_a_failed_or_killed_save_leaves_the_old_directory_whole(shallow_tiny_dir
     fingerprint = model_dir.validate(root).fingerprint()
     limit = 64 * 1024 if failure == "disk full" else resource.RLIM_INFINITY
     config = json.dumps(shallow_tiny_config())
-    run = run_with_file_limit([sys.executable, "-c", SAVE_MODEL, str(root), failure, config], limit=limit)
+    # What Personalizer.save_pretrained runs (SAVE_RANDOM_MODEL, conftest.py), without building the rest of a
+    # Personalizer. What it saves does not matter, only how: the shallow tiny, seed 1 (other weights than root's).
+    save = [sys.executable, "-c", SAVE_RANDOM_MODEL, str(root), config, "1", *(["kill"] if failure == "kill" else [])]
+    run = run_with_file_limit(save, limit=limit)
     if failure == "disk full":
         assert run.returncode == 0 and run.stdout.strip() == f"{root}: cannot write: File too large (the file size limit was reached)"
         assert hidden(tmp_path) == []
@@ -193,8 +181,9 @@ def test_leftovers_of_dead_writers_are_removed_not_those_of_live_ones(tmp_path):
     assert hidden(tmp_path) == [f".out.png.tmp-{os.getpid()}-11111111.png"]
 
 
-def test_identity_saves_name_the_path_on_failure(tiny, face, tmp_path):
+def test_identity_saves_name_the_path_on_failure(shallow_tiny, face, tmp_path):
     (tmp_path / "taken").mkdir()
+    identity = shallow_tiny.encode_face(face)
     with pytest.raises(WriteError, match=f"^{tmp_path / 'taken'}: cannot write: a directory is in the way of a file$"):
-        tiny.encode_face(face).save(tmp_path / "taken")
-    assert isinstance(Identity.load(tiny.encode_face(face).save(tmp_path / "ok.safetensors")), Identity)
+        identity.save(tmp_path / "taken")
+    assert isinstance(Identity.load(identity.save(tmp_path / "ok.safetensors")), Identity)

@@ -308,40 +308,50 @@ def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, no_kv_mod
     assert not torch.allclose(images[0], images[1])  # the converted IP-Adapter weights steer the image
 
 
-def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, no_kv_model, face, tmp_path):
+def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, no_kv_model, face, tmp_path, monkeypatch):
     _, out, result = no_kv_by_cli
     assert json.loads((out / "lcmla.json").read_text())["pipeline"]["has_kv_encoder"] is False
     model = no_kv_model  # loaded from out by Personalizer.from_pretrained
     assert model.has_kv_encoder is False
     identity = model.encode_face(face)
-    explicit = model.generate(identity, "a face", steps=2, seed=0, use_kv=False, output="latent")
+    explicit = model.generate(identity, "a face", steps=1, seed=0, use_kv=False, output="latent")
 
     def untrained(*args):
         raise AssertionError("the K/V-encoder of a no-K/V model ran")
 
     model.rebuild_networks(kv_encoder=untrained)
     try:
-        torch.testing.assert_close(model.generate(identity, "a face", steps=2, seed=0, output="latent"), explicit)
+        torch.testing.assert_close(model.generate(identity, "a face", steps=1, seed=0, output="latent"), explicit)
         with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
-            model.generate(identity, "a face", steps=2, use_kv=True)
+            model.generate(identity, "a face", steps=1, use_kv=True)
         with pytest.raises(ValueError, match="^use_kv: .*'no'"):
-            model.generate(identity, "a face", steps=2, use_kv="no")
+            model.generate(identity, "a face", steps=1, use_kv="no")
     finally:
         model.rebuild_networks()  # the shared model's own networks again
-    # The mark survives saving, and the CLI generates with the model's default.
-    assert Personalizer.from_pretrained(model.save_pretrained(tmp_path / "copy"), device="cpu").has_kv_encoder is False
-    generated = CliRunner().invoke(app, ["generate", "--model", str(out), "--prompt", "a face", "--steps", "1",
+    # The mark survives saving, and the CLI generates with the model's default: one load of the saved copy, by the
+    # CLI, checks both (its model is marked, and is asked for the default).
+    copy = model.save_pretrained(tmp_path / "copy")
+    generate, calls = Personalizer.generate, []
+
+    def spy(personalizer, *args, **kwargs):
+        calls.append((personalizer.has_kv_encoder, kwargs["use_kv"]))
+        return generate(personalizer, *args, **kwargs)
+
+    monkeypatch.setattr(Personalizer, "generate", spy)
+    generated = CliRunner().invoke(app, ["generate", "--model", str(copy), "--prompt", "a face", "--steps", "1",
                                          "--seed", "0", "--out", str(tmp_path / "images")])  # fmt: skip
     assert generated.exit_code == 0, generated.output
+    assert calls == [(False, None)]
 
 
 @pytest.fixture(scope="module")
-def marked_no_kv(authors_file, tiny_dir, tmp_path_factory) -> Personalizer:
-    """The full checkpoint converted by ``lcmla convert`` with ``MARKED_NO_KV`` (once for the tests below), loaded."""
+def marked_no_kv(authors_file, tiny_dir, tmp_path_factory) -> Path:
+    """The full checkpoint converted by ``lcmla convert`` with ``MARKED_NO_KV`` (once for the tests below); not
+    loaded: the tests read its mark and fingerprint (a loaded model's mark is the no-K/V tests' concern)."""
     out = tmp_path_factory.mktemp("marked") / "model"
     result = CliRunner().invoke(app, [*convert_args(tiny_dir, out, authors_file[1]), *MARKED_NO_KV])
     assert result.exit_code == 0, result.output
-    return Personalizer.from_pretrained(out, device="cpu")
+    return out
 
 
 def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_file, marked_no_kv, tmp_path):
@@ -352,7 +362,8 @@ def test_the_full_checkpoint_keeps_its_kv_and_the_name_rule(converted, authors_f
     assert is_no_kv_checkpoint(checkpoint.parent / "encoder_plus_adapter_no_kv.bin")
     (tmp_path / "run_no_kv").mkdir()
     assert is_no_kv_checkpoint(tmp_path / "run_no_kv")  # a folder of their files, named so
-    assert marked_no_kv.has_kv_encoder is False  # --no-kv-encoder marks a checkpoint whatever its name
+    marks = json.loads((marked_no_kv / "lcmla.json").read_text())["pipeline"]
+    assert marks["has_kv_encoder"] is False  # --no-kv-encoder marks a checkpoint whatever its name
 
 
 # ------------------------------------------------------------------ the fp16-fix VAE (issue 11, item 5)
@@ -631,7 +642,8 @@ def test_cli_convert_takes_hub_ids_from_the_cache_offline(authors_file, tiny_dir
            "--checkpoint", "hf://rinong/lcm_lookahead/encoder_plus_adapter_ckpt.bin"]  # fmt: skip
     result = CliRunner().invoke(app, hub)
     assert result.exit_code == 0, result.output
-    assert model_dir.validate(tmp_path / "from-hub").fingerprint() == marked_no_kv.fingerprint  # the same conversion
+    fingerprints = [model_dir.validate(root).fingerprint() for root in (tmp_path / "from-hub", marked_no_kv)]
+    assert fingerprints[0] == fingerprints[1]  # the same conversion
 
     missing = CliRunner().invoke(app, [*hub[:-1], "hf://rinong/lcm_lookahead/encoder_plus_adapter_no_kv.bin"])
     assert missing.exit_code == 2 and missing.stderr.startswith(

@@ -1,5 +1,7 @@
 """lcmla model directories: ``save_pretrained`` -> ``from_pretrained`` round trip, validation before any heavy load,
-and the error of every bad directory (issue 3). Corruption cases work on copies of the session's ``tiny_dir``."""
+and the error of every bad directory (issue 3). Apart from the tiny preset's round trip, what is checked does not
+depend on the UNet's depth: those tests save and load the shallow tiny model (conftest.py; its directory is a third of
+the tiny preset's size and loads in a fraction of the time), and corruption cases work on copies of its directory."""
 
 import json
 import os
@@ -15,16 +17,22 @@ import torch
 from diffusers import UNet2DConditionModel
 from safetensors.torch import load_file, save_file
 
-from conftest import build_shallow_tiny, shallow_tiny_config
+from conftest import SAVE_RANDOM_MODEL, build_shallow_tiny, shallow_tiny_config
 from lcmla_sdk import IntegrityError, ModelFilesError, Personalizer, model_dir
 
 MODULES = ("unet", "vae", "text_encoder", "text_encoder_2", "image_encoder", "resampler")
 
 
+@pytest.fixture(scope="module")
+def reloaded(shallow_tiny_dir) -> Personalizer:
+    """``shallow_tiny_dir`` loaded once, only read."""
+    return Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")
+
+
 @pytest.fixture
-def model_copy(tiny_dir, tmp_path):
+def model_copy(shallow_tiny_dir, tmp_path):
     """A private copy of the session's model directory, free to damage."""
-    return shutil.copytree(tiny_dir, tmp_path / "model")
+    return shutil.copytree(shallow_tiny_dir, tmp_path / "model")
 
 
 def edit_manifest(root, change) -> None:
@@ -69,9 +77,9 @@ def test_round_trip_generates_the_same_images(tiny, dir_model, face):
         assert torch.equal(dir_model.generate(face, "a face", seed=3, output="pt", **kwargs), source), kwargs
 
 
-def test_fingerprint_is_the_directory_content_not_its_place(dir_model, model_copy):
+def test_fingerprint_is_the_directory_content_not_its_place(reloaded, model_copy):
     fingerprint = model_dir.validate(model_copy).fingerprint()
-    assert fingerprint == dir_model.fingerprint  # the same files elsewhere (dir_model was loaded from tiny_dir)
+    assert fingerprint == reloaded.fingerprint  # the same files elsewhere (reloaded: from shallow_tiny_dir)
     # Other weights, recorded in the manifest as `save_pretrained` and `convert` do, give another fingerprint.
     rewrite(model_copy / "adapter" / "ip_kv.safetensors", lambda state: {k: v * 2 for k, v in state.items()})
     manifest = json.loads((model_copy / "lcmla.json").read_text())
@@ -79,9 +87,8 @@ def test_fingerprint_is_the_directory_content_not_its_place(dir_model, model_cop
     assert model_dir.validate(model_copy).fingerprint() != fingerprint
 
 
-def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(shallow_tiny_dir, tmp_path):
-    """(The shallow tiny: what a save writes does not depend on the depth, and it saves in a fraction of the time.)"""
-    loaded = Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")
+def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(reloaded, shallow_tiny_dir, tmp_path):
+    loaded = reloaded
     loaded.encode_prompt(["a face"], None)  # a model that has been used saves the same files as a fresh one
     resaved = loaded.save_pretrained(tmp_path / "resaved")
     layout = model_dir.validate(resaved)
@@ -94,23 +101,17 @@ def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(shallow_
     assert layout.fingerprint() == loaded.fingerprint
 
 
-SAVE_SHALLOW_TINY = """
-import sys
-sys.path.insert(0, sys.argv[2])
-from conftest import build_shallow_tiny
-build_shallow_tiny().save_pretrained(sys.argv[1])
-"""
-
-
 def test_the_same_weights_give_the_same_files_in_every_process(shallow_tiny_dir, tmp_path):
     """Python's per-process string hashing must not reach the files (it did through peft's target-module set): a
-    process with another hash seed saves the files this one saves (shallow_tiny_dir, saved here; the shallow tiny
-    has the tiny preset's adapters, in a third of its build time)."""
+    process with another hash seed saves the files this one saves (shallow_tiny_dir, saved here from the same
+    random weights; the shallow tiny has the tiny preset's adapters, in a third of its build time)."""
     other_seed = "2" if os.environ.get("PYTHONHASHSEED") == "1" else "1"  # this process's is random, or the one set
     roots = [shallow_tiny_dir, tmp_path / "another"]
-    other = subprocess.run([sys.executable, "-c", SAVE_SHALLOW_TINY, str(roots[1]), str(Path(__file__).parent)],
-                           env={**os.environ, "PYTHONHASHSEED": other_seed}, timeout=300)  # fmt: skip
-    assert other.returncode == 0
+    config = json.dumps(shallow_tiny_config())
+    env = {**os.environ, "PYTHONHASHSEED": other_seed}
+    other = subprocess.run([sys.executable, "-c", SAVE_RANDOM_MODEL, str(roots[1]), config, "0"], env=env,
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert other.returncode == 0 and other.stdout == "", other.stdout + other.stderr[-3000:]
     first, second = (model_dir.validate(root) for root in roots)
     assert (roots[1] / "lcm_lora/pytorch_lora_weights.safetensors").is_file()
     assert first.fingerprint() == second.fingerprint()
@@ -157,7 +158,7 @@ def test_half_precision_save_and_load(tmp_path):
 
 
 # ------------------------------------------------------------------ layouts the manifest allows
-def test_outside_paths_vae_override_faces_and_pickles(tiny, model_copy, tmp_path, astronaut_pack, monkeypatch):
+def test_outside_paths_vae_override_faces_and_pickles(shallow_tiny, model_copy, tmp_path, astronaut_pack, monkeypatch):
     # The adapter and a VAE override (a changed decoder bias, as pickled diffusers weights) live outside the
     # directory under absolute paths; the image encoder is a transformers pickle; the face pack sits inside.
     elsewhere = tmp_path / "elsewhere"
@@ -189,15 +190,14 @@ def test_outside_paths_vae_override_faces_and_pickles(tiny, model_copy, tmp_path
     loaded = Personalizer.from_pretrained(model_copy, device="cpu")
 
     assert len(pickle_loads) >= 4 and all(pickle_loads)  # two headers at validation, two loads; all weights-only
-    source_vae, found_vae = tensors(tiny.components.vae), tensors(loaded.components.vae)
+    source_vae, found_vae = tensors(shallow_tiny.components.vae), tensors(loaded.components.vae)
     assert [k for k in source_vae if not torch.equal(found_vae[k], source_vae[k])] == ["decoder.conv_out.bias"]
     assert torch.equal(found_vae["decoder.conv_out.bias"], vae_state["decoder.conv_out.bias"])
     for name in ("image_encoder", "resampler"):
-        source, found = tensors(getattr(tiny.components, name)), tensors(getattr(loaded.components, name))
+        source, found = tensors(getattr(shallow_tiny.components, name)), tensors(getattr(loaded.components, name))
         assert all(torch.equal(found[k], source[k]) for k in source), name
-    assert torch.equal(
-        *(m.unet.get_submodule(tiny.kv_blocks[0]).attn2.processor.to_k_ip.weight for m in (tiny, loaded))
-    )
+    block = shallow_tiny.kv_blocks[0]
+    assert torch.equal(*(m.unet.get_submodule(block).attn2.processor.to_k_ip.weight for m in (shallow_tiny, loaded)))
     assert loaded.faces_dir == model_copy / "faces"
 
 
@@ -379,7 +379,7 @@ def forbidden(*args, **kwargs):
     raise AssertionError("weights were read before validation finished")
 
 
-def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkeypatch):
+def test_validation_fails_before_any_weight_is_read(shallow_tiny_dir, model_copy, monkeypatch):
     unet_file = model_copy / "sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
     unet_file.write_bytes(b"not safetensors")
     ip_kv = model_copy / "adapter" / "ip_kv.safetensors"
@@ -393,12 +393,12 @@ def test_validation_fails_before_any_weight_is_read(tiny_dir, model_copy, monkey
         with pytest.raises(ModelFilesError, match=re.escape(f"missing files: {ip_kv}") + "$"):
             Personalizer.from_pretrained(model_copy, device="cpu")
     # With every file present, the unreadable UNet file is found from its header, still before any loading.
-    shutil.copy2(tiny_dir / "adapter" / "ip_kv.safetensors", ip_kv)
+    shutil.copy2(shallow_tiny_dir / "adapter" / "ip_kv.safetensors", ip_kv)
     with pytest.raises(ModelFilesError, match="^" + re.escape(f"{unet_file}: unreadable weights")):
         Personalizer.from_pretrained(model_copy, device="cpu")
 
 
-def test_one_load_wires_the_unet_once(shallow_tiny_dir, tiny_built_afresh, monkeypatch):
+def test_one_load_wires_the_unet_once(shallow_tiny_dir, monkeypatch):
     from lcmla_sdk import wiring
 
     wired = []
@@ -407,7 +407,7 @@ def test_one_load_wires_the_unet_once(shallow_tiny_dir, tiny_built_afresh, monke
     Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")  # any model directory
     assert wired == ["cpu"]  # loading wires; validation reads the shapes without wiring, the Personalizer takes it as is
     wired.clear()
-    Personalizer.from_pretrained("tiny", device="cpu")
+    build_shallow_tiny()  # random weights (as a preset's), built afresh: only the tiny preset's builds are cached
     assert wired == ["cpu"]
 
 
