@@ -294,16 +294,15 @@ def no_kv_model(no_kv_by_cli) -> Personalizer:
 def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, no_kv_model, face):
     state, out, result = no_kv_by_cli
     assert result.exit_code == 0, result.output
-    model = no_kv_model
     ip_weight = state[f"encoder_unet.{BLOCK}.extract_kv2.to_k.weight"].half().float()  # stored float16
-    to_k_ip = model.unet.get_submodule(BLOCK).attn2.processor.to_k_ip
+    to_k_ip = no_kv_model.unet.get_submodule(BLOCK).attn2.processor.to_k_ip
     torch.testing.assert_close(to_k_ip.weight, ip_weight, rtol=0, atol=0)
-    identity = model.encode_face(face)
+    identity = no_kv_model.encode_face(face)
     images = [
-        model.generate(identity, "a face", steps=2, seed=0, use_kv=False, adapter_scale=scale, output="pt")
+        no_kv_model.generate(identity, "a face", steps=2, seed=0, use_kv=False, adapter_scale=scale, output="pt")
         for scale in (1.0, 0.0)
     ]
-    assert images[0].shape == (1, 3, model.default_size, model.default_size)
+    assert images[0].shape == (1, 3, no_kv_model.default_size, no_kv_model.default_size)
     assert torch.isfinite(images[0]).all()
     assert not torch.allclose(images[0], images[1])  # the converted IP-Adapter weights steer the image
 
@@ -311,26 +310,25 @@ def test_no_kv_checkpoint_loads_and_generates_without_kv(no_kv_by_cli, no_kv_mod
 def test_no_kv_model_is_marked_defaults_to_no_kv_and_refuses_kv(no_kv_by_cli, no_kv_model, face, tmp_path, monkeypatch):
     _, out, result = no_kv_by_cli
     assert json.loads((out / "lcmla.json").read_text())["pipeline"]["has_kv_encoder"] is False
-    model = no_kv_model  # loaded from out by Personalizer.from_pretrained
-    assert model.has_kv_encoder is False
-    identity = model.encode_face(face)
-    explicit = model.generate(identity, "a face", steps=1, seed=0, use_kv=False, output="latent")
+    assert no_kv_model.has_kv_encoder is False
+    identity = no_kv_model.encode_face(face)
+    explicit = no_kv_model.generate(identity, "a face", steps=1, seed=0, use_kv=False, output="latent")
 
     def untrained(*args):
         raise AssertionError("the K/V-encoder of a no-K/V model ran")
 
-    model.rebuild_networks(kv_encoder=untrained)
+    no_kv_model.rebuild_networks(kv_encoder=untrained)
     try:
-        torch.testing.assert_close(model.generate(identity, "a face", steps=1, seed=0, output="latent"), explicit)
+        torch.testing.assert_close(no_kv_model.generate(identity, "a face", steps=1, seed=0, output="latent"), explicit)
         with pytest.raises(ValueError, match="^use_kv: this model was converted from the authors' no-K/V"):
-            model.generate(identity, "a face", steps=1, use_kv=True)
+            no_kv_model.generate(identity, "a face", steps=1, use_kv=True)
         with pytest.raises(ValueError, match="^use_kv: .*'no'"):
-            model.generate(identity, "a face", steps=1, use_kv="no")
+            no_kv_model.generate(identity, "a face", steps=1, use_kv="no")
     finally:
-        model.rebuild_networks()  # the shared model's own networks again
+        no_kv_model.rebuild_networks()  # the shared model's own networks again
     # The mark survives saving, and the CLI generates with the model's default: one load of the saved copy, by the
     # CLI, checks both (its model is marked, and is asked for the default).
-    copy = model.save_pretrained(tmp_path / "copy")
+    copy = no_kv_model.save_pretrained(tmp_path / "copy")
     generate, calls = Personalizer.generate, []
 
     def spy(personalizer, *args, **kwargs):

@@ -88,9 +88,8 @@ def test_fingerprint_is_the_directory_content_not_its_place(reloaded, model_copy
 
 
 def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(reloaded, shallow_tiny_dir, tmp_path):
-    loaded = reloaded
-    loaded.encode_prompt(["a face"], None)  # a model that has been used saves the same files as a fresh one
-    resaved = loaded.save_pretrained(tmp_path / "resaved")
+    reloaded.encode_prompt(["a face"], None)  # a model that has been used saves the same files as a fresh one
+    resaved = reloaded.save_pretrained(tmp_path / "resaved")
     layout = model_dir.validate(resaved)
     manifests = [json.loads((root / "lcmla.json").read_text()) for root in (shallow_tiny_dir, resaved)]
     first, second = ({k: v for k, v in manifest.items() if k != "files"} for manifest in manifests)
@@ -98,7 +97,7 @@ def test_saving_a_loaded_model_again_writes_what_the_fingerprint_hashes(reloaded
     labels = [layout.label(path) for path in layout.files if path.name != "lcmla.json"]
     changed = [label for label in labels if (resaved / label).read_bytes() != (shallow_tiny_dir / label).read_bytes()]
     assert changed == []
-    assert layout.fingerprint() == loaded.fingerprint
+    assert layout.fingerprint() == reloaded.fingerprint
 
 
 def test_the_same_weights_give_the_same_files_in_every_process(shallow_tiny_dir, tmp_path):
@@ -121,8 +120,7 @@ def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(shallow_ti
     """``link_frozen`` (training checkpoints): the base's weight files are named, never hashed again; every file the
     save writes is hashed, so other trained weights always give another fingerprint (the shallow tiny: as any
     model directory, in a fraction of the tiny preset's save time)."""
-    tiny_dir = shallow_tiny_dir
-    model = Personalizer.from_pretrained(tiny_dir, device="cpu")
+    model = Personalizer.from_pretrained(shallow_tiny_dir, device="cpu")
     hash_file, hashed = model_dir.saving.sha256_file, []
     for module in (model_dir.format, model_dir.saving):  # where the fingerprint and the index hash files
         monkeypatch.setattr(module, "sha256_file", lambda path: hashed.append(Path(path).resolve()) or hash_file(path))
@@ -137,7 +135,7 @@ def test_linked_saves_hash_what_they_write_and_reuse_the_base_records(shallow_ti
         fingerprints.append(model_dir.validate(root).fingerprint())
     assert fingerprints[0] != fingerprints[1]
     weights = (".safetensors", ".bin", ".onnx")
-    assert not [p for p in hashed if tiny_dir.resolve() in p.parents and p.suffix in weights]
+    assert not [p for p in hashed if shallow_tiny_dir.resolve() in p.parents and p.suffix in weights]
 
 
 def test_half_precision_save_and_load(tmp_path):
